@@ -1,0 +1,57 @@
+"""The ``care-scale`` command line.
+
+Each sub-command lives in its own module of this package and maps one-to-one to a library
+call; this file only wires them together and turns care-scale errors into one line on stderr.
+Heavy imports (torch, ray, deltalake) happen inside the handlers, never at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name of the sub-command -> module in care_scale.cli that defines ``add_parser(subparsers)``.
+COMMANDS = ("inspect", "embed", "tables", "sql", "train", "export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="care-scale",
+        description="Cohort-scale CARE slide embeddings: inspect slides, embed cohorts into "
+        "Delta Lake, query them, pretrain and export the encoders.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"care_scale.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command whose module is not written yet
+            if exc.name != f"care_scale.cli.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from care_scale.exceptions import CareScaleError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except CareScaleError as exc:
+        if args.debug:
+            raise
+        # One line, starting with the class name, naming the file and the reason.
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Exceptions that care-scale raises, in one hierarchy callers can catch.
+
+Every error names the file, table or URI it is about and says what is wrong with it. Messages
+never contain credentials: URIs are passed through :func:`care_scale.storage.redact` first.
+
+    CareScaleError
+    ├── ConfigError                  bad job / training / export configuration
+    ├── StorageError                 object storage, staging cache
+    ├── SlideError                   one slide cannot be used (carries ``uri``)
+    │   ├── SlideNotFoundError
+    │   ├── CorruptSlideError
+    │   ├── UnsupportedFormatError
+    │   ├── NotBrightfieldError      fluorescence, 16-bit, single channel, ...
+    │   ├── MissingMPPError          no MPP and no objective power, no override
+    │   └── NoTissueError            tissue detection found nothing to tile
+    ├── ModelInputError              invalid input to an encoder (empty, NaN/inf, bad shape)
+    ├── CheckpointError              unreadable / unsafe / mismatching checkpoint
+    │   └── UnsafeCheckpointError    would need unpickling of arbitrary objects
+    ├── FeatureFileError             patch-feature file cannot be read
+    ├── TableError                   Delta table problems (carries ``table``)
+    │   └── SchemaVersionError
+    ├── ExportError
+    │   ├── ParityError              exported model disagrees with PyTorch
+    │   └── TensorRTUnavailableError no CUDA device / TensorRT installed
+    └── TrainingDataError            molecular tables, sample ids, gene lists
+"""
+
+from __future__ import annotations
+
+
+class CareScaleError(Exception):
+    """Base class of every error care-scale raises on purpose."""
+
+
+class ConfigError(CareScaleError, ValueError):
+    """A configuration value is missing, unknown or invalid."""
+
+
+class StorageError(CareScaleError, OSError):
+    """Reading or writing object storage (or the local staging cache) failed."""
+
+
+class SlideError(CareScaleError):
+    """One slide cannot be used. ``uri`` names it (credentials redacted)."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = str(uri)
+        self.reason = reason
+        super().__init__(f"{self.uri}: {reason}")
+
+
+class SlideNotFoundError(SlideError, FileNotFoundError):
+    """The slide file does not exist."""
+
+    def __init__(self, uri: str, reason: str = "no such file"):
+        SlideError.__init__(self, uri, reason)
+
+
+class CorruptSlideError(SlideError):
+    """The file looks like a slide format but cannot be decoded (truncated, damaged)."""
+
+
+class UnsupportedFormatError(SlideError):
+    """No backend can read this kind of file."""
+
+
+class NotBrightfieldError(SlideError):
+    """The image is not 8-bit RGB brightfield (fluorescence, 16-bit, one channel, ...)."""
+
+
+class MissingMPPError(SlideError):
+    """The slide has neither MPP nor objective power, and no override was given."""
+
+
+class NoTissueError(SlideError):
+    """Tissue detection found no tissue tiles on the slide."""
+
+
+class ModelInputError(CareScaleError, ValueError):
+    """Input to an encoder is invalid (empty, non-finite, wrong shape)."""
+
+
+class CheckpointError(CareScaleError):
+    """A checkpoint cannot be loaded into the model (missing file, keys, shapes)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """Loading would need to unpickle arbitrary objects; refused."""
+
+
+class FeatureFileError(CareScaleError):
+    """A patch-feature file (h5, Parquet, CARE .npy) cannot be read."""
+
+
+class TableError(CareScaleError):
+    """A Delta table cannot be read or written. ``table`` names it."""
+
+    def __init__(self, table: str, reason: str):
+        self.table = str(table)
+        self.reason = reason
+        super().__init__(f"{self.table}: {reason}")
+
+
+class SchemaVersionError(TableError):
+    """The table was written with a schema version this code does not read."""
+
+
+class ExportError(CareScaleError):
+    """Exporting or compiling a model failed."""
+
+
+class ParityError(ExportError):
+    """The exported model's outputs differ from PyTorch's beyond tolerance."""
+
+
+class TensorRTUnavailableError(ExportError):
+    """TensorRT was asked for, but no CUDA device or TensorRT install is present."""
+
+
+class TrainingDataError(CareScaleError, ValueError):
+    """Training inputs are inconsistent (sample ids, NaN values, empty tables, gene lists)."""

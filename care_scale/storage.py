@@ -1,0 +1,128 @@
+"""Object-storage URIs and options, shared by every part that touches storage.
+
+Users give one flat mapping of storage options, spelled as Delta Lake / object_store spell
+them (``aws_access_key_id``, ``aws_secret_access_key``, ``aws_session_token``, ``aws_region``,
+``aws_endpoint_url``, ``aws_allow_http``, ``aws_conditional_put``, ...). When they give none,
+every library falls back to the standard AWS chain (environment, profile, instance role).
+This module translates that mapping for fsspec/s3fs, deltalake and DuckDB, and redacts
+secrets from anything that may reach a log, a table or an exception.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+SECRET_KEYS = ("aws_secret_access_key", "aws_session_token", "secret", "token", "password")
+
+# Keys whose values must never appear in logs, tables or exceptions.
+_SECRET_RE = re.compile(
+    r"(?i)((?:aws_)?(?:secret(?:_access)?_key|session_token|secret|token|password)"
+    r"[\"']?\s*[:=]\s*[\"']?)([^\s,\"'}&]+)"
+)
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs with a scheme other than ``file://`` (s3://, gs://, https://, ...)."""
+    scheme = urlsplit(str(uri)).scheme
+    return len(scheme) > 1 and scheme != "file"
+
+
+def strip_file_scheme(uri: str) -> str:
+    return uri[len("file://") :] if str(uri).startswith("file://") else str(uri)
+
+
+def redact(text: Any) -> str:
+    """Remove credentials from a URI or message: userinfo, query secrets, key=value secrets."""
+    text = str(text)
+
+    def _clean_uri(match: re.Match) -> str:
+        parts = urlsplit(match.group(0))
+        netloc = parts.netloc
+        if "@" in netloc:
+            netloc = "***@" + netloc.rsplit("@", 1)[1]
+        query = re.sub(
+            r"(?i)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|sig|token)=[^&]*",
+            r"\1=***",
+            parts.query,
+        )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+    text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", _clean_uri, text)
+    return _SECRET_RE.sub(r"\1***", text)
+
+
+def redact_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of storage options that can be logged or stored in the runs table."""
+    out = {}
+    for k, v in (options or {}).items():
+        key = str(k).lower()
+        out[k] = "***" if any(s in key for s in ("secret", "token", "password")) else v
+    return out
+
+
+def _opt(options: dict[str, Any], *names: str) -> Any:
+    for name in names:
+        for k, v in options.items():
+            if str(k).lower() == name:
+                return v
+    return None
+
+
+def to_fsspec(options: dict[str, Any] | None, uri: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``fsspec.filesystem``/``fsspec.open`` (s3fs for s3:// URIs)."""
+    options = dict(options or {})
+    if not options:
+        return {}
+    scheme = urlsplit(uri).scheme if uri else "s3"
+    if scheme not in ("s3", "s3a"):
+        # Other filesystems take their own keyword names; pass through what is not AWS-specific.
+        return {k: v for k, v in options.items() if not str(k).lower().startswith("aws_")}
+    kwargs: dict[str, Any] = {}
+    if (v := _opt(options, "aws_access_key_id", "key")) is not None:
+        kwargs["key"] = v
+    if (v := _opt(options, "aws_secret_access_key", "secret")) is not None:
+        kwargs["secret"] = v
+    if (v := _opt(options, "aws_session_token", "token")) is not None:
+        kwargs["token"] = v
+    client_kwargs: dict[str, Any] = {}
+    if (v := _opt(options, "aws_endpoint_url", "aws_endpoint", "endpoint_url")) is not None:
+        client_kwargs["endpoint_url"] = v
+    if (v := _opt(options, "aws_region", "region_name")) is not None:
+        client_kwargs["region_name"] = v
+    if client_kwargs:
+        kwargs["client_kwargs"] = client_kwargs
+    if str(_opt(options, "aws_skip_signature") or "").lower() == "true":
+        kwargs["anon"] = True
+    return kwargs
+
+
+def to_delta(options: dict[str, Any] | None, uri: str | None = None) -> dict[str, str]:
+    """``storage_options`` for ``deltalake`` (object_store keys, all values as strings).
+
+    On S3, deltalake commits with conditional PUT. S3-compatible servers (MinIO, moto, Ceph)
+    need ``aws_conditional_put: etag``; we set it whenever a custom endpoint is used and the
+    user did not choose otherwise.
+    """
+    out = {str(k).lower(): str(v) for k, v in (options or {}).items() if v is not None}
+    for src, dst in (("key", "aws_access_key_id"), ("secret", "aws_secret_access_key"),
+                     ("token", "aws_session_token"), ("endpoint_url", "aws_endpoint_url"),
+                     ("region_name", "aws_region")):
+        if src in out and dst not in out:
+            out[dst] = out.pop(src)
+    endpoint = out.get("aws_endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    if uri is not None and urlsplit(uri).scheme in ("s3", "s3a") and endpoint:
+        out.setdefault("aws_conditional_put", "etag")
+        if endpoint.startswith("http://"):
+            out.setdefault("aws_allow_http", "true")
+    return out
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI/path segments with ``/`` (works for local paths and fsspec URIs)."""
+    out = str(base).rstrip("/")
+    for p in parts:
+        out = f"{out}/{str(p).strip('/')}"
+    return out
