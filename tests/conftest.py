@@ -131,7 +131,10 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
+        # address="local" always starts a fresh cluster for this session, never joins a
+        # cluster someone started with `ray start` on the same machine.
         ray.init(
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=False,
