@@ -1,0 +1,108 @@
+"""Typed config loading and storage-option handling (shared by every job)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import pytest
+
+from care_scale.config import load_config, parse_overrides
+from care_scale.exceptions import ConfigError
+from care_scale.storage import redact, redact_options, to_delta, to_fsspec
+
+
+@dataclasses.dataclass
+class Inner:
+    batch_size: int = 64
+    backend: Literal["torch", "onnxruntime"] = "torch"
+
+
+@dataclasses.dataclass
+class Outer:
+    source: str = ""
+    target_mpp: float = 0.5
+    keep_patches: bool = False
+    mpp_override: float | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    inner: Inner = dataclasses.field(default_factory=Inner)
+
+    def validate(self) -> None:
+        if self.target_mpp <= 0:
+            raise ConfigError(f"target_mpp must be positive, got {self.target_mpp}")
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("source: s3://b/slides\ninner:\n  batch_size: 32\ntags: [a, b]\n")
+    cfg = load_config(Outer, str(path), ["inner.backend=onnxruntime", "keep_patches=true",
+                                         "mpp_override=0.25"])
+    assert cfg.source == "s3://b/slides"
+    assert cfg.inner == Inner(batch_size=32, backend="onnxruntime")
+    assert cfg.keep_patches is True and cfg.mpp_override == 0.25 and cfg.tags == ["a", "b"]
+
+
+def test_defaults_without_file():
+    cfg = load_config(Outer)
+    assert cfg == Outer()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["inner.batchsize=3"], "inner.batchsize"),
+        (["inner.backend=tensorflow"], "tensorflow"),
+        (["inner.batch_size=1.5"], "integer"),
+        (["target_mpp=-1"], "positive"),
+        (["keep_patches=maybe"], "true/false"),
+        (["novalue"], "key=value"),
+    ],
+)
+def test_bad_config_is_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(Outer, None, overrides)
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Outer, str(bad))
+
+
+def test_parse_overrides_nested():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]"]) == {"a": {"b": 1, "c": "x"},
+                                                                  "d": [1, 2]}
+
+
+def test_redact_removes_secrets():
+    text = ("failed s3://AKIAEXAMPLE:supersecret@bucket/key?X-Amz-Signature=abcdef "
+            "aws_secret_access_key=supersecret token: tok123")
+    out = redact(text)
+    assert "supersecret" not in out and "abcdef" not in out and "tok123" not in out
+    assert "bucket/key" in out
+    opts = redact_options({"aws_secret_access_key": "s", "aws_region": "us-east-1"})
+    assert opts == {"aws_secret_access_key": "***", "aws_region": "us-east-1"}
+
+
+def test_options_translation():
+    opts = {"aws_access_key_id": "k", "aws_secret_access_key": "s",
+            "aws_endpoint_url": "http://127.0.0.1:9000", "aws_region": "us-east-1"}
+    fs = to_fsspec(opts, "s3://b/x")
+    assert fs == {"key": "k", "secret": "s",
+                  "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000",
+                                    "region_name": "us-east-1"}}
+    delta = to_delta(opts, "s3://b/t")
+    # S3-compatible endpoints need etag conditional puts; http endpoints need allow_http.
+    assert delta["aws_conditional_put"] == "etag" and delta["aws_allow_http"] == "true"
+    assert to_delta({}, "/tmp/t") == {}
+
+
+def test_cli_rejects_unknown_command(capsys):
+    from care_scale.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["no-such-command"])
+    assert "invalid choice" in capsys.readouterr().err
