@@ -1,0 +1,134 @@
+"""The embedding job's one typed configuration.
+
+Loaded with :func:`care_scale.config.load_config` from a YAML file plus ``--set key=value``
+overrides; unknown keys are rejected. Every field has a default that runs on a laptop CPU
+with the tiny demo models, except ``source`` and ``warehouse`` which the user must give.
+
+Example (``configs/embed_example.yaml``)::
+
+    source: s3://my-bucket/cohort-a/*.svs
+    warehouse: s3://my-bucket/warehouse
+    patch_encoder: {name: vit_small_patch16_224, checkpoint: s3://my-bucket/models/patch}
+    slide_encoder: {name: care, checkpoint: s3://my-bucket/models/care}
+    backend: auto
+    concurrency: {decode_tasks: 8, encoder_actors: 2, num_gpus_per_actor: 1}
+    storage_options: {aws_region: eu-west-1}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from care_scale.exceptions import ConfigError
+
+
+@dataclass
+class TissueConfig:
+    """Tissue detection on the thumbnail (fields passed to care_scale.tissue.TissueParams)."""
+
+    thumbnail_max_side: int = 1024
+    saturation_threshold: float | None = None  # None: Otsu on saturation
+    min_area_fraction: float = 0.0005
+    close_radius: int = 2
+
+    def params(self) -> Any:
+        """A ``TissueParams`` with the fields it knows (the slide layer owns that class)."""
+        from care_scale.tissue import TissueParams
+
+        known = {f.name for f in dataclasses.fields(TissueParams)}
+        mine = {k: v for k, v in dataclasses.asdict(self).items() if k in known}
+        return TissueParams(**mine)
+
+
+@dataclass
+class ModelRef:
+    """A registry name plus an optional checkpoint directory (local path or fsspec URI)."""
+
+    name: str
+    checkpoint: str | None = None
+
+
+@dataclass
+class Concurrency:
+    """How many Ray workers each stage gets.
+
+    ``decode_tasks`` CPU tasks open, tile and decode slides in parallel; ``encoder_actors``
+    actors each hold one patch-encoder copy (``num_gpus_per_actor`` GPUs each on a GPU
+    cluster, 0 on CPU). ``decode_num_workers`` threads decode tiles inside one task.
+    """
+
+    decode_tasks: int = 2
+    decode_num_workers: int = 2
+    encoder_actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    torch_threads: int = 1
+
+
+@dataclass
+class EmbedConfig:
+    """Configuration of ``care-scale embed`` / ``jobs/embed_cohort.py``."""
+
+    source: str = ""
+    warehouse: str = ""
+    # SOURCE holds patch-feature files (.h5 / .parquet / CARE .npy) instead of slides.
+    features: bool = False
+    target_mpp: float = 0.5
+    patch_size: int = 224
+    min_tissue_fraction: float = 0.5
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    # Used when a slide has no MPP metadata (a manifest's per-slide mpp column wins).
+    mpp_override: float | None = None
+    patch_encoder: ModelRef = field(default_factory=lambda: ModelRef("tiny_patch_encoder"))
+    slide_encoder: ModelRef = field(default_factory=lambda: ModelRef("care_tiny"))
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "torch"
+    # Where exported ONNX files / TensorRT engines live (create_patch_backend's artifacts).
+    artifacts: str | None = None
+    decode_batch_size: int = 64
+    encode_batch_size: int = 64
+    concurrency: Concurrency = field(default_factory=Concurrency)
+    keep_patches: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    # Local staging cache for remote slides (bounded; per node).
+    cache_dir: str | None = None
+    cache_max_bytes: int = 20 * 2**30
+    # Slides buffered before one warehouse commit (few, large commits).
+    commit_every: int = 16
+    slide_backend: Literal["auto", "cucim", "openslide", "tifffile"] = "auto"
+    # None: RAY_ADDRESS when set (ray job submit), else a fresh local cluster.
+    ray_address: str | None = None
+    # Only used when this job starts its own local cluster.
+    num_cpus: int | None = None
+    object_store_memory: int | None = 512 * 2**20
+    run_id: str | None = None
+    progress: Literal["auto", "line", "log", "off"] = "auto"
+
+    def validate(self) -> None:
+        if self.target_mpp <= 0:
+            raise ConfigError(f"target_mpp must be > 0, got {self.target_mpp}")
+        if self.patch_size < 8:
+            raise ConfigError(f"patch_size must be >= 8, got {self.patch_size}")
+        if not 0.0 <= self.min_tissue_fraction <= 1.0:
+            raise ConfigError(
+                f"min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}"
+            )
+        if self.mpp_override is not None and self.mpp_override <= 0:
+            raise ConfigError(f"mpp_override must be > 0, got {self.mpp_override}")
+        for name in ("decode_batch_size", "encode_batch_size", "commit_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        c = self.concurrency
+        if c.decode_tasks < 1 or c.encoder_actors < 1 or c.decode_num_workers < 1:
+            raise ConfigError(
+                "concurrency.decode_tasks, encoder_actors and decode_num_workers must be >= 1"
+            )
+        if c.num_gpus_per_actor < 0 or c.num_cpus_per_actor < 0:
+            raise ConfigError("concurrency.num_gpus_per_actor/num_cpus_per_actor must be >= 0")
+
+    def require_io(self) -> None:
+        """Source and warehouse are required to run (not to build a config object)."""
+        missing = [n for n in ("source", "warehouse") if not getattr(self, n)]
+        if missing:
+            raise ConfigError(f"embedding job needs {' and '.join(missing)} (none given)")

@@ -1,0 +1,131 @@
+"""Live console progress of the embedding job and its closing summary.
+
+One line, rewritten in place on a terminal (``\\r``) and printed every ``log_every`` seconds
+otherwise (job logs under ``ray job submit`` are not terminals)::
+
+    slides 12/40 (skipped 3, failed 1) | tiles 18,432 @ 1,204/s | ETA 0:01:10
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal, TextIO
+
+
+@dataclass
+class RunSummary:
+    """What one run did; returned by ``run_embedding`` and printed at the end."""
+
+    run_id: str
+    warehouse: str
+    model_version: str
+    backend: str
+    total: int = 0  # slides listed in the source
+    skipped: int = 0  # already complete for this model version
+    done: int = 0  # embedded and committed in this run
+    failed: int = 0
+    tiles: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (slide_id, type, msg)
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.tiles / self.seconds if self.seconds > 0 else 0.0
+
+    def format(self) -> str:
+        lines = [
+            (f"run {self.run_id}: {self.done} slide(s) embedded, {self.skipped} already done, "
+             f"{self.failed} failed, of {self.total} listed"),
+            (f"  {self.tiles:,} tiles in {self.seconds:.1f} s "
+             f"({self.tiles_per_second:,.0f} tiles/s), backend {self.backend}"),
+            f"  model version {self.model_version}",
+            f"  warehouse {self.warehouse}",
+        ]
+        for sid, etype, msg in self.failures[:20]:
+            lines.append(f"  FAILED {sid}: {etype}: {msg}")
+        if len(self.failures) > 20:
+            lines.append(f"  ... and {len(self.failures) - 20} more (see the failures table)")
+        return "\n".join(lines)
+
+
+class Progress:
+    """Counts slides and tiles as the driver sees them; draws the status line."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        skipped: int = 0,
+        mode: Literal["auto", "line", "log", "off"] = "auto",
+        stream: TextIO | None = None,
+        log_every: float = 10.0,
+    ):
+        self.stream = stream or sys.stderr
+        if mode == "auto":
+            mode = "line" if self.stream.isatty() else "log"
+        self.mode = mode
+        self.total = total
+        self.skipped = skipped
+        self.done = 0
+        self.failed = 0
+        self.tiles = 0
+        self.start = time.monotonic()
+        self.log_every = log_every
+        self._last_draw = 0.0
+        self._width = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def add_tiles(self, n: int) -> None:
+        self.tiles += n
+        self.draw()
+
+    def slide_done(self) -> None:
+        self.done += 1
+        self.draw()
+
+    def slide_failed(self) -> None:
+        self.failed += 1
+        self.draw()
+
+    def line(self) -> str:
+        todo = self.total - self.skipped
+        finished = self.done + self.failed
+        elapsed = self.elapsed
+        rate = self.tiles / elapsed if elapsed > 0 else 0.0
+        if finished and todo > finished:
+            eta_s = elapsed / finished * (todo - finished)
+            eta = time.strftime("%H:%M:%S", time.gmtime(eta_s))
+        else:
+            eta = "--:--:--" if todo > finished else "0:00:00"
+        return (
+            f"slides {finished}/{todo} (skipped {self.skipped}, failed {self.failed}) | "
+            f"tiles {self.tiles:,} @ {rate:,.0f}/s | ETA {eta}"
+        )
+
+    def draw(self, *, force: bool = False) -> None:
+        if self.mode == "off":
+            return
+        now = time.monotonic()
+        every = 0.2 if self.mode == "line" else self.log_every
+        if not force and now - self._last_draw < every:
+            return
+        self._last_draw = now
+        text = self.line()
+        if self.mode == "line":
+            pad = max(0, self._width - len(text))
+            self.stream.write("\r" + text + " " * pad)
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.draw(force=True)
+        if self.mode == "line":
+            self.stream.write("\n")
+            self.stream.flush()

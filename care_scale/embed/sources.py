@@ -1,0 +1,275 @@
+"""Where the slides of a job come from: a folder, a URI prefix/glob, or a manifest file.
+
+``list_sources(source, ...)`` turns the user's SOURCE into a sorted list of
+:class:`SlideSource` rows with stable, unique slide ids:
+
+- a local folder or ``s3://bucket/prefix/``: every file below it with a slide extension
+  (or a feature-file extension with ``features=True``);
+- a glob (``s3://bucket/cohort/*.svs``, ``/data/**/*.ndpi``): the matching files;
+- a manifest (``.csv`` / ``.parquet`` file) with columns ``uri`` (required; relative paths are
+  resolved against the manifest's folder), ``slide_id`` (optional: derived from the file name
+  when absent or empty), ``mpp`` (optional; empty means "use the file's metadata"),
+  ``cohort`` (optional); every other column is carried as string metadata into the slides table.
+
+Slide ids are the file stem (``TCGA-XX.svs`` -> ``TCGA-XX``). When two listed files share a stem
+(``a/x.svs``, ``b/x.svs``), both get their path relative to the listing root with ``/`` replaced
+by ``__`` (``a__x``, ``b__x``): deterministic, so a re-run finds the same ids. In a manifest,
+a repeated ``slide_id`` is an error naming the repeated ids.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from care_scale.exceptions import ConfigError
+from care_scale.storage import is_remote, redact, strip_file_scheme, to_fsspec
+
+SLIDE_EXTENSIONS = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+    ".qptiff", ".dcm",
+)
+FEATURE_EXTENSIONS = (".h5", ".hdf5", ".parquet", ".npy")
+MANIFEST_EXTENSIONS = (".csv", ".parquet")
+# Multi-part extensions stripped whole when deriving a slide id from a file name.
+_DOUBLE_EXTENSIONS = (".ome.tiff", ".ome.tif")
+_GLOB_CHARS = ("*", "?", "[")
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """One input of the job: a slide (or a patch-feature file) and what the user said of it."""
+
+    slide_id: str
+    uri: str
+    mpp: float | None = None
+    cohort: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "slide_id": self.slide_id,
+            "uri": self.uri,
+            "mpp": self.mpp,
+            "cohort": self.cohort,
+            "metadata": dict(self.metadata),
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> SlideSource:
+        mpp = row.get("mpp")
+        return cls(
+            slide_id=str(row["slide_id"]),
+            uri=str(row["uri"]),
+            mpp=None if mpp is None or math.isnan(float(mpp)) else float(mpp),
+            cohort=row.get("cohort") or None,
+            metadata=dict(row.get("metadata") or {}),
+        )
+
+
+def stem(uri: str) -> str:
+    """File name without its (possibly double) extension."""
+    name = posixpath.basename(str(uri).rstrip("/"))
+    lower = name.lower()
+    for ext in _DOUBLE_EXTENSIONS:
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    root, _ = posixpath.splitext(name)
+    return root or name
+
+
+def _fs(uri: str, storage_options: dict[str, Any] | None):
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(strip_file_scheme(uri), **to_fsspec(storage_options, uri))
+    return fs, path
+
+
+def _full_uri(fs: Any, path: str, like: str) -> str:
+    """Give a listed path back its scheme (fsspec strips ``s3://``)."""
+    if is_remote(like):
+        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        scheme = like.split("://", 1)[0] if "://" in like else protocol
+        return f"{scheme}://{path}"
+    return path
+
+
+def is_manifest(source: str) -> bool:
+    return str(source).lower().endswith(MANIFEST_EXTENSIONS) and not any(
+        c in str(source) for c in _GLOB_CHARS
+    )
+
+
+def list_sources(
+    source: str,
+    *,
+    features: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> list[SlideSource]:
+    """All inputs named by ``source`` (folder, prefix, glob or manifest), sorted by slide id.
+
+    A Parquet *manifest* and a Parquet *feature file* share the extension: with
+    ``features=True`` a single ``.parquet`` file whose columns include ``uri`` is a manifest,
+    otherwise it is one feature file.
+    """
+    source = str(source)
+    if not source:
+        raise ConfigError("no slide source given")
+    extensions = FEATURE_EXTENSIONS if features else SLIDE_EXTENSIONS
+    if is_manifest(source) and (not features or _looks_like_manifest(source, storage_options)):
+        return read_manifest(source, features=features, storage_options=storage_options)
+    fs, path = _fs(source, storage_options)
+    if any(c in source for c in _GLOB_CHARS):
+        root = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
+        root = root if root.endswith("/") else posixpath.dirname(root)
+        paths = [p for p in fs.glob(path) if not fs.isdir(p)]
+    elif fs.isdir(path):
+        root = path
+        paths = [p for p in fs.find(path) if p.lower().endswith(extensions)]
+    elif fs.exists(path):
+        root = posixpath.dirname(path)
+        paths = [path]
+    else:
+        raise ConfigError(f"slide source {redact(source)} does not exist")
+    if not paths:
+        kind = "feature files" if features else "slides"
+        raise ConfigError(
+            f"slide source {redact(source)} holds no {kind} (extensions {', '.join(extensions)})"
+        )
+    uris = sorted(_full_uri(fs, p, source) for p in paths)
+    rels = [posixpath.relpath(p, root.rstrip("/") or "/") for p in sorted(paths)]
+    ids = unique_ids(uris, rels)
+    return sorted(
+        (SlideSource(slide_id=i, uri=u) for i, u in zip(ids, uris)), key=lambda s: s.slide_id
+    )
+
+
+def unique_ids(uris: list[str], rel_paths: list[str]) -> list[str]:
+    """File stems, with colliding stems replaced by their relative path (``a/x`` -> ``a__x``)."""
+    stems = [stem(u) for u in uris]
+    counts = Counter(stems)
+    ids = []
+    for s, rel in zip(stems, rel_paths):
+        if counts[s] == 1:
+            ids.append(s)
+        else:
+            parent = posixpath.dirname(rel)
+            ids.append(f"{parent}/{s}".strip("/").replace("/", "__"))
+    dupes = sorted(k for k, n in Counter(ids).items() if n > 1)
+    if dupes:  # same stem in the same folder with different extensions (x.svs, x.tiff)
+        ids = [
+            i if i not in dupes else f"{i}__{posixpath.splitext(u)[1].lstrip('.').lower()}"
+            for i, u in zip(ids, uris)
+        ]
+    return ids
+
+
+def _looks_like_manifest(uri: str, storage_options: dict[str, Any] | None) -> bool:
+    if not uri.lower().endswith(".parquet"):
+        return True
+    import pyarrow.parquet as pq
+
+    fs, path = _fs(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as fh:
+            names = pq.read_schema(fh).names
+    except (OSError, ValueError):
+        return False
+    return "uri" in names
+
+
+def _read_table(uri: str, storage_options: dict[str, Any] | None) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = _fs(uri, storage_options)
+    if not fs.exists(path):
+        raise ConfigError(f"manifest {redact(uri)} does not exist")
+    try:
+        with fs.open(path, "rb") as fh:
+            if path.lower().endswith(".csv"):
+                # The csv module keeps every value a string: ids like "001" keep their zeros.
+                text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="")
+                rows = [
+                    {k: (v if v != "" else None) for k, v in r.items()}
+                    for r in csv.DictReader(text)
+                ]
+                return rows
+            else:
+                table = pq.read_table(fh)
+    except (pa.ArrowInvalid, OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"manifest {redact(uri)} cannot be read: {redact(exc)}") from None
+    return table.to_pylist()
+
+
+def read_manifest(
+    uri: str,
+    *,
+    features: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> list[SlideSource]:
+    """The rows of a CSV/Parquet manifest as :class:`SlideSource` (see the module docstring)."""
+    rows = _read_table(uri, storage_options)
+    if not rows:
+        raise ConfigError(f"manifest {redact(uri)} has no rows")
+    columns = list(rows[0])
+    if "uri" not in columns:
+        raise ConfigError(
+            f"manifest {redact(uri)} has no 'uri' column (columns: {', '.join(columns)})"
+        )
+    base = posixpath.dirname(strip_file_scheme(uri)) if not is_remote(uri) else uri.rsplit("/", 1)[0]
+    reserved = {"slide_id", "uri", "mpp", "cohort"}
+    uris, given_ids, out = [], [], []
+    for n, row in enumerate(rows, start=2 if uri.lower().endswith(".csv") else 1):
+        slide_uri = (row.get("uri") or "").strip() if isinstance(row.get("uri"), str) else row.get("uri")
+        if not slide_uri:
+            raise ConfigError(f"manifest {redact(uri)} row {n}: empty uri")
+        if not is_remote(slide_uri) and not posixpath.isabs(strip_file_scheme(slide_uri)):
+            slide_uri = posixpath.normpath(posixpath.join(base, slide_uri)) if not is_remote(
+                uri
+            ) else f"{base}/{slide_uri}"
+        uris.append(slide_uri)
+        sid = row.get("slide_id")
+        given_ids.append(str(sid).strip() if sid not in (None, "") else None)
+        out.append((row, n))
+    derived = unique_ids(uris, [posixpath.basename(u) for u in uris])
+    ids = [g if g else d for g, d in zip(given_ids, derived)]
+    dupes = sorted(k for k, c in Counter(ids).items() if c > 1)
+    if dupes:
+        shown = ", ".join(dupes[:20]) + (" ..." if len(dupes) > 20 else "")
+        raise ConfigError(f"manifest {redact(uri)} has duplicate slide_id(s): {shown}")
+    sources = []
+    for sid, slide_uri, (row, n) in zip(ids, uris, out):
+        sources.append(
+            SlideSource(
+                slide_id=sid,
+                uri=slide_uri,
+                mpp=_parse_mpp(row.get("mpp"), uri, n),
+                cohort=(str(row["cohort"]) if row.get("cohort") not in (None, "") else None),
+                metadata={
+                    str(k): "" if v is None else str(v)
+                    for k, v in row.items()
+                    if k not in reserved
+                },
+            )
+        )
+    return sorted(sources, key=lambda s: s.slide_id)
+
+
+def _parse_mpp(value: Any, uri: str, row: int) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"manifest {redact(uri)} row {row}: mpp {value!r} is not a number") from None
+    if math.isnan(mpp):  # a Parquet null float
+        return None
+    if mpp <= 0:
+        raise ConfigError(f"manifest {redact(uri)} row {row}: mpp must be > 0, got {mpp}")
+    return mpp
