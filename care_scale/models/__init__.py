@@ -1,0 +1,33 @@
+"""Models: ViT patch encoders, the CARE slide encoder, safe checkpoints, patch-feature files.
+
+    from care_scale.models import create_patch_encoder, create_slide_encoder
+    enc = create_patch_encoder("vit_demo_patch16_112")        # uint8 (B,H,W,3) -> (B,192)
+    care = create_slide_encoder("care_tiny")                    # paired with that encoder
+    result = care.encode(read_patch_features("slide.h5"))       # numpy SlideEncoding
+"""
+
+from care_scale.models.checkpoints import (
+    LoadReport,
+    load_into,
+    model_version,
+    resolve_weights,
+    save_checkpoint,
+)
+from care_scale.models.registry import (
+    PatchEncoderSpec,
+    SlideEncoderSpec,
+    UntrainedWeightsWarning,
+    create_patch_encoder,
+    create_slide_encoder,
+    get_patch_encoder_spec,
+    get_slide_encoder_spec,
+    list_patch_encoders,
+    list_slide_encoders,
+)
+
+__all__ = [
+    "LoadReport", "PatchEncoderSpec", "SlideEncoderSpec", "UntrainedWeightsWarning",
+    "create_patch_encoder", "create_slide_encoder", "get_patch_encoder_spec",
+    "get_slide_encoder_spec", "list_patch_encoders", "list_slide_encoders", "load_into",
+    "model_version", "resolve_weights", "save_checkpoint",
+]

@@ -1,0 +1,277 @@
+"""Checkpoints: safetensors + config.json, torch files only through ``weights_only=True``.
+
+A care-scale checkpoint is a directory (local path or any fsspec URI) holding
+``model.safetensors`` and ``config.json``. A bare ``.safetensors`` file also works (its header
+metadata carries the config when we wrote it), and so do torch files (``.pt/.pth/.bin/.ckpt``),
+which are read with ``torch.load(weights_only=True)``: nothing is ever unpickled freely.
+
+One function resolves weights (:func:`resolve_weights`), one loads them into a model with clear
+reports of missing/unexpected keys and a refusal of shape mismatches (:func:`load_into`).
+Converters are pure functions ``(state_dict, model) -> state_dict`` for foreign key names.
+:func:`model_version` names what produced an embedding: model name + hash of config and weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import pickle
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from care_scale.exceptions import CheckpointError, UnsafeCheckpointError
+from care_scale.storage import join, redact, strip_file_scheme, to_fsspec
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT = "care-scale-checkpoint"
+FORMAT_VERSION = 1
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_METADATA_KEY = "care_scale_config"
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    missing: list[str]
+    unexpected: list[str]
+
+
+def _fs(uri: str, storage_options: dict[str, Any] | None):
+    import fsspec
+
+    uri = strip_file_scheme(str(uri))
+    return fsspec.core.url_to_fs(uri, **to_fsspec(storage_options, uri))
+
+
+def _read_bytes(fs, path: str, uri: str) -> bytes:
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{redact(uri)}: no such checkpoint file") from exc
+    except OSError as exc:
+        raise CheckpointError(f"{redact(uri)}: cannot read checkpoint: {redact(exc)}") from exc
+
+
+def _safetensors_metadata(data: bytes, uri: str) -> dict[str, str]:
+    # The header is an 8-byte little-endian length followed by JSON; reading it ourselves
+    # works on bytes from any filesystem.
+    if len(data) < 8:
+        raise CheckpointError(f"{redact(uri)}: not a safetensors file (too short)")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise CheckpointError(f"{redact(uri)}: not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{redact(uri)}: not a safetensors file ({exc})") from exc
+    return header.get("__metadata__") or {}
+
+
+def _load_safetensors(data: bytes, uri: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    from safetensors.torch import load as st_load
+
+    meta = _safetensors_metadata(data, uri)
+    try:
+        state = st_load(data)
+    except Exception as exc:  # safetensors raises its own SafetensorError (not exported)
+        raise CheckpointError(f"{redact(uri)}: corrupt safetensors file: {exc}") from exc
+    cfg = json.loads(meta[_METADATA_KEY]) if _METADATA_KEY in meta else None
+    return state, cfg
+
+
+def _unwrap(obj: Any, uri: str) -> dict[str, torch.Tensor]:
+    """Find the tensor mapping inside common training-checkpoint layouts."""
+    for key in ("state_dict", "model_state_dict", "model", "teacher", "student"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{redact(uri)}: torch file holds {type(obj).__name__}, "
+                              "not a state dict")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    dropped = [str(k) for k in obj if not isinstance(obj[k], torch.Tensor)]
+    if not tensors:
+        raise CheckpointError(f"{redact(uri)}: torch file contains no tensors")
+    if dropped:
+        log.info("%s: ignoring non-tensor entries %s", redact(uri), dropped[:10])
+    return tensors
+
+
+def _load_torch(data: bytes, uri: str) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{redact(uri)}: refused: the torch file needs to unpickle objects that are not "
+            f"plain tensors/containers ({str(exc).splitlines()[0][:200]})"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{redact(uri)}: unreadable torch file: {exc}") from exc
+    return _unwrap(obj, uri)
+
+
+def resolve_weights(
+    uri: str, *, storage_options: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Read a checkpoint (dir, .safetensors or torch file; local or fsspec) -> (state, config).
+
+    ``config`` is the parsed ``config.json`` (or safetensors metadata) or ``None``.
+    """
+    fs, path = _fs(uri, storage_options)
+    lower = path.lower()
+    if lower.endswith(".safetensors"):
+        return _load_safetensors(_read_bytes(fs, path, uri), uri)
+    if lower.endswith(_TORCH_SUFFIXES):
+        return _load_torch(_read_bytes(fs, path, uri), uri)
+    try:
+        exists = fs.exists(path)
+    except OSError as exc:
+        raise CheckpointError(f"{redact(uri)}: cannot reach checkpoint: {redact(exc)}") from exc
+    if not exists:
+        raise CheckpointError(f"{redact(uri)}: checkpoint not found")
+    cfg = None
+    cfg_path = join(path, CONFIG_FILE)
+    if fs.exists(cfg_path):
+        try:
+            cfg = json.loads(_read_bytes(fs, cfg_path, uri))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{redact(uri)}: config.json is not JSON: {exc}") from exc
+    weights = join(path, WEIGHTS_FILE)
+    if fs.exists(weights):
+        state, meta_cfg = _load_safetensors(_read_bytes(fs, weights, uri), uri)
+        return state, cfg if cfg is not None else meta_cfg
+    for name in ("pytorch_model.bin", "model.pt", "model.pth", "checkpoint.pt"):
+        if fs.exists(join(path, name)):
+            return _load_torch(_read_bytes(fs, join(path, name), uri), uri), cfg
+    raise CheckpointError(f"{redact(uri)}: no {WEIGHTS_FILE} (or torch weights file) in it")
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
+              strict: bool = True) -> LoadReport:
+    """Load ``state`` into ``model``; shape mismatches are refused with the key named.
+
+    Missing and unexpected keys are an error when ``strict`` (the default), else a warning.
+    """
+    own = model.state_dict()
+    src = redact(source)
+    for key, value in state.items():
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(
+                f"{src}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, "
+                f"model {tuple(own[key].shape)}"
+            )
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    if missing or unexpected:
+        msg = (f"{src}: {len(missing)} missing keys {missing[:20]}, "
+               f"{len(unexpected)} unexpected keys {unexpected[:20]}")
+        if strict:
+            raise CheckpointError(msg)
+        log.warning(msg)
+    usable = {k: v.to(own[k].dtype) for k, v in state.items() if k in own}
+    model.load_state_dict(usable, strict=False)
+    return LoadReport(missing, unexpected)
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The architecture description saved next to the weights (CareConfig or patch spec)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        cfg = getattr(model, "spec", None)
+    if cfg is None:
+        raise CheckpointError(f"{type(model).__name__} has neither .config nor .spec")
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
+
+
+def _kind(model: nn.Module) -> str:
+    return "slide_encoder" if hasattr(model, "config") else "patch_encoder"
+
+
+def save_checkpoint(model: nn.Module, uri: str, *,
+                    storage_options: dict[str, Any] | None = None) -> str:
+    """Write ``model.safetensors`` + ``config.json`` under directory ``uri``; returns ``uri``."""
+    from safetensors.torch import save as st_save
+
+    name = getattr(model, "name", type(model).__name__)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": name,
+           "kind": _kind(model), "config": model_config(model),
+           "model_version": model_version(model)}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    data = st_save(state, metadata={_METADATA_KEY: json.dumps(doc, sort_keys=True)})
+    fs, path = _fs(uri, storage_options)
+    try:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(join(path, WEIGHTS_FILE), "wb") as f:
+            f.write(data)
+        with fs.open(join(path, CONFIG_FILE), "wb") as f:
+            f.write(json.dumps(doc, indent=2, sort_keys=True).encode())
+    except OSError as exc:
+        raise CheckpointError(f"{redact(uri)}: cannot write checkpoint: {redact(exc)}") from exc
+    return uri
+
+
+def model_version(model: nn.Module) -> str:
+    """``"<name>-<12 hex>"``: hash of the architecture config and every weight tensor.
+
+    Cached until a parameter or buffer is modified in place (e.g. by an optimizer step).
+    """
+    tensors = model.state_dict()
+    stamp = tuple((k, v._version, v.data_ptr()) for k, v in tensors.items())
+    cached = getattr(model, "_care_version_cache", None)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    h = hashlib.sha256()
+    h.update(json.dumps(model_config(model), sort_keys=True, default=str).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    version = f"{getattr(model, 'name', type(model).__name__)}-{h.hexdigest()[:12]}"
+    object.__setattr__(model, "_care_version_cache", (stamp, version))
+    return version
+
+
+# ---------------------------------------------------------------- converters (pure functions)
+
+def strip_prefixes(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict:
+    out = {}
+    for key, value in state.items():
+        for p in prefixes:
+            if key.startswith(p):
+                key = key[len(p):]
+                break
+        out[key] = value
+    return out
+
+
+def convert_timm_vit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm / UNI style ViT state dict -> ours: strip wrappers, drop an unused classifier."""
+    out = strip_prefixes(state, ("module.", "model.", "backbone.", "encoder.", "trunk.",
+                                 "visual.trunk."))
+    if "head.weight" not in model.state_dict():
+        # A classification head (timm num_classes > 0) has no place in a feature encoder.
+        out.pop("head.weight", None)
+        out.pop("head.bias", None)
+    return out
+
+
+def convert_care_reference(state: dict[str, torch.Tensor],
+                           model: nn.Module) -> dict[str, torch.Tensor]:
+    """Training-wrapper prefixes of CARE checkpoints (DDP ``module.``, iBOT ``teacher.`` /
+    ``student.`` / ``backbone.``) -> our key names. The official release's inner key names are
+    not published in a form we could verify; extend this mapping when they are."""
+    out = strip_prefixes(state, ("module.", "teacher.backbone.", "student.backbone.",
+                                 "teacher.", "student.", "backbone.", "slide_encoder.",
+                                 "model."))
+    return {k: v for k, v in out.items() if not k.startswith(("head.", "dino_head.", "ibot_head."))
+            or k in model.state_dict()}

@@ -1,0 +1,250 @@
+"""Registries of patch and slide encoders (timm style).
+
+Every fact about a model lives on its registry entry (embedding size, input size, image
+normalisation, microns per pixel, the patch encoder a slide encoder expects), so callers look
+facts up instead of branching on names. Modules register themselves with a decorator:
+
+    @register_patch_encoder(PatchEncoderSpec(name="vit_micro_patch16_64", ...))
+    def vit_micro_patch16_64(spec: PatchEncoderSpec) -> nn.Module: ...
+
+``create_patch_encoder`` / ``create_slide_encoder`` build a model from its entry, seeded so that
+untrained models are reproducible, and load a checkpoint when one is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from care_scale.exceptions import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+#: Seed every model starts from when no checkpoint is given (demos and tests stay reproducible).
+UNTRAINED_SEED = 0
+
+
+class UntrainedWeightsWarning(UserWarning):
+    """A model runs on seeded random weights: its embeddings carry no biological meaning."""
+
+
+@dataclass(frozen=True)
+class PatchEncoderSpec:
+    """Facts about one patch encoder. ``embed_dim`` is the size of the feature it returns."""
+
+    name: str
+    embed_dim: int
+    input_size: int
+    patch_size: int
+    width: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    mpp: float = 0.5
+    layer_scale_init: float | None = None
+    qkv_bias: bool = True
+    source: str = ""
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SlideEncoderSpec:
+    """Facts about one slide encoder: which patch encoder's features it consumes."""
+
+    name: str
+    patch_encoder: str
+    config: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    description: str = ""
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.config["in_dim"])
+
+
+@dataclass(frozen=True)
+class PatchEncoderEntry:
+    spec: PatchEncoderSpec
+    build: Callable[[PatchEncoderSpec], nn.Module]
+    convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None
+
+
+@dataclass(frozen=True)
+class SlideEncoderEntry:
+    spec: SlideEncoderSpec
+    build: Callable[..., nn.Module]
+    convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None
+
+
+_PATCH_ENCODERS: dict[str, PatchEncoderEntry] = {}
+_SLIDE_ENCODERS: dict[str, SlideEncoderEntry] = {}
+
+
+def register_patch_encoder(spec: PatchEncoderSpec, *, convert=None):
+    """Decorator: register ``fn(spec) -> nn.Module`` under ``spec.name``."""
+
+    def deco(fn):
+        if spec.name in _PATCH_ENCODERS:
+            raise ConfigError(f"patch encoder {spec.name!r} is registered twice")
+        _PATCH_ENCODERS[spec.name] = PatchEncoderEntry(spec, fn, convert)
+        return fn
+
+    return deco
+
+
+def register_slide_encoder(spec: SlideEncoderSpec, *, convert=None):
+    """Decorator: register ``fn(config) -> nn.Module`` under ``spec.name``."""
+
+    def deco(fn):
+        if spec.name in _SLIDE_ENCODERS:
+            raise ConfigError(f"slide encoder {spec.name!r} is registered twice")
+        _SLIDE_ENCODERS[spec.name] = SlideEncoderEntry(spec, fn, convert)
+        return fn
+
+    return deco
+
+
+def _ensure_registered() -> None:
+    # The model modules register their entries when imported; importing defines classes only.
+    from care_scale.models import vit  # noqa: F401
+
+
+def list_patch_encoders() -> list[str]:
+    _ensure_registered()
+    return sorted(_PATCH_ENCODERS)
+
+
+def list_slide_encoders() -> list[str]:
+    _ensure_registered()
+    return sorted(_SLIDE_ENCODERS)
+
+
+def patch_encoder_entry(name: str) -> PatchEncoderEntry:
+    _ensure_registered()
+    if name not in _PATCH_ENCODERS:
+        raise ConfigError(
+            f"unknown patch encoder {name!r}; registered: {', '.join(sorted(_PATCH_ENCODERS))}"
+        )
+    return _PATCH_ENCODERS[name]
+
+
+def slide_encoder_entry(name: str) -> SlideEncoderEntry:
+    _ensure_registered()
+    if name not in _SLIDE_ENCODERS:
+        raise ConfigError(
+            f"unknown slide encoder {name!r}; registered: {', '.join(sorted(_SLIDE_ENCODERS))}"
+        )
+    return _SLIDE_ENCODERS[name]
+
+
+def get_patch_encoder_spec(name: str) -> PatchEncoderSpec:
+    return patch_encoder_entry(name).spec
+
+
+def get_slide_encoder_spec(name: str) -> SlideEncoderSpec:
+    return slide_encoder_entry(name).spec
+
+
+def warn_untrained(name: str) -> None:
+    """Say loudly, in the log and as a Python warning, that weights are random."""
+    msg = (
+        f"{name}: no checkpoint given, running on UNTRAINED weights (seed {UNTRAINED_SEED}). "
+        "Embeddings are reproducible but carry no biological meaning; pass checkpoint=... "
+        "for real use."
+    )
+    log.warning(msg)
+    warnings.warn(msg, UntrainedWeightsWarning, stacklevel=3)
+
+
+def _seeded_build(build: Callable[[], nn.Module]) -> nn.Module:
+    # fork_rng keeps the caller's global RNG stream untouched by our fixed seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(UNTRAINED_SEED)
+        return build()
+
+
+def create_patch_encoder(
+    name: str,
+    checkpoint: str | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    strict: bool = True,
+) -> nn.Module:
+    """Build a registered patch encoder; load ``checkpoint`` (dir / .safetensors / torch file).
+
+    The returned module has ``.spec`` (:class:`PatchEncoderSpec`), ``.name`` and takes uint8
+    tiles ``(B, H, W, 3)``, returning float32 ``(B, spec.embed_dim)``.
+    """
+    from care_scale.models.checkpoints import load_into, resolve_weights
+
+    entry = patch_encoder_entry(name)
+    model = _seeded_build(lambda: entry.build(entry.spec))
+    model.name = name
+    model.spec = entry.spec
+    if checkpoint is None:
+        model.trained = False
+        warn_untrained(name)
+    else:
+        state, _cfg = resolve_weights(checkpoint, storage_options=storage_options)
+        if entry.convert is not None:
+            state = entry.convert(state, model)
+        load_into(model, state, source=checkpoint, strict=strict)
+        model.trained = True
+    return model.eval()
+
+
+def create_slide_encoder(
+    name: str = "care",
+    checkpoint: str | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    strict: bool = True,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered slide encoder (CARE); ``overrides`` change :class:`CareConfig` fields.
+
+    With a checkpoint directory, its ``config.json`` defines the architecture (overrides are
+    applied on top); a bare weights file uses the registry defaults plus overrides.
+    """
+    from care_scale.models.checkpoints import load_into, resolve_weights
+
+    entry = slide_encoder_entry(name)
+    cfg: dict[str, Any] = dict(entry.spec.config)
+    state = None
+    if checkpoint is not None:
+        state, ckpt_cfg = resolve_weights(checkpoint, storage_options=storage_options)
+        if ckpt_cfg is not None:
+            arch = ckpt_cfg.get("config", ckpt_cfg)
+            if not isinstance(arch, dict):
+                raise CheckpointError(f"{checkpoint}: config.json 'config' is not a mapping")
+            cfg.update(arch)
+    cfg.update(overrides)
+    model = _seeded_build(lambda: entry.build(cfg))
+    model.name = name
+    model.spec = entry.spec
+    if state is None:
+        model.trained = False
+        warn_untrained(name)
+    else:
+        if entry.convert is not None:
+            state = entry.convert(state, model)
+        load_into(model, state, source=checkpoint, strict=strict)
+        model.trained = True
+    return model.eval()
