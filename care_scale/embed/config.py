@@ -46,7 +46,7 @@ class TissueConfig:
 class ModelRef:
     """A registry name plus an optional checkpoint directory (local path or fsspec URI)."""
 
-    name: str
+    name: str = ""
     checkpoint: str | None = None
 
 
@@ -81,7 +81,8 @@ class EmbedConfig:
     tissue: TissueConfig = field(default_factory=TissueConfig)
     # Used when a slide has no MPP metadata (a manifest's per-slide mpp column wins).
     mpp_override: float | None = None
-    patch_encoder: ModelRef = field(default_factory=lambda: ModelRef("tiny_patch_encoder"))
+    # An empty name means "the patch encoder the slide encoder's registry entry pairs with".
+    patch_encoder: ModelRef = field(default_factory=lambda: ModelRef(""))
     slide_encoder: ModelRef = field(default_factory=lambda: ModelRef("care_tiny"))
     backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "torch"
     # Where exported ONNX files / TensorRT engines live (create_patch_backend's artifacts).

@@ -1,0 +1,103 @@
+"""``care-scale embed``: embed a cohort of slides (or patch-feature files) into Delta tables.
+
+    care-scale embed SOURCE --warehouse URI [--config job.yaml] [--keep-patches] [--features]
+                     [--backend auto|tensorrt|onnxruntime|torch] [--set key=value ...]
+    care-scale embed --demo [--out DIR]
+
+Exit status: 0 when every slide was embedded (or was already done), 3 when the job finished
+but some slides failed (each is a row in the ``failures`` table and a line of the summary),
+2 on a configuration, storage or table error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+EXIT_SLIDES_FAILED = 3
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", metavar="SOURCE",
+                   help="folder, URI prefix or glob (s3://bucket/cohort/*.svs), or a manifest "
+                   "(.csv/.parquet with uri, optional slide_id, mpp, cohort, metadata columns)")
+    p.add_argument("--warehouse", help="Delta warehouse URI (local path or s3://...)")
+    p.add_argument("--config", help="job YAML file (local or fsspec URI)")
+    p.add_argument("--keep-patches", action="store_true", default=None,
+                   help="also write patch features to the patches table")
+    p.add_argument("--features", action="store_true", default=None,
+                   help="SOURCE holds patch-feature files (.h5, .parquet, CARE .npy)")
+    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+                   help="patch-encoder inference backend")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field (repeatable), e.g. --set target_mpp=1.0")
+    p.add_argument("--demo", action="store_true",
+                   help="generate a small synthetic cohort, embed it with seeded tiny models "
+                   "into a local warehouse and query it")
+    p.add_argument("--out", default="care-scale-demo", help="--demo: output folder")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "embed", help="embed a cohort into Delta Lake tables",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(p)
+    p.set_defaults(func=handle)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The same arguments for ``jobs/embed_cohort.py`` (no sub-command)."""
+    p = argparse.ArgumentParser(
+        prog="embed_cohort.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_arguments(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """The typed EmbedConfig: YAML file, then named flags, then ``--set`` overrides."""
+    from care_scale.config import load_config, parse_overrides
+    from care_scale.embed.config import EmbedConfig
+
+    flags: dict = {}
+    if args.source:
+        flags["source"] = args.source
+    if args.warehouse:
+        flags["warehouse"] = args.warehouse
+    if args.keep_patches:
+        flags["keep_patches"] = True
+    if args.features:
+        flags["features"] = True
+    if args.backend:
+        flags["backend"] = args.backend
+    tree = parse_overrides(args.overrides)
+    flags.update(tree)
+    return load_config(EmbedConfig, args.config, flags)
+
+
+def handle(args: argparse.Namespace) -> int:
+    if args.demo:
+        from care_scale.embed.demo import run_demo
+
+        summary = run_demo(args.out, overrides=args.overrides)
+    else:
+        from care_scale.embed import run_embedding
+
+        summary = run_embedding(config_from_args(args))
+        print(summary.format())
+    return EXIT_SLIDES_FAILED if summary.failed else EXIT_OK
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """``handle`` with care-scale errors as one stderr line and exit 2 (for jobs/ scripts)."""
+    from care_scale.exceptions import CareScaleError
+
+    try:
+        return handle(args)
+    except CareScaleError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_ERROR

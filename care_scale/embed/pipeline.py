@@ -1,0 +1,605 @@
+"""The embedding job: slides -> tiles -> patch features -> CARE -> Delta tables, on Ray Data.
+
+Design (why it looks like this)
+-------------------------------
+::
+
+    driver: list sources, anti-join with warehouse.completed_slide_ids(model_version)
+      |  ray.data.from_items(one row per slide, one block per slide)
+      v
+    map_batches(decode_slides)       CPU tasks (concurrency.decode_tasks): stage, open, tissue
+      |                              mask, tile grid, batched decode; a generator yielding
+      |                              tile batches, so a slide never sits in memory whole
+      v
+    map_batches(PatchEncoder)        actor pool (concurrency.encoder_actors, num_gpus per actor
+      |                              on GPU clusters): the backend is loaded once in __init__;
+      |                              fixed-size batches mix tiles of several slides
+      v
+    driver: iter_batches             accumulate features per slide until its known tile count
+                                     is reached -> CARE on that slide -> SlideResult; buffer
+                                     and write ``commit_every`` slides per warehouse commit
+
+- Streaming and bounded memory: Ray Data's streaming executor back-pressures every stage, so
+  at any time only a few tile batches per decode task exist (pixels never accumulate). The
+  driver holds, per slide in flight, only its patch *features* (N x D float32, ~1000x smaller
+  than the pixels); CARE needs exactly those features for the whole slide anyway. Slides in
+  flight are bounded by the decode concurrency (one block per slide, tasks finish in order).
+- Decode and inference overlap: decode tasks and encoder actors are separate Ray workers that
+  run concurrently; the encoder pulls fixed-size batches as soon as they exist.
+- CARE runs per slide in the driver: it is light next to the patch encoder (one forward over
+  N features), and running it where the features are assembled avoids shipping them again.
+- Exactly once: the driver skips slides already complete for this model version; each commit
+  goes through ``Warehouse.write_results`` (patches, then regions, then the slides row last,
+  idempotent on the keys), so a killed run leaves at most uncommitted work that a re-run redoes.
+- A bad slide (missing, corrupt, unsupported, no MPP, no tissue) becomes one "failure row" in
+  the stream (``error_type`` set, no tiles); the driver turns it into a ``failures`` table row
+  with the stage, the exception class and the message, and the job goes on.
+- Precomputed features (``features=True``): a reader task replaces decode + encoder and yields
+  feature rows in the same shape, so the driver path is the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from care_scale.config import to_dict
+from care_scale.embed.config import EmbedConfig
+from care_scale.embed.progress import Progress, RunSummary
+from care_scale.embed.sources import SlideSource, list_sources
+from care_scale.exceptions import CareScaleError
+from care_scale.storage import redact, redact_options
+
+log = logging.getLogger(__name__)
+
+# Stages named in the failures table.
+STAGE_OPEN = "open"
+STAGE_TILE = "tile"
+STAGE_DECODE = "decode"
+STAGE_ENCODE = "encode"
+STAGE_FEATURES = "features"
+STAGE_SLIDE_ENCODER = "slide_encoder"
+
+
+# --------------------------------------------------------------------------------------------
+# Swappable model factories (the only places that know how models are built).
+# --------------------------------------------------------------------------------------------
+
+
+class _TorchPatchBackend:
+    """Plain torch eager backend, used until ``care_scale.inference`` exists (same protocol)."""
+
+    kind = "torch"
+
+    def __init__(self, config: EmbedConfig, device: str | None):
+        import torch
+
+        from care_scale.models import create_patch_encoder, model_version
+
+        self.model = create_patch_encoder(
+            config.patch_encoder.name, config.patch_encoder.checkpoint,
+            storage_options=config.storage_options or None,
+        ).to(device or "cpu")
+        self.device = device or "cpu"
+        self.embed_dim = int(self.model.spec.embed_dim)
+        self.model_version = model_version(self.model)
+        self._torch = torch
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            x = self._torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device)
+            return self.model(x).float().cpu().numpy()
+
+
+def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> Any:
+    """The patch backend of the job: ``__call__(uint8 (B,H,W,3)) -> float32 (B,D)``,
+    ``.kind``, ``.embed_dim``, ``.model_version``."""
+    return _TorchPatchBackend(config, device)
+
+
+def create_slide_encoder(config: EmbedConfig) -> Any:
+    from care_scale.models import create_slide_encoder as _create
+
+    model = _create(
+        config.slide_encoder.name,
+        config.slide_encoder.checkpoint,
+        storage_options=config.storage_options or None,
+    )
+    return model.eval()
+
+
+def resolve_models(config: EmbedConfig) -> EmbedConfig:
+    """Fill an empty patch encoder name with the one the slide encoder's registry entry pairs."""
+    if config.patch_encoder.name:
+        return config
+    from care_scale.models import get_slide_encoder_spec
+
+    paired = get_slide_encoder_spec(config.slide_encoder.name).patch_encoder
+    return dataclasses.replace(
+        config, patch_encoder=dataclasses.replace(config.patch_encoder, name=paired)
+    )
+
+
+def patch_model_version(config: EmbedConfig) -> str:
+    """Version of the patch encoder's weights+config (independent of the backend)."""
+    from care_scale.models import create_patch_encoder, model_version
+
+    model = create_patch_encoder(
+        config.patch_encoder.name,
+        config.patch_encoder.checkpoint,
+        storage_options=config.storage_options or None,
+    )
+    return model_version(model)
+
+
+def job_model_version(config: EmbedConfig, care_version: str, patch_version: str) -> str:
+    """The key of "this slide is done": both encoders plus the tiling that feeds them.
+
+    Changing the CARE checkpoint, the patch encoder, the target MPP, patch size or tissue
+    threshold changes the embeddings, so it changes the version and re-embeds every slide.
+    """
+    tiling = json.dumps(
+        {
+            "target_mpp": config.target_mpp,
+            "patch_size": config.patch_size,
+            "min_tissue_fraction": config.min_tissue_fraction,
+            "tissue": to_dict(config.tissue),
+            "features": config.features,
+        },
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(tiling.encode()).hexdigest()[:8]
+    return f"{care_version}+{patch_version}+t{digest}"
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: decode (Ray task, generator over one slide's tile batches)
+# --------------------------------------------------------------------------------------------
+
+
+def _failure_batch(row: dict[str, Any], stage: str, exc: BaseException, patch_size: int,
+                   *, pixels: bool = True) -> dict[str, np.ndarray]:
+    """One stream row saying "this slide failed at ``stage``" (no tiles)."""
+    out = _columns(
+        slide_id=row["slide_id"], n_tiles=0, start=0, coords=np.zeros((1, 2), np.int64),
+        tissue=np.zeros(1, np.float32), meta="",
+    )
+    out["error_stage"] = np.array([stage], dtype=object)
+    out["error_type"] = np.array([type(exc).__name__], dtype=object)
+    out["error_message"] = np.array([redact(exc)[:2000]], dtype=object)
+    if pixels:
+        out["tiles"] = np.zeros((1, patch_size, patch_size, 3), np.uint8)
+    return out
+
+
+def _columns(*, slide_id: str, n_tiles: int, start: int, coords: np.ndarray,
+             tissue: np.ndarray, meta: str) -> dict[str, np.ndarray]:
+    b = len(coords)
+    return {
+        "slide_id": np.array([slide_id] * b, dtype=object),
+        "n_tiles": np.full(b, n_tiles, np.int64),
+        "tile_index": np.arange(start, start + b, dtype=np.int64),
+        "coords": np.asarray(coords, np.int64).reshape(b, 2),
+        "tissue_fraction": np.asarray(tissue, np.float32).reshape(b),
+        "meta": np.array([meta] * b, dtype=object),
+        "error_stage": np.array([""] * b, dtype=object),
+        "error_type": np.array([""] * b, dtype=object),
+        "error_message": np.array([""] * b, dtype=object),
+    }
+
+
+def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
+                etag: str | None) -> str:
+    return json.dumps(
+        {
+            "uri": row["uri"],
+            "source_size": size,
+            "source_etag": etag,
+            "width": int(slide.dimensions[0]),
+            "height": int(slide.dimensions[1]),
+            "mpp": float(grid.mpp),
+            "target_mpp": float(grid.target_mpp),
+            "level": int(grid.level),
+            "patch_size": int(grid.patch_size),
+            "patch_size_level0": int(grid.patch_size_level0),
+            "step_level0": int(grid.step_level0),
+            "slide_backend": str(slide.backend),
+            "vendor": slide.vendor,
+            "objective_power": slide.objective_power,
+        }
+    )
+
+
+def decode_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Iterator[dict]:
+    """Ray Data UDF: for each slide row, yield its tile batches (or one failure row)."""
+    from care_scale.slides import open_slide, stat_uri
+    from care_scale.tiling import iter_tile_batches, tile_grid
+
+    cfg: EmbedConfig = params["config"]
+    cache = _slide_cache(cfg)
+    for raw in batch["source"]:
+        row = json.loads(raw)
+        mpp_override = row.get("mpp") or cfg.mpp_override
+        stage = STAGE_OPEN
+        try:
+            size, etag = stat_uri(row["uri"], storage_options=cfg.storage_options or None)
+            with open_slide(
+                row["uri"], storage_options=cfg.storage_options or None, cache=cache,
+                backend=cfg.slide_backend, mpp_override=mpp_override,
+            ) as slide:
+                stage = STAGE_TILE
+                grid = tile_grid(
+                    slide, target_mpp=cfg.target_mpp, patch_size=cfg.patch_size,
+                    min_tissue_fraction=cfg.min_tissue_fraction, tissue=cfg.tissue.params(),
+                    mpp_override=mpp_override,
+                )
+                n = len(grid)
+                if n == 0:
+                    from care_scale.exceptions import NoTissueError
+
+                    raise NoTissueError(
+                        redact(row["uri"]),
+                        f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction}",
+                    )
+                meta = _slide_meta(row, slide, grid, size, etag)
+                stage = STAGE_DECODE
+                start = 0
+                for tb in iter_tile_batches(
+                    slide, grid, batch_size=cfg.decode_batch_size,
+                    num_workers=cfg.concurrency.decode_num_workers,
+                ):
+                    out = _columns(slide_id=row["slide_id"], n_tiles=n, start=start,
+                                   coords=tb.coords, tissue=tb.tissue_fraction, meta=meta)
+                    out["tiles"] = np.ascontiguousarray(tb.tiles)
+                    start += len(tb.coords)
+                    yield out
+        except (CareScaleError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+            # A bad slide must not stop the job: it becomes a failure row. Tiles already
+            # yielded for it are dropped by the driver when the failure row arrives.
+            yield _failure_batch(row, stage, exc, cfg.patch_size)
+
+
+def read_feature_files(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Iterator[dict]:
+    """Ray Data UDF for precomputed features: one file -> feature rows (no decode, no encoder)."""
+    from care_scale.models import coords_to_grid, read_patch_features
+
+    cfg: EmbedConfig = params["config"]
+    chunk = max(cfg.encode_batch_size, 256)
+    for raw in batch["source"]:
+        row = json.loads(raw)
+        try:
+            pf = read_patch_features(row["uri"], storage_options=cfg.storage_options or None)
+            n = len(pf.features)
+            if n == 0:
+                from care_scale.exceptions import FeatureFileError
+
+                raise FeatureFileError(f"{redact(row['uri'])}: holds no patch features")
+            _, step = coords_to_grid(pf.coords, pf.patch_size_level0)
+            coords = np.asarray(pf.coords, np.int64)
+            meta = json.dumps(
+                {
+                    "uri": row["uri"],
+                    "source_size": None,
+                    "source_etag": None,
+                    "width": int(coords[:, 0].max() + step),
+                    "height": int(coords[:, 1].max() + step),
+                    "mpp": row.get("mpp"),
+                    "target_mpp": cfg.target_mpp,
+                    "level": 0,
+                    "patch_size": int(pf.patch_size_level0 or step),
+                    "patch_size_level0": int(pf.patch_size_level0 or step),
+                    "step_level0": int(step),
+                    "slide_backend": "features",
+                    "vendor": None,
+                    "objective_power": None,
+                }
+            )
+            feats = np.asarray(pf.features, np.float32)
+            for s in range(0, n, chunk):
+                out = _columns(slide_id=row["slide_id"], n_tiles=n, start=s,
+                               coords=coords[s : s + chunk],
+                               tissue=np.ones(len(coords[s : s + chunk]), np.float32),
+                               meta=meta)
+                out["features"] = feats[s : s + chunk]
+                yield out
+        except (CareScaleError, OSError, ValueError, KeyError) as exc:
+            fail = _failure_batch(row, STAGE_FEATURES, exc, 0, pixels=False)
+            fail["features"] = np.zeros((1, 1), np.float32)
+            yield fail
+
+
+_CACHES: dict[str, Any] = {}
+
+
+def _slide_cache(cfg: EmbedConfig) -> Any:
+    """One staging cache per worker process (remote slides only)."""
+    if not cfg.cache_dir:
+        return None
+    if cfg.cache_dir not in _CACHES:
+        from care_scale.slides.cache import SlideCache
+
+        _CACHES[cfg.cache_dir] = SlideCache(cfg.cache_dir, max_bytes=cfg.cache_max_bytes)
+    return _CACHES[cfg.cache_dir]
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: patch encoder (Ray actor pool, stateful callable class)
+# --------------------------------------------------------------------------------------------
+
+
+class PatchEncoder:
+    """Holds one patch backend per actor; encodes fixed-size tile batches."""
+
+    def __init__(self, config: EmbedConfig):
+        import torch
+
+        torch.set_num_threads(max(1, config.concurrency.torch_threads))
+        device = "cuda" if config.concurrency.num_gpus_per_actor > 0 else None
+        self.backend = create_patch_backend(config, device=device)
+        self.embed_dim = int(self.backend.embed_dim)
+        self.kind = str(self.backend.kind)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tiles = batch.pop("tiles")
+        ok = batch["n_tiles"] > 0
+        feats = np.zeros((len(tiles), self.embed_dim), np.float32)
+        if ok.any():
+            try:
+                feats[ok] = self.backend(np.ascontiguousarray(tiles[ok]))
+            except (CareScaleError, RuntimeError, ValueError) as exc:
+                # The batch mixes slides; fail each of them rather than the job.
+                msg = redact(exc)[:2000]
+                batch["error_stage"] = np.where(ok, STAGE_ENCODE, batch["error_stage"])
+                batch["error_type"] = np.where(ok, type(exc).__name__, batch["error_type"])
+                batch["error_message"] = np.where(ok, msg, batch["error_message"])
+                batch["n_tiles"] = np.where(ok, 0, batch["n_tiles"])
+        batch["features"] = feats
+        batch["backend"] = np.array([self.kind] * len(feats), dtype=object)
+        return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side: per-slide assembly, CARE, commits
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    n_tiles: int
+    meta: dict[str, Any]
+    index: list[np.ndarray] = field(default_factory=list)
+    coords: list[np.ndarray] = field(default_factory=list)
+    tissue: list[np.ndarray] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)
+    seen: int = 0
+
+    def add(self, index, coords, tissue, features) -> None:
+        self.index.append(index)
+        self.coords.append(coords)
+        self.tissue.append(tissue)
+        self.features.append(features)
+        self.seen += len(index)
+
+    def assemble(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        order = np.argsort(np.concatenate(self.index), kind="stable")
+        return (
+            np.concatenate(self.coords)[order],
+            np.concatenate(self.tissue)[order],
+            np.concatenate(self.features)[order].astype(np.float32, copy=False),
+        )
+
+
+def _ensure_ray(config: EmbedConfig) -> bool:
+    """Join RAY_ADDRESS / ``ray_address`` when given, else start a local cluster of our own.
+
+    Returns True when this call started Ray (and so should shut it down).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = config.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=config.num_cpus,
+            object_store_memory=config.object_store_memory,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}},
+        )
+    return True
+
+
+def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
+    """The Ray Data pipeline (lazy): decode/encode stages, or the feature-file reader."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # Smaller blocks than the 128 MiB default: a block of tiles reaches the encoder sooner
+    # and fewer pixels are buffered per decode task.
+    ctx.target_max_block_size = 16 * 2**20
+    rows = [{"source": json.dumps(s.to_row())} for s in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    params = {"config": config}
+    c = config.concurrency
+    if config.features:
+        return ds.map_batches(
+            read_feature_files, batch_size=1, fn_kwargs={"params": params},
+            compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=1,
+        )
+    ds = ds.map_batches(
+        decode_slides, batch_size=1, fn_kwargs={"params": params},
+        compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=1,
+    )
+    return ds.map_batches(
+        PatchEncoder,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.encode_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=c.encoder_actors),
+        num_cpus=c.num_cpus_per_actor,
+        num_gpus=c.num_gpus_per_actor,
+    )
+
+
+def run_embedding(config: EmbedConfig) -> RunSummary:
+    """Embed every slide of ``config.source`` not yet in ``config.warehouse``; see the module."""
+    from care_scale.embed.results import build_failure, build_result
+    from care_scale.models import model_version
+    from care_scale.warehouse import Warehouse
+
+    config.require_io()
+    config.validate()
+    config = resolve_models(config)
+    t0 = time.monotonic()
+    run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4(
+    ).hex[:6]
+    sources = list_sources(config.source, features=config.features,
+                           storage_options=config.storage_options or None)
+    by_id = {s.slide_id: s for s in sources}
+
+    care = create_slide_encoder(config)
+    care_version = model_version(care)
+    patch_version = "precomputed" if config.features else patch_model_version(config)
+    version = job_model_version(config, care_version, patch_version)
+    # The encoder actors report the backend they actually chose ("auto" resolves there).
+    backend_kind = "features" if config.features else config.backend
+
+    wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
+    wh.ensure_tables()
+    done_ids = wh.completed_slide_ids(version)
+    todo = [s for s in sources if s.slide_id not in done_ids]
+    summary = RunSummary(run_id=run_id, warehouse=redact(config.warehouse),
+                         model_version=version, backend=backend_kind, total=len(sources),
+                         skipped=len(sources) - len(todo))
+    run_config = to_dict(config)
+    run_config["storage_options"] = redact_options(config.storage_options)
+    run_config.update(model_version=version, care_version=care_version,
+                      patch_version=patch_version, backend_kind=backend_kind)
+    wh.start_run(run_id, run_config)
+    progress = Progress(len(sources), skipped=summary.skipped, mode=config.progress)
+    ctx = _Context(config=config, run_id=run_id, version=version, care=care,
+                   care_version=care_version, patch_version=patch_version,
+                   backend_kind=backend_kind)
+
+    results: list[Any] = []
+    failures: list[Any] = []
+
+    def commit(force: bool = False) -> None:
+        if results and (force or len(results) >= config.commit_every):
+            wh.write_results(list(results))
+            results.clear()
+        if failures and (force or len(failures) >= config.commit_every):
+            wh.record_failures(list(failures))
+            failures.clear()
+
+    def fail(slide_id: str, stage: str, etype: str, message: str) -> None:
+        src = by_id[slide_id]
+        failures.append(build_failure(ctx, src, stage, etype, message))
+        summary.failed += 1
+        summary.failures.append((slide_id, etype, message))
+        progress.slide_failed()
+
+    started_ray = False
+    if todo:
+        started_ray = _ensure_ray(config)
+        try:
+            pending: dict[str, _Pending] = {}
+            failed: set[str] = set()
+            ds = build_dataset(config, todo)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
+                                         prefetch_batches=2):
+                _consume(batch, pending, failed, ctx, by_id, results, fail, progress, summary,
+                         build_result)
+                commit()
+            for sid, p in pending.items():  # the stream ended before all tiles arrived
+                fail(sid, STAGE_DECODE, "IncompleteSlideError",
+                     f"received {p.seen} of {p.n_tiles} tiles")
+            commit(force=True)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    progress.close()
+    summary.tiles = progress.tiles
+    summary.seconds = time.monotonic() - t0
+    wh.finish_run(run_id, {"total": summary.total, "skipped": summary.skipped,
+                           "done": summary.done, "failed": summary.failed,
+                           "tiles": summary.tiles})
+    return summary
+
+
+@dataclass
+class _Context:
+    """What every result row of one run shares."""
+
+    config: EmbedConfig
+    run_id: str
+    version: str
+    care: Any
+    care_version: str
+    patch_version: str
+    backend_kind: str
+
+
+def _consume(batch, pending, failed, ctx, by_id, results, fail, progress, summary,
+             build_result) -> None:
+    """Fold one encoded block into the per-slide accumulators; finish complete slides."""
+    sids = batch["slide_id"]
+    for sid in dict.fromkeys(sids.tolist()):
+        if sid in failed:
+            continue
+        sel = sids == sid
+        err = batch["error_type"][sel]
+        if (err != "").any():
+            i = int(np.flatnonzero(err != "")[0])
+            failed.add(sid)
+            pending.pop(sid, None)
+            fail(sid, str(batch["error_stage"][sel][i]), str(err[i]),
+                 str(batch["error_message"][sel][i]))
+            continue
+        if "backend" in batch:
+            ctx.backend_kind = str(batch["backend"][sel][0])
+        p = pending.get(sid)
+        if p is None:
+            meta = json.loads(batch["meta"][sel][0])
+            p = pending[sid] = _Pending(n_tiles=int(batch["n_tiles"][sel][0]), meta=meta)
+        p.add(batch["tile_index"][sel], batch["coords"][sel], batch["tissue_fraction"][sel],
+              batch["features"][sel])
+        progress.add_tiles(int(sel.sum()))
+        if p.seen < p.n_tiles:
+            continue
+        del pending[sid]
+        coords, tissue, feats = p.assemble()
+        try:
+            results.append(build_result(ctx, by_id[sid], p.meta, coords, tissue, feats))
+        except CareScaleError as exc:
+            failed.add(sid)
+            fail(sid, STAGE_SLIDE_ENCODER, type(exc).__name__, redact(exc)[:2000])
+            continue
+        summary.done += 1
+        progress.slide_done()
+
+
+__all__ = [
+    "PatchEncoder",
+    "build_dataset",
+    "decode_slides",
+    "job_model_version",
+    "read_feature_files",
+    "run_embedding",
+]
