@@ -6,12 +6,27 @@
     result = care.encode(read_patch_features("slide.h5"))       # numpy SlideEncoding
 """
 
+from care_scale.models.care import (
+    CARE,
+    CARE_OUTPUT_FIELDS,
+    CareConfig,
+    CareOutput,
+    CAREReferenceAdapter,
+    SlideEncoding,
+    reference_adapter,
+)
 from care_scale.models.checkpoints import (
     LoadReport,
     load_into,
     model_version,
     resolve_weights,
     save_checkpoint,
+)
+from care_scale.models.features import (
+    PatchFeatures,
+    coords_to_grid,
+    detect_step,
+    read_patch_features,
 )
 from care_scale.models.registry import (
     PatchEncoderSpec,
@@ -26,8 +41,29 @@ from care_scale.models.registry import (
 )
 
 __all__ = [
-    "LoadReport", "PatchEncoderSpec", "SlideEncoderSpec", "UntrainedWeightsWarning",
-    "create_patch_encoder", "create_slide_encoder", "get_patch_encoder_spec",
-    "get_slide_encoder_spec", "list_patch_encoders", "list_slide_encoders", "load_into",
-    "model_version", "resolve_weights", "save_checkpoint",
+    "CARE",
+    "CARE_OUTPUT_FIELDS",
+    "CAREReferenceAdapter",
+    "CareConfig",
+    "CareOutput",
+    "LoadReport",
+    "PatchEncoderSpec",
+    "PatchFeatures",
+    "SlideEncoderSpec",
+    "SlideEncoding",
+    "UntrainedWeightsWarning",
+    "coords_to_grid",
+    "create_patch_encoder",
+    "create_slide_encoder",
+    "detect_step",
+    "get_patch_encoder_spec",
+    "get_slide_encoder_spec",
+    "list_patch_encoders",
+    "list_slide_encoders",
+    "load_into",
+    "model_version",
+    "read_patch_features",
+    "reference_adapter",
+    "resolve_weights",
+    "save_checkpoint",
 ]

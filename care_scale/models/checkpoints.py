@@ -233,7 +233,7 @@ def model_version(model: nn.Module) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(model_config(model), sort_keys=True, default=str).encode())
     for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
+        t = tensors[key].detach().cpu().contiguous().reshape(-1)
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     version = f"{getattr(model, 'name', type(model).__name__)}-{h.hexdigest()[:12]}"

@@ -123,7 +123,7 @@ def register_slide_encoder(spec: SlideEncoderSpec, *, convert=None):
 
 def _ensure_registered() -> None:
     # The model modules register their entries when imported; importing defines classes only.
-    from care_scale.models import vit  # noqa: F401
+    from care_scale.models import care, vit  # noqa: F401
 
 
 def list_patch_encoders() -> list[str]:
