@@ -48,6 +48,8 @@ class ModelRef:
 
     name: str = ""
     checkpoint: str | None = None
+    # Architecture overrides (slide encoder only), e.g. {in_dim: 64} for another patch encoder.
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -114,6 +114,7 @@ def create_slide_encoder(config: EmbedConfig) -> Any:
         config.slide_encoder.name,
         config.slide_encoder.checkpoint,
         storage_options=config.storage_options or None,
+        **config.slide_encoder.overrides,
     )
     return model.eval()
 

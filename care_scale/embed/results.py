@@ -1,0 +1,118 @@
+"""One slide's CARE output -> the rows the warehouse stores (slides, regions, patches).
+
+The pipeline hands a slide's assembled patch features here once all its tiles are encoded;
+CARE runs on them and the result becomes a :class:`care_scale.warehouse.SlideResult`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+
+from care_scale.embed.geometry import region_wkt
+from care_scale.embed.sources import SlideSource
+
+
+def region_rows(encoding: Any, coords: np.ndarray, patch_size_level0: int,
+                step: int) -> list[dict[str, Any]]:
+    """One dict per adaptive region: counts, weights, ROI flag, level-0 box, WKT, embedding."""
+    rows = []
+    rop = np.asarray(encoding.region_of_patch)
+    for r in range(int(encoding.num_regions)):
+        sel = rop == r
+        c = coords[sel]
+        if len(c) == 0:  # CARE keeps only non-empty regions; guard against a stray index
+            continue
+        rows.append({
+            "region_id": r,
+            "num_patches": int(sel.sum()),
+            "coverage": float(encoding.coverage[r]),
+            "semantic_weight": float(encoding.semantic_weight[r]),
+            "fused_weight": float(encoding.fused_weight[r]),
+            "is_roi": r == int(encoding.roi_index),
+            "bbox_x0": int(c[:, 0].min()),
+            "bbox_y0": int(c[:, 1].min()),
+            "bbox_x1": int(c[:, 0].max()) + int(patch_size_level0),
+            "bbox_y1": int(c[:, 1].max()) + int(patch_size_level0),
+            "geometry": region_wkt(c, step),
+            "embedding": np.asarray(encoding.region_embeddings[r], np.float32),
+        })
+    return rows
+
+
+def encode_slide(care: Any, coords: np.ndarray, features: np.ndarray, step: int) -> Any:
+    """CARE on one slide (numpy SlideEncoding)."""
+    import torch
+
+    with torch.inference_mode():
+        return care.encode(features, coords, patch_step=int(step))
+
+
+def slide_row(ctx: Any, src: SlideSource, meta: dict[str, Any], encoding: Any,
+              n_patches: int) -> dict[str, Any]:
+    return {
+        "slide_id": src.slide_id,
+        "source_uri": src.uri,
+        "source_size": meta.get("source_size"),
+        "source_etag": meta.get("source_etag"),
+        "width": meta.get("width"),
+        "height": meta.get("height"),
+        "mpp": meta.get("mpp"),
+        "target_mpp": meta.get("target_mpp"),
+        "patch_size": meta.get("patch_size"),
+        "patch_size_level0": meta.get("patch_size_level0"),
+        "num_patches": int(n_patches),
+        "num_regions": int(encoding.num_regions),
+        "slide_embedding": np.asarray(encoding.slide_embedding, np.float32),
+        "roi_region_id": int(encoding.roi_index),
+        "roi_embedding": np.asarray(encoding.roi_embedding, np.float32),
+        "model_version": ctx.version,
+        "slide_encoder_version": ctx.care_version,
+        "patch_encoder_version": ctx.patch_version,
+        "backend": ctx.backend_kind,
+        "slide_backend": meta.get("slide_backend"),
+        "run_id": ctx.run_id,
+        "cohort": src.cohort,
+        "metadata": dict(src.metadata),
+        "metadata_json": json.dumps(src.metadata, sort_keys=True),
+        "embedded_at": time.time(),
+    }
+
+
+def patch_columns(src: SlideSource, coords: np.ndarray, tissue: np.ndarray, feats: np.ndarray,
+                  encoding: Any, patch_size_level0: int) -> dict[str, np.ndarray]:
+    n = len(coords)
+    return {
+        "slide_id": np.array([src.slide_id] * n, dtype=object),
+        "x": coords[:, 0].astype(np.int64),
+        "y": coords[:, 1].astype(np.int64),
+        "patch_size_level0": np.full(n, int(patch_size_level0), np.int64),
+        "region_id": np.asarray(encoding.region_of_patch, np.int64),
+        "tissue_fraction": np.asarray(tissue, np.float32),
+        "feature": np.asarray(feats, np.float32),
+    }
+
+
+def build_result(ctx: Any, src: SlideSource, meta: dict[str, Any], coords: np.ndarray,
+                 tissue: np.ndarray, feats: np.ndarray) -> Any:
+    """CARE on one slide's features -> a ``SlideResult`` for ``Warehouse.write_results``."""
+    from care_scale.warehouse import SlideResult
+
+    step = int(meta["step_level0"])
+    psl0 = int(meta["patch_size_level0"])
+    enc = encode_slide(ctx.care, coords, feats, step)
+    slide = slide_row(ctx, src, meta, enc, len(coords))
+    regions = region_rows(enc, coords, psl0, step)
+    patches = (patch_columns(src, coords, tissue, feats, enc, psl0)
+               if ctx.config.keep_patches else None)
+    return SlideResult(slide=slide, regions=regions, patches=patches)
+
+
+def build_failure(ctx: Any, src: SlideSource, stage: str, error_type: str, message: str) -> Any:
+    from care_scale.warehouse import FailureRow
+
+    return FailureRow(slide_id=src.slide_id, uri=src.uri, run_id=ctx.run_id, stage=stage,
+                      error_type=error_type, message=message, model_version=ctx.version)
