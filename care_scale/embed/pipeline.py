@@ -433,6 +433,9 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
     # Smaller blocks than the 128 MiB default: a block of tiles reaches the encoder sooner
     # and fewer pixels are buffered per decode task.
     ctx.target_max_block_size = 16 * 2**20
+    # A decode task that dies (a native reader crashing on a damaged file) loses only its
+    # slide's block; the driver reports that slide as failed instead of aborting the cohort.
+    ctx.max_errored_blocks = max(1, len(todo))
     rows = [{"source": json.dumps(s.to_row())} for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     params = {"config": config}
@@ -496,40 +499,18 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                    care_version=care_version, patch_version=patch_version,
                    backend_kind=backend_kind)
 
-    results: list[Any] = []
-    failures: list[Any] = []
-
-    def commit(force: bool = False) -> None:
-        if results and (force or len(results) >= config.commit_every):
-            wh.write_results(list(results))
-            results.clear()
-        if failures and (force or len(failures) >= config.commit_every):
-            wh.record_failures(list(failures))
-            failures.clear()
-
-    def fail(slide_id: str, stage: str, etype: str, message: str) -> None:
-        src = by_id[slide_id]
-        failures.append(build_failure(ctx, src, stage, etype, message))
-        summary.failed += 1
-        summary.failures.append((slide_id, etype, message))
-        progress.slide_failed()
-
+    collector = _Collector(ctx, by_id, wh, progress, summary, build_result, build_failure)
     started_ray = False
     if todo:
         started_ray = _ensure_ray(config)
         try:
-            pending: dict[str, _Pending] = {}
-            failed: set[str] = set()
             ds = build_dataset(config, todo)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                          prefetch_batches=2):
-                _consume(batch, pending, failed, ctx, by_id, results, fail, progress, summary,
-                         build_result)
-                commit()
-            for sid, p in pending.items():  # the stream ended before all tiles arrived
-                fail(sid, STAGE_DECODE, "IncompleteSlideError",
-                     f"received {p.seen} of {p.n_tiles} tiles")
-            commit(force=True)
+                collector.consume(batch)
+                collector.commit()
+            collector.close(todo)
+            collector.commit(force=True)
         finally:
             if started_ray:
                 import ray
@@ -557,43 +538,86 @@ class _Context:
     backend_kind: str
 
 
-def _consume(batch, pending, failed, ctx, by_id, results, fail, progress, summary,
-             build_result) -> None:
-    """Fold one encoded block into the per-slide accumulators; finish complete slides."""
-    sids = batch["slide_id"]
-    for sid in dict.fromkeys(sids.tolist()):
-        if sid in failed:
-            continue
-        sel = sids == sid
-        err = batch["error_type"][sel]
-        if (err != "").any():
-            i = int(np.flatnonzero(err != "")[0])
-            failed.add(sid)
-            pending.pop(sid, None)
-            fail(sid, str(batch["error_stage"][sel][i]), str(err[i]),
-                 str(batch["error_message"][sel][i]))
-            continue
-        if "backend" in batch:
-            ctx.backend_kind = str(batch["backend"][sel][0])
-        p = pending.get(sid)
-        if p is None:
-            meta = json.loads(batch["meta"][sel][0])
-            p = pending[sid] = _Pending(n_tiles=int(batch["n_tiles"][sel][0]), meta=meta)
-        p.add(batch["tile_index"][sel], batch["coords"][sel], batch["tissue_fraction"][sel],
-              batch["features"][sel])
-        progress.add_tiles(int(sel.sum()))
-        if p.seen < p.n_tiles:
-            continue
-        del pending[sid]
+class _Collector:
+    """Driver side of the stream: per-slide accumulation, CARE, buffered commits."""
+
+    def __init__(self, ctx, by_id, wh, progress, summary, build_result, build_failure):
+        self.ctx, self.by_id, self.wh = ctx, by_id, wh
+        self.progress, self.summary = progress, summary
+        self.build_result, self.build_failure = build_result, build_failure
+        self.pending: dict[str, _Pending] = {}
+        self.failed: set[str] = set()
+        self.completed: set[str] = set()
+        self.results: list[Any] = []
+        self.failures: list[Any] = []
+
+    def commit(self, force: bool = False) -> None:
+        """Write buffered slides every ``commit_every`` slides (few, large commits)."""
+        every = self.ctx.config.commit_every
+        if self.results and (force or len(self.results) >= every):
+            self.wh.write_results(list(self.results))
+            self.results.clear()
+        if self.failures and (force or len(self.failures) >= every):
+            self.wh.record_failures(list(self.failures))
+            self.failures.clear()
+
+    def fail(self, slide_id: str, stage: str, etype: str, message: str) -> None:
+        self.failed.add(slide_id)
+        self.pending.pop(slide_id, None)
+        self.failures.append(
+            self.build_failure(self.ctx, self.by_id[slide_id], stage, etype, message))
+        self.summary.failed += 1
+        self.summary.failures.append((slide_id, etype, message))
+        self.progress.slide_failed()
+
+    def consume(self, batch: dict[str, np.ndarray]) -> None:
+        """Fold one encoded block into the per-slide accumulators; finish complete slides."""
+        sids = batch["slide_id"]
+        for sid in dict.fromkeys(sids.tolist()):
+            if sid in self.failed:
+                continue  # tiles that were in flight when the slide failed
+            sel = sids == sid
+            err = batch["error_type"][sel]
+            if (err != "").any():
+                i = int(np.flatnonzero(err != "")[0])
+                self.fail(sid, str(batch["error_stage"][sel][i]), str(err[i]),
+                          str(batch["error_message"][sel][i]))
+                continue
+            if "backend" in batch:
+                self.ctx.backend_kind = str(batch["backend"][sel][0])
+            p = self.pending.get(sid)
+            if p is None:
+                meta = json.loads(batch["meta"][sel][0])
+                p = self.pending[sid] = _Pending(n_tiles=int(batch["n_tiles"][sel][0]),
+                                                 meta=meta)
+            p.add(batch["tile_index"][sel], batch["coords"][sel],
+                  batch["tissue_fraction"][sel], batch["features"][sel])
+            self.progress.add_tiles(int(sel.sum()))
+            if p.seen >= p.n_tiles:
+                self._finish(sid, self.pending.pop(sid))
+
+    def _finish(self, sid: str, p: _Pending) -> None:
         coords, tissue, feats = p.assemble()
         try:
-            results.append(build_result(ctx, by_id[sid], p.meta, coords, tissue, feats))
+            result = self.build_result(self.ctx, self.by_id[sid], p.meta, coords, tissue, feats)
         except CareScaleError as exc:
-            failed.add(sid)
-            fail(sid, STAGE_SLIDE_ENCODER, type(exc).__name__, redact(exc)[:2000])
-            continue
-        summary.done += 1
-        progress.slide_done()
+            self.fail(sid, STAGE_SLIDE_ENCODER, type(exc).__name__, redact(exc)[:2000])
+            return
+        self.results.append(result)
+        self.completed.add(sid)
+        self.summary.done += 1
+        self.progress.slide_done()
+
+    def close(self, todo: list[SlideSource]) -> None:
+        """Slides the stream never finished: a worker died under them."""
+        for sid, p in list(self.pending.items()):
+            self.fail(sid, STAGE_DECODE, "IncompleteSlideError",
+                      f"{redact(self.by_id[sid].uri)}: received {p.seen} of {p.n_tiles} "
+                      "tiles (a worker died; see the Ray logs)")
+        for src in todo:
+            if src.slide_id not in self.completed and src.slide_id not in self.failed:
+                self.fail(src.slide_id, STAGE_DECODE, "WorkerCrashedError",
+                          f"{redact(src.uri)}: its decode task produced no output (crashed)")
 
 
 __all__ = [
