@@ -155,24 +155,34 @@ class MaskedBlock(nn.Module):
 
 
 class QueryPool(nn.Module):
-    """Cross-attention from one learnable query to the members of each group."""
+    """Cross-attention from one learnable query to the members of each group.
+
+    Values are the members' own features (split by head, no value projection), so ``g_q`` is
+    a convex combination of member features and lives in the patches' feature space: the
+    cosine similarities of the region generator compare like with like from the first step.
+    """
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
         self.norm = nn.LayerNorm(dim)
-        self.kv = nn.Linear(dim, 2 * dim)
+        self.k = nn.Linear(dim, dim)
         self.q = nn.Linear(dim, dim)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         g, n, c = x.shape
         h = self.num_heads
-        kv = self.kv(self.norm(x)).reshape(g, n, 2, h, c // h).permute(2, 0, 3, 1, 4)
+        k = self.k(self.norm(x)).reshape(g, n, h, c // h).transpose(1, 2)
+        v = x.reshape(g, n, h, c // h).transpose(1, 2)
         q = self.q(self.query).reshape(1, 1, h, c // h).transpose(1, 2).expand(g, -1, -1, -1)
-        a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=valid[:, None, None, :])
-        return self.proj(a.transpose(1, 2).reshape(g, c))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+        return a.transpose(1, 2).reshape(g, c)
+
+
+def _group_mean(tok: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    w = valid.to(tok.dtype)[..., None]
+    return (tok * w).sum(1) / w.sum(1)
 
 
 @dataclass
@@ -348,13 +358,17 @@ class CARE(nn.Module):
         anchor = (ws[sub.starts] * k).to(x.dtype) + (k - 1) / 2.0  # (G, 2) window centres
 
         rel = (gs.to(x.dtype) - anchor[sub.gid]) / k
-        tok = (xs + self.sub_pos(rel))[sub.index]  # (G, L, H)
-        tok = torch.cat([self.sub_cls.expand(tok.shape[0], -1, -1), tok], dim=1)
+        members = xs[sub.index]  # (G, L, H)
+        tok = members + self.sub_pos(rel)[sub.index]
+        # The CLS token starts at the window's mean feature (plus a learned offset), so its
+        # output stays in the patches' feature space, comparable with them by cosine.
+        cls = _group_mean(members, sub.valid)[:, None, :] + self.sub_cls
+        tok = torch.cat([cls, tok], dim=1)
         tok_valid = F.pad(sub.valid, (1, 0), value=True)
         for blk in self.sub_blocks:
             tok = blk(tok, tok_valid)
         g_cls = self.sub_norm(tok[:, 0])  # (G, H)
-        g_q = self.sub_query(xs[sub.index], sub.valid)  # (G, H)
+        g_q = self.sub_query(members, sub.valid)  # (G, H)
 
         # ---- 2. ARG: candidates from neighbouring windows, inclusion, semantic affinity
         sub_key = win_key[perm][sub.starts]  # (G,) ascending, unique
@@ -403,8 +417,10 @@ class CARE(nn.Module):
         r_anchor = anchor[rid]
         y = xs * gate
         rel2 = (gs[perm2].to(x.dtype) - r_anchor[reg.gid]) / k
-        tok = (y[perm2] + self.region_pos(rel2))[reg.index]
-        tok = torch.cat([self.region_cls.expand(tok.shape[0], -1, -1), tok], dim=1)
+        members = y[perm2][reg.index]
+        tok = members + self.region_pos(rel2)[reg.index]
+        cls = _group_mean(members, reg.valid)[:, None, :] + self.region_cls
+        tok = torch.cat([cls, tok], dim=1)
         tok_valid = F.pad(reg.valid, (1, 0), value=True)
         for blk in self.region_blocks:
             tok = blk(tok, tok_valid)

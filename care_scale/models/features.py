@@ -42,21 +42,34 @@ class PatchFeatures:
 # ------------------------------------------------------------------------- grid positions
 
 def detect_step(coords: np.ndarray) -> int:
-    """The lattice step of tile coordinates: most common gap between neighbouring distinct
-    x (and y) values; ties go to the smaller gap. 1 when there is a single position."""
-    gaps = []
-    for axis in (0, 1):
-        u = np.unique(coords[:, axis])
-        d = np.diff(u)
-        gaps.append(d[d > 0])
-    gaps = np.concatenate(gaps)
+    """The lattice step of tile coordinates (1 when there is a single position).
+
+    Gaps between neighbouring distinct x (and y) values are the step, its multiples (holes in
+    the tissue) and, when coordinates jitter around the lattice, a few small gaps. A jump of
+    more than 3x in the sorted gaps separates jitter from steps; the step is then the most
+    common gap among the smallest step-sized ones, refined by least squares on all positions.
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    gaps = np.concatenate([np.diff(np.unique(c[:, axis])) for axis in (0, 1)])
+    gaps = np.sort(gaps[gaps > 0])
     if gaps.size == 0:
         return 1
-    gaps = np.rint(gaps).astype(np.int64)
-    values, counts = np.unique(gaps[gaps > 0], return_counts=True)
-    if values.size == 0:
-        return 1
-    return int(values[np.argmax(counts)])  # np.unique sorts: argmax takes the smallest tie
+    ratios = gaps[1:] / gaps[:-1]
+    jumps = np.nonzero(ratios > 3.0)[0]
+    jitter = jumps.size > 0
+    if jitter:
+        gaps = gaps[jumps[0] + 1:]  # drop the jitter cluster below the first big jump
+    steps = gaps[gaps <= 1.5 * gaps[0]]
+    values, counts = np.unique(np.rint(steps).astype(np.int64), return_counts=True)
+    step = float(values[np.argmax(counts)]) if not jitter else float(np.median(steps))
+    if jitter:
+        rel = c - c.min(axis=0)
+        for _ in range(2):  # least-squares slope (with an offset per axis) on lattice indices
+            idx = np.rint(rel / step)
+            di, dr = idx - idx.mean(axis=0), rel - rel.mean(axis=0)
+            if (di * di).sum() > 0:
+                step = float((di * dr).sum() / (di * di).sum())
+    return max(1, round(step))
 
 
 def coords_to_grid(coords: Any, step: int | None = None) -> tuple[np.ndarray, int]:
