@@ -1,0 +1,241 @@
+"""ONNX export of the patch encoder (dynamic batch) and the CARE slide encoder (dynamic N).
+
+Exporter choice: the TorchScript-based ``torch.onnx.export(..., dynamo=False)``. CARE's graph is
+data dependent (top-k candidates, argmax assignment, a number of regions that depends on the
+input); the tracer records those as ONNX TopK/ArgMax/ScatterND/NonZero with symbolic shapes,
+whereas ``torch.export`` would need every unbacked size guarded by hand. The patch encoder is a
+plain ViT that either exporter handles; we use one path for both.
+
+Graph contracts (what a runtime feeds and gets):
+
+- patch encoder: ``tiles`` uint8 ``(batch, T, T, 3)`` RGB, ``T`` = the tile size chosen at export
+  (default the encoder's input size) -> ``features`` float32 ``(batch, embed_dim)``. Resize to
+  the encoder's input size and normalisation are inside the graph, as in the torch module. The
+  first op is the uint8 -> float Cast, because TensorRT only accepts uint8 inputs that feed a
+  Cast directly.
+- slide encoder: see :mod:`care_scale.export.care_graph`.
+
+Every file carries ``metadata_props`` (``care_scale.*`` keys, values are strings; lists are
+JSON) so a file found on its own still says which model, version, input size, normalisation,
+MPP and tile size it expects and what it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from care_scale.exceptions import ExportError
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 17
+META_PREFIX = "care_scale."
+PATCH_INPUT = "tiles"
+PATCH_OUTPUT = "features"
+
+
+@dataclass
+class OnnxExportInfo:
+    """What :func:`export_patch_encoder_onnx` / ``export_slide_encoder_onnx`` wrote."""
+
+    path: Path
+    opset: int
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _check_opset(opset: int) -> int:
+    if int(opset) < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old; care-scale exports opset >= {MIN_OPSET} "
+                          "(LayerNormalization is a single op from 17 on)")
+    return int(opset)
+
+
+def resize_matrix(src: int, dst: int) -> torch.Tensor:
+    """``(dst, src)`` matrix ``A`` with ``A @ column == F.interpolate(column, dst)``.
+
+    Bilinear resize (with antialiasing when shrinking, as the torch encoder does) is linear
+    and separable, so applying torch's own ``interpolate`` to the basis vectors gives the exact
+    matrix; the graph then resizes with two MatMuls (``A @ X @ A.T``). That keeps parity with
+    torch (ONNX Resize's antialias filter differs from torch's by several grey levels) and is
+    plain MatMul for TensorRT.
+    """
+    # Rows of the identity are basis images; resizing only the height gives A @ I = A.
+    eye = torch.eye(src, dtype=torch.float64).view(1, 1, src, src)
+    out = F.interpolate(eye, size=(dst, src), mode="bilinear", align_corners=False,
+                        antialias=src > dst)
+    return out[0, 0].float().contiguous()  # (dst, src)
+
+
+class PatchEncoderGraph(nn.Module):
+    """Export view of a patch encoder: uint8 NHWC tiles of one size -> features.
+
+    Uses the encoder's ``forward_normalized`` (normalised NCHW -> features) and recreates its
+    ``preprocess`` in export-friendly form: Cast first, fixed-size resize as MatMuls.
+    """
+
+    def __init__(self, encoder: nn.Module, tile_size: int):
+        super().__init__()
+        spec = getattr(encoder, "spec", None)
+        if spec is None or not hasattr(encoder, "forward_normalized"):
+            raise ExportError(f"{type(encoder).__name__}: not a care-scale patch encoder "
+                              "(needs .spec and .forward_normalized)")
+        self.encoder = encoder
+        self.tile_size = int(tile_size)
+        size = int(spec.input_size)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
+        self.resize: torch.Tensor | None
+        if self.tile_size != size:
+            self.register_buffer("resize", resize_matrix(self.tile_size, size))
+        else:
+            self.resize = None
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        x = tiles.to(torch.float32)  # Cast straight off the uint8 input (TensorRT needs that)
+        x = x.permute(0, 3, 1, 2)
+        if self.resize is not None:
+            x = torch.matmul(torch.matmul(self.resize, x), self.resize.t())
+        x = (x - self.mean) / self.std
+        return self.encoder.forward_normalized(x)
+
+
+def patch_metadata(encoder: nn.Module, *, tile_size: int, model_version: str,
+                   opset: int) -> dict[str, str]:
+    """``metadata_props`` of an exported patch encoder."""
+    import care_scale
+
+    spec = encoder.spec
+    return {
+        "kind": "patch_encoder",
+        "model": spec.name,
+        "model_version": model_version,
+        "embed_dim": str(spec.embed_dim),
+        "input_size": str(spec.input_size),
+        "tile_size": str(tile_size),
+        "patch_size": str(tile_size),  # tile side in pixels at `mpp`, as the tiler cuts it
+        "vit_patch_size": str(spec.patch_size),
+        "mpp": repr(float(spec.mpp)),
+        "mean": json.dumps(list(spec.mean)),
+        "std": json.dumps(list(spec.std)),
+        "input_layout": "NHWC uint8 RGB",
+        "trained": json.dumps(bool(getattr(encoder, "trained", False))),
+        "opset": str(opset),
+        "care_scale_version": getattr(care_scale, "__version__", "0.1.0"),
+    }
+
+
+def set_metadata(path: str | os.PathLike, metadata: dict[str, str], *, doc: str = "",
+                 output_dims: dict[str, dict[int, int]] | None = None) -> None:
+    """Write ``care_scale.*`` metadata_props into an ONNX file, then run the full checker.
+
+    ``output_dims`` pins output axes the tracer left symbolic (e.g. the feature size) so that
+    runtimes and readers see the real static size.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    for out in model.graph.output:
+        for axis, size in (output_dims or {}).get(out.name, {}).items():
+            out.type.tensor_type.shape.dim[axis].dim_value = int(size)
+    del model.metadata_props[:]
+    for key, value in sorted(metadata.items()):
+        prop = model.metadata_props.add()
+        prop.key = META_PREFIX + key
+        prop.value = str(value)
+    model.producer_name = "care-scale"
+    model.doc_string = doc
+    onnx.save(model, str(path))
+    check_onnx(path)
+
+
+def check_onnx(path: str | os.PathLike) -> None:
+    """``onnx.checker`` with full shape inference; failures become :class:`ExportError`."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ExportError(f"{path}: onnx.checker rejected the exported graph: {exc}") from exc
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``care_scale.*`` metadata_props of an ONNX file (prefix stripped)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key[len(META_PREFIX):]: p.value for p in model.metadata_props
+            if p.key.startswith(META_PREFIX)}
+
+
+def io_signature(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """Names, element types and (symbolic) shapes of the graph inputs and outputs."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def describe(values) -> list[dict]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append({"name": v.name, "dtype": onnx.TensorProto.DataType.Name(t.elem_type),
+                        "shape": dims})
+        return out
+
+    return describe(graph.input), describe(graph.output)
+
+
+def _torch_export(module: nn.Module, args: tuple, path: Path, *, opset: int,
+                  input_names: list[str], output_names: list[str],
+                  dynamic_axes: dict[str, dict[int, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated upstream; see the module docstring for why we
+        # use it. Tracer warnings about Python ints are expected for fixed model constants.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        try:
+            torch.onnx.export(
+                module, args, str(path), dynamo=False, opset_version=opset,
+                input_names=input_names, output_names=output_names,
+                dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+        except (RuntimeError, torch.onnx.errors.OnnxExporterError) as exc:
+            raise ExportError(f"{type(module).__name__}: torch.onnx.export failed: {exc}") from exc
+
+
+def export_patch_encoder_onnx(
+    encoder: nn.Module,
+    path: str | os.PathLike,
+    *,
+    model_version: str,
+    tile_size: int | None = None,
+    opset: int = DEFAULT_OPSET,
+) -> OnnxExportInfo:
+    """Export ``encoder`` to ``path``: uint8 ``(batch, T, T, 3)`` -> float32 ``(batch, D)``."""
+    opset = _check_opset(opset)
+    spec = encoder.spec
+    tile = int(tile_size or spec.input_size)
+    graph = PatchEncoderGraph(encoder, tile).eval()
+    example = torch.randint(0, 256, (2, tile, tile, 3), dtype=torch.uint8)
+    path = Path(path)
+    with torch.inference_mode(False), torch.no_grad():
+        _torch_export(graph, (example,), path, opset=opset, input_names=[PATCH_INPUT],
+                      output_names=[PATCH_OUTPUT],
+                      dynamic_axes={PATCH_INPUT: {0: "batch"}, PATCH_OUTPUT: {0: "batch"}})
+    metadata = patch_metadata(encoder, tile_size=tile, model_version=model_version, opset=opset)
+    set_metadata(path, metadata, doc=f"care-scale patch encoder {spec.name} ({model_version}): "
+                 f"uint8 (batch,{tile},{tile},3) RGB tiles -> float32 (batch,{spec.embed_dim})",
+                 output_dims={PATCH_OUTPUT: {1: spec.embed_dim}})
+    inputs, outputs = io_signature(path)
+    return OnnxExportInfo(path, opset, inputs, outputs, metadata)

@@ -1,0 +1,186 @@
+"""Export a registered model to an artifact directory: ONNX, parity, optional TensorRT, manifest.
+
+    from care_scale.export import export_patch_encoder
+    result = export_patch_encoder("vit_base_patch16_224", out="s3://bucket/exports/vitb")
+    print(result.parity)          # figures; a failed check raises ParityError instead
+
+Everything is written into a local staging directory first and uploaded at the end (manifest
+last), so an export that fails parity leaves nothing behind at ``out``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from care_scale.exceptions import ConfigError
+from care_scale.export.artifacts import (
+    ONNX_FILE,
+    Manifest,
+    sha256_file,
+    upload_dir,
+    utc_now,
+    write_manifest,
+)
+from care_scale.export.onnx_export import DEFAULT_OPSET, export_patch_encoder_onnx
+from care_scale.export.parity import (
+    DEFAULT_TOL,
+    ParityReport,
+    check_patch_parity,
+    random_tiles,
+    slide_tiles,
+)
+from care_scale.storage import redact
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote and the parity figures it measured."""
+
+    uri: str
+    manifest: Manifest
+    parity: list[ParityReport] = field(default_factory=list)
+    local_dir: Path | None = None  # staging dir (kept only when keep_local=True)
+
+    def summary(self) -> str:
+        head = (f"exported {self.manifest.model} ({self.manifest.model_version}) -> "
+                f"{redact(self.uri)}")
+        lines = [head]
+        lines += [f"  parity {r}" for r in self.parity]
+        lines += [f"  tensorrt engine {e.file} (sm {e.compute_capability}, TensorRT "
+                  f"{e.tensorrt_version}, {e.precision})" for e in self.manifest.engines]
+        return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import torch
+
+    import care_scale
+
+    out = {"torch": torch.__version__, "onnx": onnx.__version__,
+           "care_scale": getattr(care_scale, "__version__", "0.1.0")}
+    try:
+        import onnxruntime
+
+        out["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _patch_encoder(model: str | nn.Module, checkpoint: str | None,
+                   storage_options: dict[str, Any] | None) -> nn.Module:
+    if isinstance(model, nn.Module):
+        if checkpoint is not None:
+            raise ConfigError("pass either a built model or checkpoint=..., not both")
+        return model.eval()
+    from care_scale.models import create_patch_encoder
+
+    return create_patch_encoder(model, checkpoint, storage_options=storage_options)
+
+
+def export_patch_encoder(
+    model: str | nn.Module,
+    *,
+    out: str,
+    checkpoint: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    opset: int = DEFAULT_OPSET,
+    tile_size: int | None = None,
+    tensorrt: bool = False,
+    tensorrt_options: Any = None,
+    parity_slide: str | os.PathLike | None = None,
+    parity_tiles: int = 8,
+    tol: float = DEFAULT_TOL,
+    keep_local: bool = False,
+) -> ExportResult:
+    """Export a patch encoder to the artifact directory ``out`` (local path or fsspec URI).
+
+    Parity runs on ``parity_tiles`` random tiles and, with ``parity_slide``, on as many real
+    tiles from that slide; both must pass. ``tensorrt=True`` also builds an engine for the GPU
+    of this machine (``tensorrt_options``: :class:`care_scale.export.tensorrt.EngineOptions`).
+    """
+    from care_scale.models import model_version as _model_version
+
+    if tensorrt:
+        from care_scale.export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # fail before minutes of export work, with the reason
+    encoder = _patch_encoder(model, checkpoint, storage_options)
+    version = _model_version(encoder)
+    tile = int(tile_size or encoder.spec.input_size)
+    stage = Path(tempfile.mkdtemp(prefix="care-scale-export-"))
+    try:
+        info = export_patch_encoder_onnx(encoder, stage / ONNX_FILE, model_version=version,
+                                         tile_size=tile, opset=opset)
+        reports = [check_patch_parity(info.path, encoder, random_tiles(parity_tiles, tile),
+                                      source="random", tol=tol)]
+        if parity_slide is not None:
+            tiles = slide_tiles(parity_slide, parity_tiles, tile)
+            reports.append(check_patch_parity(info.path, encoder, tiles,
+                                              source=Path(str(parity_slide)).name, tol=tol))
+        for r in reports:
+            log.info("parity %s", r)
+        manifest = Manifest(
+            kind="patch_encoder", model=encoder.spec.name, model_version=version,
+            onnx_sha256=sha256_file(info.path), opset=info.opset,
+            spec={**encoder.spec.to_dict(), "tile_size": tile},
+            inputs=info.inputs, outputs=info.outputs,
+            parity={"tol": tol, "reports": [r.as_dict() for r in reports]},
+            versions=versions(), trained=bool(getattr(encoder, "trained", False)),
+            created_utc=utc_now(),
+        )
+        if tensorrt:
+            from care_scale.export.tensorrt import EngineOptions, build_engine
+
+            record = build_engine(info.path, stage, model_version=version,
+                                  options=tensorrt_options or EngineOptions())
+            manifest.engines.append(record)
+        write_manifest(stage, manifest)
+        upload_dir(stage, out, storage_options=storage_options)
+        return ExportResult(out, manifest, reports, stage if keep_local else None)
+    finally:
+        if not keep_local:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def cached_patch_export(encoder: nn.Module, *, tile_size: int | None = None,
+                        cache_dir: str | os.PathLike | None = None) -> Path:
+    """The ONNX file of ``encoder`` in the local export cache, exporting it on first use.
+
+    Keyed by model version and tile size, so a changed checkpoint never reuses a stale graph.
+    Concurrent workers may export the same key; each writes its own temp dir and the first
+    rename wins (the others' identical results are dropped).
+    """
+    from care_scale.export.artifacts import default_cache_dir
+    from care_scale.models import model_version as _model_version
+
+    version = _model_version(encoder)
+    tile = int(tile_size or encoder.spec.input_size)
+    root = Path(cache_dir or default_cache_dir()) / "onnx"
+    target = root / f"{version}-t{tile}"
+    if (target / "manifest.json").exists():
+        return target / ONNX_FILE
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
+    try:
+        export_patch_encoder(encoder, out=str(tmp), tile_size=tile, parity_tiles=4)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another worker got there first; its export is the same
+            if not (target / "manifest.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s (%d px tiles) into the cache %s", version, tile, target)
+    return target / ONNX_FILE

@@ -1,0 +1,125 @@
+"""The interface every inference backend implements (one backend per module).
+
+A patch backend turns uint8 tile batches into float32 features; a slide backend turns one
+slide's patch features and grid positions into CARE outputs. Callers (the embedding job, the
+benchmarks) only see this interface, the chosen ``kind`` and the ``model_version`` they record
+next to every embedding.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from care_scale.exceptions import ModelInputError
+
+BackendKind = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+KINDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
+
+
+@dataclass(frozen=True)
+class PatchModelInfo:
+    """Facts about the patch encoder behind a backend (from the registry or ONNX metadata)."""
+
+    name: str
+    model_version: str
+    embed_dim: int
+    input_size: int
+    tile_size: int | None  # the fixed tile side an exported graph takes; None = any size
+    mpp: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    trained: bool
+
+
+class PatchBackend(ABC):
+    """``backend(tiles uint8 (B, H, W, 3)) -> float32 (B, embed_dim)``."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, info: PatchModelInfo):
+        self.info = info
+
+    @property
+    def model_name(self) -> str:
+        return self.info.name
+
+    @property
+    def model_version(self) -> str:
+        return self.info.model_version
+
+    @property
+    def embed_dim(self) -> int:
+        return self.info.embed_dim
+
+    @property
+    def input_size(self) -> int:
+        return self.info.input_size
+
+    def describe(self) -> dict[str, Any]:
+        """What the embedding job records in its run and slides tables."""
+        return {"backend": self.kind, "model": self.model_name,
+                "model_version": self.model_version, "embed_dim": self.embed_dim}
+
+    def validate(self, tiles: Any) -> np.ndarray:
+        """Tiles as a C-contiguous uint8 ``(B, H, W, 3)`` array, else :class:`ModelInputError`."""
+        if hasattr(tiles, "detach") and hasattr(tiles, "cpu"):  # a torch tensor
+            tiles = tiles.detach().cpu().numpy()
+        if not isinstance(tiles, np.ndarray):
+            raise ModelInputError(f"{self.model_name}: tiles must be a uint8 array, got "
+                                  f"{type(tiles).__name__}")
+        if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
+            raise ModelInputError(f"{self.model_name}: expected uint8 tiles (B, H, W, 3), got "
+                                  f"{tiles.shape} {tiles.dtype}")
+        if tiles.shape[0] == 0:
+            raise ModelInputError(f"{self.model_name}: empty tile batch")
+        return np.ascontiguousarray(tiles)
+
+    def __call__(self, tiles: Any) -> np.ndarray:
+        return self.run(self.validate(tiles))
+
+    @abstractmethod
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        """Validated uint8 ``(B, H, W, 3)`` -> float32 ``(B, embed_dim)``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model_name!r}, version={self.model_version!r})"
+
+
+class SlideBackend(ABC):
+    """CARE on one slide: ``encode(features (N, D), grid (N, 2))`` -> numpy outputs."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, *, name: str, model_version: str, in_dim: int, embed_dim: int):
+        self.model_name = name
+        self.model_version = model_version
+        self.in_dim = int(in_dim)
+        self.embed_dim = int(embed_dim)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.kind, "model": self.model_name,
+                "model_version": self.model_version, "embed_dim": self.embed_dim}
+
+    def validate(self, features: Any, grid: Any) -> tuple[np.ndarray, np.ndarray]:
+        features = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
+        grid = np.ascontiguousarray(np.asarray(grid, dtype=np.int64))
+        if features.ndim != 2 or features.shape[1] != self.in_dim or features.shape[0] == 0:
+            raise ModelInputError(f"{self.model_name}: expected features (N>0, {self.in_dim}), "
+                                  f"got {features.shape}")
+        if grid.shape != (features.shape[0], 2):
+            raise ModelInputError(f"{self.model_name}: grid must be (N, 2) = "
+                                  f"({features.shape[0]}, 2), got {grid.shape}")
+        if not np.isfinite(features).all():
+            raise ModelInputError(f"{self.model_name}: features contain NaN or inf")
+        return features, grid
+
+    @abstractmethod
+    def encode_grid(self, features: np.ndarray, grid: np.ndarray) -> dict[str, np.ndarray]:
+        """One slide's CARE outputs as numpy arrays (see ``care_scale.export.care_graph``)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self.model_name!r}, version={self.model_version!r})"

@@ -1,0 +1,153 @@
+"""ONNX Runtime backend: CUDA execution provider on a GPU, the CPU provider otherwise.
+
+Session settings (measured in benchmarks/bench_export.py on the 2-core machines we have):
+full graph optimisation (attention / LayerNorm / GELU fusions); ``intra_op`` threads = the
+cores this process may use (capped by ``threads``), ``inter_op`` = 1 and sequential execution,
+because a ViT is one chain of large ops and a second pool only competes for the same cores;
+spinning off, because the decode threads of the embedding job share those cores and a
+spinning pool steals their time between batches.
+
+Where the graph comes from (see ``care_scale.inference.create_patch_backend``): an export
+artifact directory when one is given, else an on-the-fly export of the torch model into a
+cache directory keyed by model version and tile size (``$CARE_SCALE_CACHE`` or
+``~/.cache/care-scale``), checked for parity once when written and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from care_scale.exceptions import ExportError, ModelInputError
+from care_scale.inference.base import PatchBackend, PatchModelInfo
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def session_options(*, threads: int | None = None, spinning: bool = False,
+                    optimization: str = "all"):
+    """``onnxruntime.SessionOptions`` tuned for small CPU counts (see module docstring)."""
+    import onnxruntime as ort
+
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = levels[optimization]
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = min(threads or available_cores(), available_cores())
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    opts.log_severity_level = 3  # warnings about unused initializers etc. are noise here
+    return opts
+
+
+def providers_for(device: str | None) -> list[str]:
+    """CUDA EP first when asked for (or auto and present), the CPU EP always as fallback."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    want_cuda = device is None or str(device).startswith("cuda")
+    if want_cuda and "CUDAExecutionProvider" in available and _cuda_device_present():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _cuda_device_present() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def create_session(path: str | os.PathLike, *, device: str | None = None,
+                   threads: int | None = None, spinning: bool = False,
+                   optimization: str = "all"):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=session_options(threads=threads, spinning=spinning,
+                                                    optimization=optimization),
+            providers=providers_for(device),
+        )
+    except (RuntimeError, ValueError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+        raise ExportError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+
+
+def info_from_metadata(meta: dict[str, str], *, source: str) -> PatchModelInfo:
+    """Patch-model facts from an exported file's ``care_scale.*`` metadata."""
+    if meta.get("kind") != "patch_encoder":
+        raise ExportError(f"{source}: not a care-scale patch-encoder export "
+                          f"(kind={meta.get('kind')!r})")
+    try:
+        return PatchModelInfo(
+            name=meta["model"], model_version=meta["model_version"],
+            embed_dim=int(meta["embed_dim"]), input_size=int(meta["input_size"]),
+            tile_size=int(meta["tile_size"]), mpp=float(meta["mpp"]),
+            mean=tuple(json.loads(meta["mean"])), std=tuple(json.loads(meta["std"])),
+            trained=bool(json.loads(meta.get("trained", "false"))),
+        )
+    except (KeyError, ValueError) as exc:
+        raise ExportError(f"{source}: incomplete care-scale metadata ({exc})") from exc
+
+
+class OnnxPatchBackend(PatchBackend):
+    """Runs an exported patch encoder. The graph takes one tile size; ``exporter`` (when given)
+    makes a graph for another tile size on first use, else such tiles are an input error."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, *, device: str | None = None,
+                 threads: int | None = None, spinning: bool = False,
+                 exporter: Callable[[int], Path] | None = None):
+        from care_scale.export.onnx_export import read_metadata
+
+        self.path = Path(path)
+        self._session_kwargs = {"device": device, "threads": threads, "spinning": spinning}
+        info = info_from_metadata(read_metadata(self.path), source=str(self.path))
+        super().__init__(info)
+        self._exporter = exporter
+        self._sessions: dict[int, Any] = {info.tile_size: create_session(self.path,
+                                                                         **self._session_kwargs)}
+        self.providers = self._sessions[info.tile_size].get_providers()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "providers": list(self.providers), "onnx": str(self.path)}
+
+    def _session(self, tile: int):
+        if tile not in self._sessions:
+            if self._exporter is None:
+                raise ModelInputError(
+                    f"{self.model_name}: this ONNX export takes {self.info.tile_size} px tiles, "
+                    f"got {tile} px; export again with --tile-size {tile} or tile at "
+                    f"{self.info.tile_size} px"
+                )
+            log.info("%s: exporting a graph for %d px tiles", self.model_name, tile)
+            self._sessions[tile] = create_session(self._exporter(tile), **self._session_kwargs)
+        return self._sessions[tile]
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        h, w = tiles.shape[1:3]
+        if h != w:
+            raise ModelInputError(f"{self.model_name}: tiles must be square, got {h}x{w}")
+        (out,) = self._session(int(h)).run(None, {"tiles": tiles})
+        return out

@@ -1,0 +1,82 @@
+"""PyTorch backend: the registry module itself, under ``torch.inference_mode``.
+
+Options are the ones benchmarks/bench_export.py measures on this kind of CPU; the defaults are
+the ones that won (or cost nothing) there, the others stay opt-in:
+
+- ``channels_last``: the patch-embedding convolution in NHWC. Tiles arrive NHWC, so the
+  permuted input already has channels-last strides; converting the weights too lets oneDNN
+  skip a reorder. Off by default: measured within noise on the ViT (one conv per forward).
+- ``precision="bf16"``: CPU autocast to bfloat16, useful only on CPUs with AVX-512 BF16 / AMX
+  (``torch.backends.cpu.get_cpu_capability()``); changes numerics (~1e-2 relative), so
+  features are not comparable with fp32 runs and it is never chosen automatically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from care_scale.inference.base import PatchBackend, PatchModelInfo
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def patch_info(encoder: nn.Module, model_version: str, *, tile_size: int | None = None
+               ) -> PatchModelInfo:
+    spec = encoder.spec
+    return PatchModelInfo(
+        name=spec.name, model_version=model_version, embed_dim=int(spec.embed_dim),
+        input_size=int(spec.input_size), tile_size=tile_size, mpp=float(spec.mpp),
+        mean=tuple(spec.mean), std=tuple(spec.std),
+        trained=bool(getattr(encoder, "trained", False)),
+    )
+
+
+class TorchPatchBackend(PatchBackend):
+    """Runs the torch patch encoder; any tile size (it resizes inside, as trained)."""
+
+    kind = "torch"
+
+    def __init__(self, encoder: nn.Module, *, model_version: str | None = None,
+                 device: str | torch.device | None = None, channels_last: bool = False,
+                 precision: Precision = "fp32"):
+        from care_scale.models import model_version as _model_version
+
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.channels_last = channels_last
+        encoder = encoder.eval().to(self.device)
+        if channels_last:
+            encoder = encoder.to(memory_format=torch.channels_last)
+        self.encoder = encoder
+        # Version of the weights as loaded (before any dtype change), so fp32 and bf16 runs of
+        # the same checkpoint share it; the precision is recorded next to it by describe().
+        super().__init__(patch_info(encoder, model_version or _model_version(encoder)))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "precision": self.precision, "device": str(self.device)}
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def run_tensor(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 tensor (B, H, W, 3) on any device -> float32 features on ``self.device``."""
+        with torch.inference_mode(), self._autocast():
+            return self.encoder(tiles.to(self.device, non_blocking=True)).float()
+
+    def run(self, tiles: np.ndarray) -> np.ndarray:
+        out = self.run_tensor(torch.from_numpy(tiles))
+        return out.cpu().numpy().astype(np.float32, copy=False)
