@@ -132,7 +132,7 @@ def resolve_weights(
     if lower.endswith(".safetensors"):
         return _load_safetensors(_read_bytes(fs, path, uri), uri)
     if lower.endswith(_TORCH_SUFFIXES):
-        return _load_torch(_read_bytes(fs, path, uri), uri)
+        return _load_torch(_read_bytes(fs, path, uri), uri), None
     try:
         exists = fs.exists(path)
     except OSError as exc:
