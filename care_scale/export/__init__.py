@@ -3,8 +3,7 @@
     from care_scale.export import export_patch_encoder, export_slide_encoder
     export_patch_encoder("vit_base_patch16_224", out="s3://bucket/exports/vitb")
 
-Modules: ``onnx_export`` (graphs + metadata), ``care_graph`` (CARE in export-friendly form),
-``parity`` (ONNX Runtime vs PyTorch), ``tensorrt`` (engines), ``artifacts`` (directory layout,
+Modules: ``onnx_export`` (patch-encoder and CARE graphs + metadata), ``parity`` (ONNX Runtime vs PyTorch), ``tensorrt`` (engines), ``artifacts`` (directory layout,
 manifest, fsspec I/O), ``pipeline`` (the export of one model end to end). Importing this package
 loads no model and no heavy library until a function is called.
 """

@@ -13,7 +13,12 @@ Graph contracts (what a runtime feeds and gets):
   the encoder's input size and normalisation are inside the graph, as in the torch module. The
   first op is the uint8 -> float Cast, because TensorRT only accepts uint8 inputs that feed a
   Cast directly.
-- slide encoder: see :mod:`care_scale.export.care_graph`.
+- slide encoder (CARE, one slide per call): ``features`` float32 ``(N, in_dim)`` and ``grid``
+  int64 ``(N, 2)`` (integer grid positions, as ``coords_to_grid`` makes them) -> the outputs in
+  ``SLIDE_OUTPUTS``, with ``N`` and the number of regions ``R`` dynamic. CARE's forward is
+  written without Python control flow on data (groups by sort + nonzero, exact integer ranking
+  keys for top-k), so the tracer records TopK / ArgMax / ScatterElements / NonZero / masked
+  attention and no graph surgery beyond the wrapper below is needed.
 
 Every file carries ``metadata_props`` (``care_scale.*`` keys, values are strings; lists are
 JSON) so a file found on its own still says which model, version, input size, normalisation,
@@ -237,5 +242,105 @@ def export_patch_encoder_onnx(
     set_metadata(path, metadata, doc=f"care-scale patch encoder {spec.name} ({model_version}): "
                  f"uint8 (batch,{tile},{tile},3) RGB tiles -> float32 (batch,{spec.embed_dim})",
                  output_dims={PATCH_OUTPUT: {1: spec.embed_dim}})
+    inputs, outputs = io_signature(path)
+    return OnnxExportInfo(path, opset, inputs, outputs, metadata)
+
+
+SLIDE_INPUTS = ("features", "grid")
+#: name -> dynamic axes ("n" patches, "r" regions) of the CARE graph outputs.
+SLIDE_OUTPUTS: dict[str, dict[int, str]] = {
+    "slide_embedding": {},
+    "region_embeddings": {0: "regions"},
+    "region_of_patch": {0: "patches"},
+    "coverage": {0: "regions"},
+    "semantic_weight": {0: "regions"},
+    "fused_weight": {0: "regions"},
+    "roi_index": {},
+    "roi_embedding": {},
+    "num_regions": {},
+}
+
+
+class SlideEncoderGraph(nn.Module):
+    """Export view of CARE for one slide: ``(features (N, D), grid (N, 2))`` -> outputs.
+
+    A batch of one with ``num_valid = N`` computed in the graph (a Python int would be traced
+    as a constant and freeze N).
+    """
+
+    def __init__(self, care: nn.Module):
+        super().__init__()
+        if not hasattr(care, "config"):
+            raise ExportError(f"{type(care).__name__}: not a care-scale slide encoder")
+        self.care = care
+
+    def forward(self, features: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        num_valid = torch.ones_like(grid[:, 0]).sum().reshape(1)
+        out = self.care(features[None], num_valid, grid[None])
+        return tuple(getattr(out, name)[0] for name in SLIDE_OUTPUTS)
+
+
+def slide_metadata(care: nn.Module, *, model_version: str, opset: int) -> dict[str, str]:
+    """``metadata_props`` of an exported CARE: its config and the patch features it expects."""
+    import dataclasses
+
+    import care_scale
+    from care_scale.models import get_patch_encoder_spec
+
+    cfg = care.config
+    meta = {
+        "kind": "slide_encoder",
+        "model": getattr(care, "name", "care"),
+        "model_version": model_version,
+        "in_dim": str(cfg.in_dim),
+        "embed_dim": str(cfg.hidden_dim),
+        "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+        "trained": json.dumps(bool(getattr(care, "trained", False))),
+        "opset": str(opset),
+        "care_scale_version": getattr(care_scale, "__version__", "0.1.0"),
+    }
+    spec = getattr(care, "spec", None)
+    if spec is not None:
+        pe = get_patch_encoder_spec(spec.patch_encoder)
+        meta.update({
+            "patch_encoder": pe.name, "input_size": str(pe.input_size),
+            "patch_size": str(pe.input_size), "mpp": repr(float(pe.mpp)),
+            "mean": json.dumps(list(pe.mean)), "std": json.dumps(list(pe.std)),
+        })
+    return meta
+
+
+def export_slide_encoder_onnx(
+    care: nn.Module,
+    path: str | os.PathLike,
+    *,
+    model_version: str,
+    opset: int = DEFAULT_OPSET,
+    example_patches: int = 300,
+) -> OnnxExportInfo:
+    """Export CARE to ``path`` with a dynamic number of patches (and of regions)."""
+    opset = _check_opset(opset)
+    cfg = care.config
+    # A realistic example: a blob of patches larger than one sub-region window, so every
+    # branch of the region logic (several windows, neighbours, ties) is exercised while tracing.
+    gen = torch.Generator().manual_seed(0)
+    side = int((example_patches * 1.5) ** 0.5) + 1
+    cells = torch.randperm(side * side, generator=gen)[:example_patches]
+    grid = torch.stack([cells % side, cells // side], 1).long()
+    feats = torch.randn(example_patches, cfg.in_dim, generator=gen)
+    path = Path(path)
+    graph = SlideEncoderGraph(care).eval()
+    with torch.inference_mode(False), torch.no_grad():
+        _torch_export(graph, (feats, grid), path, opset=opset, input_names=list(SLIDE_INPUTS),
+                      output_names=list(SLIDE_OUTPUTS),
+                      dynamic_axes={"features": {0: "patches"}, "grid": {0: "patches"},
+                                    **{k: v for k, v in SLIDE_OUTPUTS.items() if v}})
+    metadata = slide_metadata(care, model_version=model_version, opset=opset)
+    h = cfg.hidden_dim
+    set_metadata(path, metadata,
+                 doc=f"care-scale slide encoder {metadata['model']} ({model_version}): features "
+                     f"float32 (patches,{cfg.in_dim}) + grid int64 (patches,2) -> CARE outputs",
+                 output_dims={"slide_embedding": {0: h}, "region_embeddings": {1: h},
+                              "roi_embedding": {0: h}})
     inputs, outputs = io_signature(path)
     return OnnxExportInfo(path, opset, inputs, outputs, metadata)

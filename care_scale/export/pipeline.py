@@ -10,6 +10,7 @@ last), so an export that fails parity leaves nothing behind at ``out``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -29,11 +30,17 @@ from care_scale.export.artifacts import (
     utc_now,
     write_manifest,
 )
-from care_scale.export.onnx_export import DEFAULT_OPSET, export_patch_encoder_onnx
+from care_scale.export.onnx_export import (
+    DEFAULT_OPSET,
+    export_patch_encoder_onnx,
+    export_slide_encoder_onnx,
+)
 from care_scale.export.parity import (
     DEFAULT_TOL,
     ParityReport,
     check_patch_parity,
+    check_slide_parity,
+    random_slide,
     random_tiles,
     slide_tiles,
 )
@@ -152,6 +159,103 @@ def export_patch_encoder(
     finally:
         if not keep_local:
             shutil.rmtree(stage, ignore_errors=True)
+
+
+def _slide_encoder(model: str | nn.Module, checkpoint: str | None,
+                   storage_options: dict[str, Any] | None) -> nn.Module:
+    if isinstance(model, nn.Module):
+        if checkpoint is not None:
+            raise ConfigError("pass either a built model or checkpoint=..., not both")
+        return model.eval()
+    from care_scale.models import create_slide_encoder
+
+    return create_slide_encoder(model, checkpoint, storage_options=storage_options)
+
+
+def export_slide_encoder(
+    model: str | nn.Module = "care",
+    *,
+    out: str,
+    checkpoint: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    opset: int = DEFAULT_OPSET,
+    tensorrt: bool = False,
+    parity_sizes: tuple[int, ...] = (97, 1500),
+    parity_slides: list[tuple[Any, Any]] | None = None,
+    tol: float = DEFAULT_TOL,
+    keep_local: bool = False,
+) -> ExportResult:
+    """Export CARE to the artifact directory ``out`` with a dynamic number of patches.
+
+    Parity runs on random slides of each size in ``parity_sizes`` (two sizes at least, which
+    checks the dynamic axis) and on ``parity_slides`` ((features, grid) pairs, e.g. features of
+    real tiles) when given. TensorRT is not offered for CARE: its graph is data dependent
+    (NonZero, sorts) and small next to the patch encoder; it runs in ONNX Runtime (CUDA EP on
+    a GPU).
+    """
+    from care_scale.models import model_version as _model_version
+
+    if tensorrt:
+        raise ConfigError("TensorRT engines are built for the patch encoder only; CARE runs "
+                          "in ONNX Runtime (CUDA execution provider on a GPU)")
+    if len(set(parity_sizes)) < 2:
+        raise ConfigError("parity_sizes needs two different patch counts (dynamic axis check)")
+    care = _slide_encoder(model, checkpoint, storage_options)
+    version = _model_version(care)
+    stage = Path(tempfile.mkdtemp(prefix="care-scale-export-"))
+    try:
+        info = export_slide_encoder_onnx(care, stage / ONNX_FILE, model_version=version,
+                                         opset=opset)
+        cases = [random_slide(n, care.config.in_dim, seed=i)
+                 for i, n in enumerate(parity_sizes)]
+        reports = check_slide_parity(info.path, care, cases, source="random", tol=tol)
+        if parity_slides:
+            reports += check_slide_parity(info.path, care, parity_slides, source="given",
+                                          tol=tol)
+        for r in reports:
+            log.info("parity %s", r)
+        spec = getattr(care, "spec", None)
+        manifest = Manifest(
+            kind="slide_encoder", model=getattr(care, "name", "care"), model_version=version,
+            onnx_sha256=sha256_file(info.path), opset=info.opset,
+            spec={"config": json.loads(info.metadata["config"]),
+                  "in_dim": care.config.in_dim, "embed_dim": care.config.hidden_dim,
+                  "patch_encoder": getattr(spec, "patch_encoder", None)},
+            inputs=info.inputs, outputs=info.outputs,
+            parity={"tol": tol, "reports": [r.as_dict() for r in reports]},
+            versions=versions(), trained=bool(getattr(care, "trained", False)),
+            created_utc=utc_now(),
+        )
+        write_manifest(stage, manifest)
+        upload_dir(stage, out, storage_options=storage_options)
+        return ExportResult(out, manifest, reports, stage if keep_local else None)
+    finally:
+        if not keep_local:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def cached_slide_export(care: nn.Module, *, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The ONNX file of ``care`` in the local export cache (see :func:`cached_patch_export`)."""
+    from care_scale.export.artifacts import default_cache_dir
+    from care_scale.models import model_version as _model_version
+
+    version = _model_version(care)
+    root = Path(cache_dir or default_cache_dir()) / "onnx"
+    target = root / version
+    if (target / "manifest.json").exists():
+        return target / ONNX_FILE
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
+    try:
+        export_slide_encoder(care, out=str(tmp), parity_sizes=(97, 400))
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "manifest.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / ONNX_FILE
 
 
 def cached_patch_export(encoder: nn.Module, *, tile_size: int | None = None,

@@ -17,6 +17,9 @@ How ``kind="auto"`` chooses, in order:
 
 ``backend.selection`` says why a kind was chosen. Asking explicitly for a kind that cannot run
 raises (``TensorRTUnavailableError`` for TensorRT), it never falls back silently.
+
+CARE (``create_slide_backend``) has torch and onnxruntime kinds; ``auto`` takes onnxruntime
+when importable (same artifacts / on-the-fly cache rule), else torch.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ __all__ = [
     "SlideBackend",
     "choose_patch_kind",
     "create_patch_backend",
+    "create_slide_backend",
 ]
 
 
@@ -203,3 +207,72 @@ def _check_manifest(manifest, model: Any, artifacts: str) -> None:
     if version != manifest.model_version:
         raise ConfigError(f"{redact(artifacts)}: exported from {manifest.model_version}, but "
                           f"the given model is {version}; export it again")
+
+
+def create_slide_backend(
+    kind: BackendKind = "auto",
+    model: Any = None,
+    *,
+    checkpoint: str | None = None,
+    artifacts: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    device: Any = None,
+    cache_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> SlideBackend:
+    """A CARE backend: ``.encode(features, coords, *, patch_step=None) -> SlideEncoding``.
+
+    ``model``: registry name (default ``"care"``, or the model of ``artifacts``) or a built
+    module. ``kind="tensorrt"`` is refused: CARE is exported for ONNX Runtime only.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown backend {kind!r}; choose one of {list(KINDS)}")
+    if kind == "tensorrt":
+        raise ConfigError("CARE has no TensorRT backend; use onnxruntime (CUDA EP on a GPU)")
+    if kind == "auto":
+        kind = "onnxruntime" if _onnxruntime_importable() else "torch"
+        reason = "auto: onnxruntime importable" if kind == "onnxruntime" else \
+            "auto: onnxruntime not installed"
+    else:
+        reason = "requested"
+
+    def build():
+        from torch import nn
+
+        if isinstance(model, nn.Module):
+            if checkpoint is not None:
+                raise ConfigError("pass either a built model or checkpoint=..., not both")
+            return model
+        from care_scale.models import create_slide_encoder
+
+        return create_slide_encoder(model or "care", checkpoint,
+                                    storage_options=storage_options)
+
+    backend: SlideBackend
+    if kind == "torch":
+        from care_scale.inference.torch_backend import TorchSlideBackend
+
+        backend = TorchSlideBackend(build(), device=device)
+    else:
+        from care_scale.inference.onnx_backend import OnnxSlideBackend
+
+        ort_device = None if device is None else str(device)
+        if artifacts is not None:
+            from care_scale.export.artifacts import fetch_onnx
+            from care_scale.storage import redact
+
+            path, manifest = fetch_onnx(artifacts, storage_options=storage_options,
+                                        cache_dir=cache_dir)
+            if manifest.kind != "slide_encoder":
+                raise ConfigError(f"{redact(artifacts)}: holds a {manifest.kind}, not CARE")
+            if isinstance(model, str) and model != manifest.model:
+                raise ConfigError(f"{redact(artifacts)}: holds {manifest.model!r}, but model "
+                                  f"{model!r} was asked for")
+        else:
+            from care_scale.export.pipeline import cached_slide_export
+
+            path = cached_slide_export(build(), cache_dir=cache_dir)
+        backend = OnnxSlideBackend(path, device=ort_device, threads=threads)
+    backend.selection = reason
+    log.info("slide backend %s for %s (%s)", backend.kind, backend.model_version, reason)
+    return backend

@@ -90,7 +90,11 @@ class PatchBackend(ABC):
 
 
 class SlideBackend(ABC):
-    """CARE on one slide: ``encode(features (N, D), grid (N, 2))`` -> numpy outputs."""
+    """CARE on one slide, the same call as ``CARE.encode``:
+
+    ``encode(features (N, D) | PatchFeatures, coords (N, 2) level-0, *, patch_step=None)``
+    -> :class:`care_scale.models.care.SlideEncoding` (numpy).
+    """
 
     kind: ClassVar[str]
 
@@ -104,22 +108,48 @@ class SlideBackend(ABC):
         return {"backend": self.kind, "model": self.model_name,
                 "model_version": self.model_version, "embed_dim": self.embed_dim}
 
-    def validate(self, features: Any, grid: Any) -> tuple[np.ndarray, np.ndarray]:
-        features = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
-        grid = np.ascontiguousarray(np.asarray(grid, dtype=np.int64))
-        if features.ndim != 2 or features.shape[1] != self.in_dim or features.shape[0] == 0:
+    def encode(self, features: Any, coords: Any = None, *, patch_step: int | None = None):
+        from care_scale.models.care import SlideEncoding
+        from care_scale.models.features import PatchFeatures, coords_to_grid
+
+        if isinstance(features, PatchFeatures):
+            coords = features.coords if coords is None else coords
+            patch_step = patch_step or features.patch_size_level0
+            features = features.features
+        if coords is None:
+            raise ModelInputError(f"{self.model_name}: coords are required with a plain "
+                                  "feature array")
+        feats = np.ascontiguousarray(np.asarray(features, dtype=np.float32))
+        if feats.ndim != 2 or feats.shape[0] == 0 or feats.shape[1] != self.in_dim:
             raise ModelInputError(f"{self.model_name}: expected features (N>0, {self.in_dim}), "
-                                  f"got {features.shape}")
-        if grid.shape != (features.shape[0], 2):
-            raise ModelInputError(f"{self.model_name}: grid must be (N, 2) = "
-                                  f"({features.shape[0]}, 2), got {grid.shape}")
-        if not np.isfinite(features).all():
+                                  f"got {feats.shape}")
+        if not np.isfinite(feats).all():
             raise ModelInputError(f"{self.model_name}: features contain NaN or inf")
-        return features, grid
+        coords = np.asarray(coords)
+        if coords.shape != (feats.shape[0], 2):
+            raise ModelInputError(f"{self.model_name}: coords must be ({feats.shape[0]}, 2), "
+                                  f"got {coords.shape}")
+        grid, step = coords_to_grid(coords, patch_step)
+        out = self.run_grid(feats, grid)
+        r = int(out["num_regions"])
+        return SlideEncoding(
+            slide_embedding=out["slide_embedding"].astype(np.float32),
+            region_embeddings=out["region_embeddings"][:r].astype(np.float32),
+            num_regions=r,
+            region_of_patch=out["region_of_patch"].astype(np.int64),
+            coverage=out["coverage"][:r].astype(np.float32),
+            semantic_weight=out["semantic_weight"][:r].astype(np.float32),
+            fused_weight=out["fused_weight"][:r].astype(np.float32),
+            roi_index=int(out["roi_index"]),
+            roi_embedding=out["roi_embedding"].astype(np.float32),
+            model_version=self.model_version,
+            patch_step=int(step),
+        )
 
     @abstractmethod
-    def encode_grid(self, features: np.ndarray, grid: np.ndarray) -> dict[str, np.ndarray]:
-        """One slide's CARE outputs as numpy arrays (see ``care_scale.export.care_graph``)."""
+    def run_grid(self, features: np.ndarray, grid: np.ndarray) -> dict[str, np.ndarray]:
+        """features float32 (N, D), grid int64 (N, 2) -> the outputs named in
+        ``care_scale.export.onnx_export.SLIDE_OUTPUTS`` as numpy arrays."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model_name!r}, version={self.model_version!r})"

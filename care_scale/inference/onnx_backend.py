@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from care_scale.exceptions import ExportError, ModelInputError
-from care_scale.inference.base import PatchBackend, PatchModelInfo
+from care_scale.inference.base import PatchBackend, PatchModelInfo, SlideBackend
 
 log = logging.getLogger(__name__)
 
@@ -151,3 +151,33 @@ class OnnxPatchBackend(PatchBackend):
             raise ModelInputError(f"{self.model_name}: tiles must be square, got {h}x{w}")
         (out,) = self._session(int(h)).run(None, {"tiles": tiles})
         return out
+
+
+class OnnxSlideBackend(SlideBackend):
+    """CARE from its ONNX export (dynamic number of patches), one slide per call."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, *, device: str | None = None,
+                 threads: int | None = None, spinning: bool = False):
+        from care_scale.export.onnx_export import read_metadata
+
+        self.path = Path(path)
+        meta = read_metadata(self.path)
+        if meta.get("kind") != "slide_encoder":
+            raise ExportError(f"{self.path}: not a care-scale slide-encoder export "
+                              f"(kind={meta.get('kind')!r})")
+        self.metadata = meta
+        self.session = create_session(self.path, device=device, threads=threads,
+                                      spinning=spinning)
+        self.providers = self.session.get_providers()
+        self._outputs = [o.name for o in self.session.get_outputs()]
+        super().__init__(name=meta["model"], model_version=meta["model_version"],
+                         in_dim=int(meta["in_dim"]), embed_dim=int(meta["embed_dim"]))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "providers": list(self.providers), "onnx": str(self.path)}
+
+    def run_grid(self, features: np.ndarray, grid: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {"features": features, "grid": grid})
+        return dict(zip(self._outputs, outs, strict=True))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from care_scale.inference.base import PatchBackend, PatchModelInfo
+from care_scale.inference.base import PatchBackend, PatchModelInfo, SlideBackend
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -80,3 +80,29 @@ class TorchPatchBackend(PatchBackend):
     def run(self, tiles: np.ndarray) -> np.ndarray:
         out = self.run_tensor(torch.from_numpy(tiles))
         return out.cpu().numpy().astype(np.float32, copy=False)
+
+
+class TorchSlideBackend(SlideBackend):
+    """CARE in PyTorch (the reference the ONNX export is checked against)."""
+
+    kind = "torch"
+
+    def __init__(self, care: nn.Module, *, model_version: str | None = None,
+                 device: str | torch.device | None = None):
+        from care_scale.export.onnx_export import SlideEncoderGraph
+        from care_scale.models import model_version as _model_version
+
+        self.device = resolve_device(device)
+        self.care = care.eval().to(self.device)
+        self.graph = SlideEncoderGraph(self.care)
+        super().__init__(name=getattr(care, "name", "care"),
+                         model_version=model_version or _model_version(care),
+                         in_dim=care.config.in_dim, embed_dim=care.config.hidden_dim)
+
+    def run_grid(self, features: np.ndarray, grid: np.ndarray) -> dict[str, np.ndarray]:
+        from care_scale.export.onnx_export import SLIDE_OUTPUTS
+
+        with torch.inference_mode():
+            outs = self.graph(torch.from_numpy(features).to(self.device),
+                              torch.from_numpy(grid).to(self.device))
+        return {name: t.cpu().numpy() for name, t in zip(SLIDE_OUTPUTS, outs, strict=True)}
