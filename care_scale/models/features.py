@@ -249,7 +249,10 @@ def _read_care_npy(uri: str, data: bytes) -> PatchFeatures:
         buf = io.BytesIO(data)
         version = np.lib.format.read_magic(buf)
         try:
-            shape, _fortran, dtype = np.lib.format._read_array_header(buf, version)
+            if version == (1, 0):
+                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+            else:
+                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(buf)
         except ValueError as exc:
             raise FeatureFileError(f"{redact(uri)}: bad .npy header: {exc}") from exc
         if not dtype.hasobject:
