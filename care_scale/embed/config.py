@@ -66,6 +66,7 @@ class Concurrency:
     encoder_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    # Intra-op threads of one encoder actor (torch or ONNX Runtime).
     torch_threads: int = 1
 
 
@@ -86,7 +87,8 @@ class EmbedConfig:
     # An empty name means "the patch encoder the slide encoder's registry entry pairs with".
     patch_encoder: ModelRef = field(default_factory=lambda: ModelRef(""))
     slide_encoder: ModelRef = field(default_factory=lambda: ModelRef("care_tiny"))
-    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "torch"
+    # auto: TensorRT (GPU + engine in artifacts), else ONNX Runtime, else torch.
+    backend: Literal["auto", "tensorrt", "onnxruntime", "torch"] = "auto"
     # Where exported ONNX files / TensorRT engines live (create_patch_backend's artifacts).
     artifacts: str | None = None
     decode_batch_size: int = 64

@@ -76,35 +76,21 @@ STAGE_SLIDE_ENCODER = "slide_encoder"
 # --------------------------------------------------------------------------------------------
 
 
-class _TorchPatchBackend:
-    """Plain torch eager backend, used until ``care_scale.inference`` exists (same protocol)."""
-
-    kind = "torch"
-
-    def __init__(self, config: EmbedConfig, device: str | None):
-        import torch
-
-        from care_scale.models import create_patch_encoder, model_version
-
-        self.model = create_patch_encoder(
-            config.patch_encoder.name, config.patch_encoder.checkpoint,
-            storage_options=config.storage_options or None,
-        ).to(device or "cpu")
-        self.device = device or "cpu"
-        self.embed_dim = int(self.model.spec.embed_dim)
-        self.model_version = model_version(self.model)
-        self._torch = torch
-
-    def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            x = self._torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device)
-            return self.model(x).float().cpu().numpy()
-
-
 def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> Any:
-    """The patch backend of the job: ``__call__(uint8 (B,H,W,3)) -> float32 (B,D)``,
-    ``.kind``, ``.embed_dim``, ``.model_version``."""
-    return _TorchPatchBackend(config, device)
+    """The patch backend of one encoder actor: ``__call__(uint8 (B,H,W,3)) -> float32 (B,D)``,
+    ``.kind`` (what "auto" chose), ``.embed_dim``, ``.model_version``."""
+    from care_scale.inference import create_patch_backend as _create
+
+    return _create(
+        config.backend,
+        config.patch_encoder.name,
+        checkpoint=config.patch_encoder.checkpoint,
+        artifacts=config.artifacts,
+        storage_options=config.storage_options or None,
+        device=device,
+        tile_size=config.patch_size,
+        threads=config.concurrency.torch_threads,
+    )
 
 
 def create_slide_encoder(config: EmbedConfig) -> Any:
