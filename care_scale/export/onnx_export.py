@@ -209,6 +209,7 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, *, opset: int,
         # use it. Tracer warnings about Python ints are expected for fixed model constants.
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
         try:
             torch.onnx.export(
                 module, args, str(path), dynamo=False, opset_version=opset,

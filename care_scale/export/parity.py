@@ -50,7 +50,7 @@ class ParityReport:
 
 def compare(name: str, ref: np.ndarray, got: np.ndarray, *, source: str,
             tol: float = DEFAULT_TOL, extra: dict[str, Any] | None = None,
-            require: bool = True) -> ParityReport:
+            require: bool = True, n: int | None = None) -> ParityReport:
     """Compare two output arrays; raise :class:`ParityError` (with the figures) on failure."""
     ref = np.asarray(ref, dtype=np.float64)
     got = np.asarray(got, dtype=np.float64)
@@ -70,7 +70,9 @@ def compare(name: str, ref: np.ndarray, got: np.ndarray, *, source: str,
     extra = dict(extra or {})
     passed = finite and rel_linf < tol and rel_l2 < tol and all(
         v for k, v in extra.items() if isinstance(v, bool))
-    report = ParityReport(name, source, int(ref.shape[0]) if ref.ndim else 1, max_abs,
+    if n is None:
+        n = int(ref.shape[0]) if ref.ndim else 1
+    report = ParityReport(name, source, n, max_abs,
                           rel_linf, rel_l2, tol, passed, extra)
     if require and not passed:
         why = "" if finite else " (ONNX Runtime returned NaN/inf)"
@@ -89,20 +91,43 @@ def slide_tiles(path: str | os.PathLike, n: int, size: int) -> np.ndarray:
     Used by tests and ``--parity-slide``: real H&E statistics exercise the normalisation and
     resize paths differently from noise. The product never needs a particular slide.
     """
-    from care_scale.slides import open_slide
-
-    with open_slide(str(path)) as slide:
-        w, h = slide.dimensions
-        xs = np.arange(0, max(w - size, 0) + 1, size)
-        ys = np.arange(0, max(h - size, 0) + 1, size)
-        coords = np.array([(x, y) for y in ys for x in xs], dtype=np.int64)
-        if len(coords) == 0:
-            raise ExportError(f"{path}: slide smaller than one {size} px tile")
-        tiles = slide.read_regions(coords, (size, size), level=0)
+    tiles = _read_grid_tiles(str(path), size)
     # Prefer tiles with tissue (darker than the white background) so the inputs are real H&E.
     darkness = 255.0 - tiles.reshape(len(tiles), -1).mean(axis=1)
     order = np.argsort(-darkness, kind="stable")[:n]
     return np.ascontiguousarray(tiles[order])
+
+
+def _read_grid_tiles(path: str, size: int) -> np.ndarray:
+    """All non-overlapping level-0 tiles of ``size`` px of a slide, row-major."""
+    try:
+        from care_scale.slides import open_slide
+    except ImportError:  # the slides package is optional for exports; OpenSlide reads .svs too
+        open_slide = None
+    if open_slide is not None:
+        with open_slide(path) as slide:
+            w, h = slide.dimensions
+            coords = _grid(w, h, size, path)
+            return slide.read_regions(coords, (size, size), level=0)
+    import openslide
+
+    try:
+        slide = openslide.OpenSlide(path)
+    except (openslide.OpenSlideError, FileNotFoundError) as exc:
+        raise ExportError(f"{path}: cannot open slide for parity tiles ({exc})") from exc
+    with slide:
+        w, h = slide.dimensions
+        coords = _grid(w, h, size, path)
+        return np.stack([np.asarray(slide.read_region((int(x), int(y)), 0, (size, size))
+                                    .convert("RGB")) for x, y in coords])
+
+
+def _grid(w: int, h: int, size: int, path: str) -> np.ndarray:
+    if w < size or h < size:
+        raise ExportError(f"{path}: slide smaller than one {size} px tile")
+    xs = np.arange(0, w - size + 1, size)
+    ys = np.arange(0, h - size + 1, size)
+    return np.array([(x, y) for y in ys for x in xs], dtype=np.int64)
 
 
 def torch_patch_features(encoder, tiles: np.ndarray, *, batch_size: int = 16) -> np.ndarray:
@@ -184,6 +209,6 @@ def check_slide_parity(onnx_path: str | os.PathLike, care, cases: list[tuple[np.
         }
         rep = compare(f"CARE {getattr(care, 'name', 'care')} N={len(feats)}",
                       ref["slide_embedding"][None], got["slide_embedding"][None],
-                      source=source, tol=tol, extra=extra)
+                      source=source, tol=tol, extra=extra, n=len(feats))
         reports.append(rep)
     return reports

@@ -116,10 +116,11 @@ def find_engine(engines: list[EngineRecord], target: GpuTarget | None = None, *,
     """The engine built for this GPU architecture and TensorRT version, if any."""
     if not engines:
         return None
-    ok, _ = tensorrt_status()
-    if not ok:
-        return None
-    target = target or current_target()
+    if target is None:
+        ok, _ = tensorrt_status()
+        if not ok:
+            return None
+        target = current_target()
     for rec in engines:
         if (rec.compute_capability == target.compute_capability
                 and rec.tensorrt_version == target.tensorrt_version
