@@ -91,15 +91,17 @@ def slide_tiles(path: str | os.PathLike, n: int, size: int) -> np.ndarray:
     Used by tests and ``--parity-slide``: real H&E statistics exercise the normalisation and
     resize paths differently from noise. The product never needs a particular slide.
     """
-    tiles = _read_grid_tiles(str(path), size)
+    tiles, _ = slide_grid_tiles(path, size)
     # Prefer tiles with tissue (darker than the white background) so the inputs are real H&E.
     darkness = 255.0 - tiles.reshape(len(tiles), -1).mean(axis=1)
     order = np.argsort(-darkness, kind="stable")[:n]
     return np.ascontiguousarray(tiles[order])
 
 
-def _read_grid_tiles(path: str, size: int) -> np.ndarray:
-    """All non-overlapping level-0 tiles of ``size`` px of a slide, row-major."""
+def slide_grid_tiles(path: str | os.PathLike, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """All non-overlapping level-0 tiles of ``size`` px of a slide (row-major) and their
+    level-0 top-left coordinates ``(N, 2)``."""
+    path = str(path)
     try:
         from care_scale.slides import open_slide
     except ImportError:  # the slides package is optional for exports; OpenSlide reads .svs too
@@ -108,7 +110,7 @@ def _read_grid_tiles(path: str, size: int) -> np.ndarray:
         with open_slide(path) as slide:
             w, h = slide.dimensions
             coords = _grid(w, h, size, path)
-            return slide.read_regions(coords, (size, size), level=0)
+            return slide.read_regions(coords, (size, size), level=0), coords
     import openslide
 
     try:
@@ -118,8 +120,9 @@ def _read_grid_tiles(path: str, size: int) -> np.ndarray:
     with slide:
         w, h = slide.dimensions
         coords = _grid(w, h, size, path)
-        return np.stack([np.asarray(slide.read_region((int(x), int(y)), 0, (size, size))
-                                    .convert("RGB")) for x, y in coords])
+        tiles = np.stack([np.asarray(slide.read_region((int(x), int(y)), 0, (size, size))
+                                     .convert("RGB")) for x, y in coords])
+        return tiles, coords
 
 
 def _grid(w: int, h: int, size: int, path: str) -> np.ndarray:
