@@ -124,6 +124,9 @@ def run_demo(stage: str, *, overrides: list[str] | None = None, config: str | No
         "region_purity_before": round(before["region_purity"], 4),
         "region_purity_after": round(after["region_purity"], 4),
     }
+    if stage == "stage1" and hist:
+        report["emb_std_first"] = round(hist[0]["emb_std"], 4)
+        report["emb_std_last"] = round(hist[-1]["emb_std"], 4)
     if stage == "stage2":
         _, cohort = synthetic_slides(cfg.data.synthetic_slides, embed_dim=model_in_dim(cfg.model),
                                      seed=cfg.data.synthetic_seed)
@@ -132,7 +135,7 @@ def run_demo(stage: str, *, overrides: list[str] | None = None, config: str | No
     report.update({
         "loss_first": round(hist[0]["loss"], 4) if hist else None,
         "loss_last": round(hist[-1]["loss"], 4) if hist else None,
-        "steps": hist[-1]["step"] if hist else 0,
+        "steps": hist[-1]["step"] if hist else 0, "steps_planned": cfg.optim.steps,
         "workers": cfg.run.num_workers, "train_slides": len(train),
         "heldout_slides": len(holdout), "train_seconds": round(result.seconds, 1),
         "total_seconds": round(time.time() - t0, 1), "checkpoint": result.output,

@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(task.param_groups(o.lr), lr=o.lr, weight_decay=o.weight_decay)
     use_amp = bool(cfg.run.use_gpu and o.mixed_precision and device.type == "cuda")
 
-    start_step, history = 0, []
+    start_step, history, resumed_from = 0, [], None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -182,7 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         task.trainable.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         task.load_extra_state(state["extra"])
-        start_step = int(state["step"])
+        start_step = resumed_from = int(state["step"])
         log.info("rank %d: resumed at step %d", rank, start_step)
 
     accum = o.grad_accum_steps
@@ -219,6 +219,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = _allreduce_mean({"loss": loss_sum, "grad_norm": grad_norm, **parts}, device)
         now = time.time()
         row = {"step": done, "lr": lr, **row, "sec_per_step": (now - t_last)}
+        if resumed_from is not None and done == start_step + 1:
+            row["resumed_from"] = resumed_from  # marks the joint of a resumed curve
         t_last = now
         history = [h for h in history if h["step"] < done] + [row]
         if rank == 0:

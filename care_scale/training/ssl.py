@@ -52,11 +52,12 @@ class DINOHead(nn.Module):
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
                                  nn.GELU(), nn.Linear(hidden, bottleneck))
-        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, out_dim,
-                                                                    bias=False))
+        # Prototypes of unit norm (DINO's norm_last_layer): logits are cosines in [-1, 1],
+        # so the temperatures alone set how sharp the distributions are.
+        self.prototypes = nn.Parameter(torch.randn(out_dim, bottleneck) / bottleneck**0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.last(F.normalize(self.mlp(x), dim=-1))
+        return F.linear(F.normalize(self.mlp(x), dim=-1), F.normalize(self.prototypes, dim=-1))
 
 
 class SSLModel(nn.Module):

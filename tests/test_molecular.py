@@ -1,0 +1,125 @@
+"""Molecular inputs of stage II: formats, gene selection, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from care_scale.exceptions import TrainingDataError
+from care_scale.synthetic.cohort import make_feature_cohort
+from care_scale.training.molecular import (
+    pair_slides,
+    read_gene_list,
+    read_mapping,
+    read_molecular_table,
+    read_protein_embeddings,
+    select_genes,
+    top_proteins,
+)
+
+
+@pytest.fixture(scope="module")
+def cohort_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cohort")
+    cohort = make_feature_cohort(12, n_genes=30, n_proteins=15, seed=3)
+    return cohort, cohort.write(out)
+
+
+def test_cohort_files_round_trip(cohort_files):
+    cohort, paths = cohort_files
+    rna = read_molecular_table(paths["rna"])
+    assert rna.samples == [s.sample_id for s in cohort.slides]
+    assert rna.values.shape == (12, 30)
+    np.testing.assert_allclose(rna.values, cohort.rna.to_numpy(), rtol=1e-5)
+    mapping = read_mapping(paths["mapping"])
+    kept, samples = pair_slides([s.slide_id for s in cohort.slides], rna, mapping=mapping)
+    assert len(kept) == 12 and samples[0] == "sample-0000"
+    # GMT: union of both sets; genes the table lacks are simply not selected.
+    genes = read_gene_list(paths["gmt"])
+    assert "NOT_MEASURED_1" in genes and len(genes) == 32
+    sel = select_genes(rna, gene_list=genes, gene_list_uri=paths["gmt"])
+    assert sel.features == rna.features
+    top = select_genes(rna, n_genes=5)
+    var = rna.values.var(0)
+    assert sorted(top.features) == sorted(np.array(rna.features)[np.argsort(-var)[:5]])
+    prot = read_molecular_table(paths["protein"])
+    ids, vals = top_proteins(prot, 10)
+    assert ids.shape == (12, 10) and np.all(np.diff(vals, axis=1) <= 0)
+    emb = read_protein_embeddings(paths["protein_embeddings"], prot.features)
+    assert emb.shape == (15, 16)
+
+
+def test_mismatched_sample_ids_are_counted(cohort_files):
+    cohort, paths = cohort_files
+    rna = read_molecular_table(paths["rna"])
+    mapping = read_mapping(paths["mapping"])
+    slides = [s.slide_id for s in cohort.slides]
+    # 3 slides not in the mapping, and 2 slides + 1 unknown id in the slide list
+    partial = {k: v for k, v in mapping.items() if k not in slides[:3]}
+    with pytest.raises(TrainingDataError) as err:
+        pair_slides(slides + ["slide-9999"], rna, mapping=partial, mapping_uri=paths["mapping"])
+    msg = str(err.value)
+    assert "4 of 13 slides are not in the mapping" in msg
+    assert "3 of 12 samples" in msg and "match no slide" in msg
+    # Without a mapping the slide ids must equal the sample ids: nothing pairs.
+    with pytest.raises(TrainingDataError, match="do not match at all: 12 of 12 slides"):
+        pair_slides(slides, rna)
+    # allow_unpaired drops (and logs) instead, keeping the 9 pairs
+    kept, _ = pair_slides(slides, rna, mapping=partial, allow_unpaired=True)
+    assert kept == slides[3:]
+
+
+def test_nan_expression(tmp_path):
+    frame = pd.DataFrame({"sample_id": ["a", "b", "c"], "G1": [1.0, np.nan, 2.0],
+                          "G2": [0.5, 0.1, np.nan]})
+    path = tmp_path / "rna.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(TrainingDataError) as err:
+        read_molecular_table(str(path))
+    assert "2 NaN/inf value(s) in 2 sample(s)" in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_empty_tables(tmp_path):
+    header_only = tmp_path / "rna.csv"
+    header_only.write_text("sample_id,G1,G2\n")
+    with pytest.raises(TrainingDataError, match="the table is empty"):
+        read_molecular_table(str(header_only))
+    blank = tmp_path / "blank.csv"
+    blank.write_text("")
+    with pytest.raises(TrainingDataError, match="blank.csv: the table is empty"):
+        read_molecular_table(str(blank))
+    pq = tmp_path / "prot.parquet"
+    pd.DataFrame({"sample_id": pd.Series([], dtype=str),
+                  "P1": pd.Series([], dtype=float)}).to_parquet(pq)
+    with pytest.raises(TrainingDataError, match="prot.parquet: the table is empty"):
+        read_molecular_table(str(pq))
+
+
+def test_gene_list_matching_nothing(tmp_path, cohort_files):
+    _, paths = cohort_files
+    rna = read_molecular_table(paths["rna"])
+    gl = tmp_path / "hallmark.txt"
+    gl.write_text("TP53\nMYC\nEGFR\n")
+    genes = read_gene_list(str(gl))
+    with pytest.raises(TrainingDataError) as err:
+        select_genes(rna, gene_list=genes, gene_list_uri=str(gl))
+    assert "none of its 3 genes" in str(err.value) and "hallmark.txt" in str(err.value)
+
+
+def test_other_bad_inputs(tmp_path):
+    dup = tmp_path / "dup.csv"
+    dup.write_text("sample_id,G1\na,1\na,2\n")
+    with pytest.raises(TrainingDataError, match="1 duplicated sample id"):
+        read_molecular_table(str(dup))
+    with pytest.raises(TrainingDataError, match="no such file"):
+        read_molecular_table(str(tmp_path / "missing.csv"))
+    bad_map = tmp_path / "map.csv"
+    bad_map.write_text("slide,sample\nx,y\n")
+    with pytest.raises(TrainingDataError, match="mapping needs columns slide_id and sample_id"):
+        read_mapping(str(bad_map))
+    prot = tmp_path / "p.csv"
+    prot.write_text("sample_id,P1,P2\na,1,2\n")
+    with pytest.raises(TrainingDataError, match="fewer than the 10 most abundant"):
+        top_proteins(read_molecular_table(str(prot)), 10)
