@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# A whole care-scale "cluster" on one machine, on loopback only:
-#   - an S3 protocol server (moto's server mode, from the `dev` extra) holding slides + tables
-#   - a Ray head (with the dashboard / job server, so `ray job submit` works as on a cluster)
+# A whole care-scale "cluster" on one machine, for trying the flow before a real cluster:
+#   - an S3 protocol server (moto's server mode, from the `dev` extra) on 127.0.0.1, holding
+#     slides and tables
+#   - a Ray head whose dashboard / job API listens on 127.0.0.1, so `ray job submit` works as
+#     on a cluster (Ray's GCS and raylet bind all interfaces, as Ray always does)
 #
 #   infra/local/cluster.sh up       # start both, print the env vars to export
 #   infra/local/cluster.sh status   # is it running? prints the env again
@@ -103,6 +105,10 @@ up() {
   export AWS_SECRET_ACCESS_KEY=$LOCAL_SECRET AWS_DEFAULT_REGION=$LOCAL_REGION
   export AWS_REGION=$LOCAL_REGION AWS_ALLOW_HTTP=true
   export RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  # Ray turns token authentication on by itself when ~/.ray/auth_token exists, while the job
+  # CLI only sends the token in token mode: say "disabled" on both sides (env.sh below) so this
+  # loopback-only dev head behaves the same on every machine.
+  export RAY_AUTH_MODE=disabled
 
   "$PYTHON" - "$endpoint" "$BUCKET" <<'EOF'
 import sys, boto3
@@ -137,6 +143,7 @@ except urllib.error.HTTPError:
   cat >"$STATE/env.sh" <<EOF
 export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT
 export RAY_GCS_ADDRESS=127.0.0.1:$GCS_PORT
+export RAY_AUTH_MODE=disabled
 export AWS_ENDPOINT_URL=$endpoint
 export AWS_ACCESS_KEY_ID=$LOCAL_KEY_ID
 export AWS_SECRET_ACCESS_KEY=$LOCAL_SECRET
