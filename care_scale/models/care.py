@@ -133,7 +133,13 @@ class SlideEncoding:
 # ------------------------------------------------------------------------------ building blocks
 
 class MaskedBlock(nn.Module):
-    """Pre-norm transformer block over padded groups; ``valid`` (G, L) masks the keys."""
+    """Pre-norm transformer block whose attention runs inside groups.
+
+    Tokens stay in a flat (T, H) list: the linear layers (most of the FLOPs) touch each token
+    once, without padding. Only attention gathers them into padded per-group blocks
+    (``index`` (G, L) into the list, ``valid`` (G, L) key mask) and scatters back via
+    ``back`` = (group, slot) of every token.
+    """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -145,13 +151,17 @@ class MaskedBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(),
                                  nn.Linear(int(dim * mlp_ratio), dim))
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        g, n, c = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(g, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    def forward(self, t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                back: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        c = t.shape[-1]
+        h = self.num_heads
+        qkv = self.qkv(self.norm1(t))[index]  # (G, L, 3H)
+        g, n = index.shape
+        q, k, v = qkv.reshape(g, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
-        x = x + self.proj(a.transpose(1, 2).reshape(g, n, c))
-        return x + self.mlp(self.norm2(x))
+        a = a.transpose(1, 2).reshape(g, n, c)[back[0], back[1]]  # (T, H)
+        t = t + self.proj(a)
+        return t + self.mlp(self.norm2(t))
 
 
 class QueryPool(nn.Module):
@@ -170,19 +180,34 @@ class QueryPool(nn.Module):
         self.k = nn.Linear(dim, dim)
         self.q = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        g, n, c = x.shape
+    def forward(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x (M, H) members in group order; index/valid (G, L) -> (G, H)."""
+        c = x.shape[-1]
         h = self.num_heads
-        k = self.k(self.norm(x)).reshape(g, n, h, c // h).transpose(1, 2)
-        v = x.reshape(g, n, h, c // h).transpose(1, 2)
+        g, n = index.shape
+        k = self.k(self.norm(x))[index].reshape(g, n, h, c // h).transpose(1, 2)
+        v = x[index].reshape(g, n, h, c // h).transpose(1, 2)
         q = self.q(self.query).reshape(1, 1, h, c // h).transpose(1, 2).expand(g, -1, -1, -1)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
         return a.transpose(1, 2).reshape(g, c)
 
 
-def _group_mean(tok: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    w = valid.to(tok.dtype)[..., None]
-    return (tok * w).sum(1) / w.sum(1)
+def _segment_mean(x: torch.Tensor, gid: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean of the rows of x (M, H) per group id (scatter_add: exports as ScatterElements)."""
+    total = x.new_zeros(counts.shape[0], x.shape[-1])
+    total = total.scatter_add(0, gid[:, None].expand(-1, x.shape[-1]), x)
+    return total / counts[:, None].to(x.dtype)
+
+
+def _with_cls(grp: _Groups) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Attention layout for the token list [CLS_0..CLS_{G-1}, members...]: each group's block
+    is its CLS token followed by its members."""
+    n_groups = grp.starts.shape[0]
+    ids = _iota(grp.starts)
+    index = torch.cat([ids[:, None], grp.index + n_groups], dim=1)
+    valid = F.pad(grp.valid, (1, 0), value=True)
+    back = (torch.cat([ids, grp.gid]), torch.cat([torch.zeros_like(ids), grp.rank + 1]))
+    return index, valid, back
 
 
 @dataclass
@@ -353,22 +378,23 @@ class CARE(nn.Module):
         m_tot = flat.shape[0]
         key = ((win_key * (k * k) + local[:, 1] * k + local[:, 0]) * m_tot + _iota(flat))
         perm = torch.argsort(key)
-        xs, xas, gs, ws, bs = x[perm], xa[perm], g[perm], w[perm], b_of[perm]
+        xs, gs, ws, bs = x[perm], g[perm], w[perm], b_of[perm]
+        xas = xs if augmented is None else xa[perm]
+        del x, xa  # sorted copies only from here on: memory stays at a few (M, H) tensors
         sub = _groups(win_key[perm])
-        anchor = (ws[sub.starts] * k).to(x.dtype) + (k - 1) / 2.0  # (G, 2) window centres
+        anchor = (ws[sub.starts] * k).to(xs.dtype) + (k - 1) / 2.0  # (G, 2) window centres
 
-        rel = (gs.to(x.dtype) - anchor[sub.gid]) / k
-        members = xs[sub.index]  # (G, L, H)
-        tok = members + self.sub_pos(rel)[sub.index]
+        n_sub = sub.starts.shape[0]
+        rel = (gs.to(xs.dtype) - anchor[sub.gid]) / k
         # The CLS token starts at the window's mean feature (plus a learned offset), so its
         # output stays in the patches' feature space, comparable with them by cosine.
-        cls = _group_mean(members, sub.valid)[:, None, :] + self.sub_cls
-        tok = torch.cat([cls, tok], dim=1)
-        tok_valid = F.pad(sub.valid, (1, 0), value=True)
+        cls = _segment_mean(xs, sub.gid, sub.counts) + self.sub_cls[0]
+        t = torch.cat([cls, xs + self.sub_pos(rel)])  # (G + M, H)
+        layout = _with_cls(sub)
         for blk in self.sub_blocks:
-            tok = blk(tok, tok_valid)
-        g_cls = self.sub_norm(tok[:, 0])  # (G, H)
-        g_q = self.sub_query(members, sub.valid)  # (G, H)
+            t = blk(t, *layout)
+        g_cls = self.sub_norm(t[:n_sub])  # (G, H)
+        g_q = self.sub_query(xs, sub.index, sub.valid)  # (G, H)
 
         # ---- 2. ARG: candidates from neighbouring windows, inclusion, semantic affinity
         sub_key = win_key[perm][sub.starts]  # (G,) ascending, unique
@@ -379,7 +405,7 @@ class CARE(nn.Module):
         cand_all, found = self._lookup(sub_key, q_key)  # (M, Q) sub-region ids, bool
 
         sigma = self.log_sigma.exp() * k
-        d2 = ((gs.to(x.dtype)[:, None, :] - anchor[cand_all]) ** 2).sum(-1)
+        d2 = ((gs.to(xs.dtype)[:, None, :] - anchor[cand_all]) ** 2).sum(-1)
         logit_c = torch.where(found, -d2 / (2 * sigma**2), torch.full_like(d2, -1e9))
         c_all = torch.softmax(logit_c, dim=-1)  # soft inclusion matrix C (truncated)
         kc = cfg.num_candidates
@@ -416,17 +442,17 @@ class CARE(nn.Module):
         rid = region[perm2][reg.starts]  # sub-region id of each adaptive region
         r_anchor = anchor[rid]
         y = xs * gate
-        rel2 = (gs[perm2].to(x.dtype) - r_anchor[reg.gid]) / k
-        members = y[perm2][reg.index]
-        tok = members + self.region_pos(rel2)[reg.index]
-        cls = _group_mean(members, reg.valid)[:, None, :] + self.region_cls
-        tok = torch.cat([cls, tok], dim=1)
-        tok_valid = F.pad(reg.valid, (1, 0), value=True)
+        n_regions = reg.starts.shape[0]
+        rel2 = (gs[perm2].to(xs.dtype) - r_anchor[reg.gid]) / k
+        y2 = y[perm2]
+        cls = _segment_mean(y2, reg.gid, reg.counts) + self.region_cls[0]
+        t = torch.cat([cls, y2 + self.region_pos(rel2)])  # (R_tot + M, H)
+        layout = _with_cls(reg)
         for blk in self.region_blocks:
-            tok = blk(tok, tok_valid)
-        tok = self.region_norm(tok)
-        g_ar = tok[:, 0]  # (R_tot, H)
-        ptok_sorted2 = tok[:, 1:][reg.gid, reg.rank]  # (M, H) in perm2 order
+            t = blk(t, *layout)
+        t = self.region_norm(t)
+        g_ar = t[:n_regions]  # (R_tot, H)
+        ptok_sorted2 = t[n_regions:]  # (M, H) in perm2 order
 
         # ---- per-slide padded region layout
         b_reg = bs[perm2][reg.starts]  # (R_tot,)
@@ -467,7 +493,7 @@ class CARE(nn.Module):
         ptok_s = ptok_sorted2[inv2]  # s-order
         rloc_s = r_loc[reg.gid][inv2]
         inv = _invert(perm)
-        patch_tokens = x.new_zeros(bsz * n, h_dim).index_copy(0, flat, ptok_s[inv])
+        patch_tokens = xs.new_zeros(bsz * n, h_dim).index_copy(0, flat, ptok_s[inv])
         region_of_patch = torch.full((bsz * n,), -1, dtype=torch.long, device=dev)
         region_of_patch = region_of_patch.index_copy(0, flat, rloc_s[inv])
         return CareOutput(
