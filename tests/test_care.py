@@ -151,6 +151,16 @@ def test_order_invariance_and_equivariance(care):
     torch.testing.assert_close(ta.patch_tokens[0, perm], tb.patch_tokens[0], atol=1e-5, rtol=0)
 
 
+def test_float16_features_and_duplicate_positions(care):
+    xy = np.array([[0, 0], [0, 0], [1, 0], [1, 0], [5, 5]])
+    f = rand_feats(5)
+    with torch.no_grad():
+        out = care(torch.from_numpy(f).half()[None], torch.tensor([5]), torch.from_numpy(xy)[None])
+    assert out.slide_embedding.dtype == torch.float32
+    assert (out.region_of_patch[0] >= 0).all()
+    assert care.encode(f, xy, patch_step=1).region_of_patch.shape == (5,)
+
+
 def test_translation_invariance(care):
     xy = grid_xy(20, 15)
     f = rand_feats(len(xy), seed=4)
@@ -270,7 +280,7 @@ def test_region_structuring_loss(care):
     xy = grid_xy(16, 16)
     f = torch.from_numpy(rand_feats(len(xy)))[None]
     out = care.train()(f, torch.tensor([len(xy)]), torch.from_numpy(xy)[None])
-    assert 0.0 <= float(out.rsl_loss) <= 0.25
+    assert 0.0 <= out.rsl_loss.item() <= 0.25
     torch.testing.assert_close(out.aux_loss, 0.1 * out.rsl_loss)
     out.aux_loss.backward()
     assert care.log_sigma.grad.abs() > 0  # RSL moves the inclusion width

@@ -171,3 +171,12 @@ def test_model_version_tracks_weights_and_config():
     assert model_version(a) != v
     assert model_version(create_slide_encoder("care_tiny", region_depth=2)) != v
     assert model_version(create_slide_encoder("care_tiny", lambda_spf=0.3)) != v
+
+
+def test_checkpoint_of_the_wrong_kind_is_refused(tmp_path):
+    save_checkpoint(create_patch_encoder("vit_micro_patch16_64"), str(tmp_path / "vit"))
+    with pytest.raises(CheckpointError, match="not a slide encoder"):
+        create_slide_encoder("care_tiny", checkpoint=str(tmp_path / "vit"))
+    save_checkpoint(create_slide_encoder("care_tiny"), str(tmp_path / "care"))
+    with pytest.raises(CheckpointError, match="not a patch encoder"):
+        create_patch_encoder("vit_micro_patch16_64", str(tmp_path / "care"))

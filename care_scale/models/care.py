@@ -350,6 +350,10 @@ class CARE(nn.Module):
         cfg = self.config
         k = cfg.subregion_size
         bsz, n, _ = features.shape
+        # Stored patch features may be float16; compute in the model's dtype.
+        features = features.to(self.input_proj.weight.dtype)
+        if augmented is not None:
+            augmented = augmented.to(self.input_proj.weight.dtype)
         dev = features.device
         num_valid = num_valid.to(dev).long()
         grid = grid.to(dev).long()

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from care_scale.exceptions import CheckpointError, ConfigError
+from care_scale.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,12 @@ def create_patch_encoder(
         model.trained = False
         warn_untrained(name)
     else:
-        state, _cfg = resolve_weights(checkpoint, storage_options=storage_options)
+        state, ckpt_cfg = resolve_weights(checkpoint, storage_options=storage_options)
+        if ckpt_cfg is not None and ckpt_cfg.get("kind", "patch_encoder") != "patch_encoder":
+            raise CheckpointError(
+                f"{redact(checkpoint)}: holds a {ckpt_cfg.get('kind')} "
+                f"({ckpt_cfg.get('name')}), not a patch encoder"
+            )
         if entry.convert is not None:
             state = entry.convert(state, model)
         load_into(model, state, source=checkpoint, strict=strict)
@@ -231,9 +237,14 @@ def create_slide_encoder(
     if checkpoint is not None:
         state, ckpt_cfg = resolve_weights(checkpoint, storage_options=storage_options)
         if ckpt_cfg is not None:
+            if ckpt_cfg.get("kind", "slide_encoder") != "slide_encoder":
+                raise CheckpointError(
+                    f"{redact(checkpoint)}: holds a {ckpt_cfg.get('kind')} "
+                    f"({ckpt_cfg.get('name')}), not a slide encoder"
+                )
             arch = ckpt_cfg.get("config", ckpt_cfg)
             if not isinstance(arch, dict):
-                raise CheckpointError(f"{checkpoint}: config.json 'config' is not a mapping")
+                raise CheckpointError(f"{redact(checkpoint)}: config.json 'config' is not a mapping")
             cfg.update(arch)
     cfg.update(overrides)
     model = _seeded_build(lambda: entry.build(cfg))

@@ -152,7 +152,8 @@ class VisionTransformer(nn.Module):
         if x.shape[-2] != size or x.shape[-1] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
                               antialias=x.shape[-1] > size)
-        return (x - self.mean) / self.std
+        # Normalise in float32, then match the weights (a half-precision model on a GPU).
+        return ((x - self.mean) / self.std).to(self.patch_embed.proj.weight.dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised images (B, 3, S, S) -> token sequence after the final norm."""
