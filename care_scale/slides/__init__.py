@@ -1,0 +1,164 @@
+"""Open any whole-slide image, local or remote, behind one interface.
+
+    from care_scale.slides import open_slide
+    with open_slide("s3://bucket/a.svs", storage_options=opts, cache=cache) as slide:
+        slide.dimensions, slide.mpp_x, slide.backend
+        tiles = slide.read_regions(coords, (224, 224), level=0, num_workers=2)
+
+Backends are tried in ``BACKENDS`` order (cuCIM, OpenSlide, tifffile); a backend that cannot
+read a format (MRXS, NDPI, DICOM are OpenSlide's; stripped TIFF is tifffile's) hands over to
+the next. Bad input raises the specific :mod:`care_scale.exceptions` class, never a backend's
+own traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from care_scale.exceptions import (
+    CorruptSlideError,
+    SlideNotFoundError,
+    UnsupportedFormatError,
+)
+from care_scale.slides.base import BackendCannotRead, Slide, TiffInfo, inspect_tiff, is_tiff
+from care_scale.slides.cache import SlideCache, stat_uri
+from care_scale.storage import is_remote, redact, strip_file_scheme
+
+__all__ = ["BACKENDS", "Slide", "SlideCache", "open_slide", "stat_uri"]
+
+BackendName = Literal["auto", "cucim", "openslide", "tifffile"]
+
+
+def _cucim() -> type[Slide]:
+    from care_scale.slides.cucim_backend import CuCIMSlide
+
+    return CuCIMSlide
+
+
+def _openslide() -> type[Slide]:
+    from care_scale.slides.openslide_backend import OpenSlideSlide
+
+    return OpenSlideSlide
+
+
+def _tifffile() -> type[Slide]:
+    from care_scale.slides.tifffile_backend import TiffFileSlide
+
+    return TiffFileSlide
+
+
+# name -> loader of the backend class, in "auto" order. Loaders keep imports lazy.
+BACKENDS: dict[str, Callable[[], type[Slide]]] = {
+    "cucim": _cucim,
+    "openslide": _openslide,
+    "tifffile": _tifffile,
+}
+
+# Extensions of slide formats: a file with one of these names that no backend can read is a
+# damaged slide (CorruptSlideError), anything else is a format we do not read.
+SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
+                    ".svslide", ".dcm", ".ome.tif", ".ome.tiff", ".btf", ".tf2", ".tf8"}
+# Formats that are TIFF containers: such a file must start with a TIFF header.
+TIFF_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".btf", ".tf2", ".tf8"}
+
+
+def open_slide(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None = None,
+               cache: SlideCache | None = None, backend: BackendName = "auto",
+               mpp_override: float | None = None) -> Slide:
+    """Open a slide (local path or fsspec URI) with the first backend that can read it.
+
+    Remote slides are staged through ``cache`` (a private temporary cache, removed on close,
+    when none is given). Raises SlideNotFoundError, CorruptSlideError, UnsupportedFormatError,
+    NotBrightfieldError or StorageError; each names the slide (credentials redacted).
+    """
+    uri = str(uri)
+    if backend != "auto" and backend not in BACKENDS:
+        raise UnsupportedFormatError(redact(uri), f"unknown slide backend {backend!r}; "
+                                     f"choose auto or one of {sorted(BACKENDS)}")
+    if mpp_override is not None and not mpp_override > 0:
+        raise ValueError(f"mpp_override must be > 0, got {mpp_override}")
+    on_close: Callable[[], None] | None = None
+    if is_remote(uri):
+        own_cache = cache is None
+        if own_cache:
+            cache = SlideCache(tempfile.mkdtemp(prefix="care-scale-slide-"),
+                               max_bytes=1 << 50, remove_after_use=True)
+        entry = cache.fetch(uri, storage_options=storage_options)
+        local = entry.path
+
+        def on_close(cache: SlideCache = cache, path: Path = local) -> None:
+            cache.release(path)
+            if own_cache:
+                shutil.rmtree(cache.root, ignore_errors=True)
+    else:
+        local = Path(strip_file_scheme(uri)).expanduser()
+    try:
+        return _open_local(uri, str(local), backend=backend, mpp_override=mpp_override,
+                           on_close=on_close)
+    except BaseException:
+        if on_close is not None:
+            on_close()
+        raise
+
+
+def _open_local(uri: str, path: str, *, backend: BackendName, mpp_override: float | None,
+                on_close: Callable[[], None] | None) -> Slide:
+    if not os.path.exists(path):
+        raise SlideNotFoundError(redact(uri))
+    if os.path.isdir(path):
+        raise UnsupportedFormatError(redact(uri), "is a directory, not a slide file")
+    if os.path.getsize(path) == 0:
+        raise CorruptSlideError(redact(uri), "empty file (0 bytes)")
+    tiff_info: TiffInfo | None = None
+    ext = Path(path).suffix.lower()
+    if ext in TIFF_EXTENSIONS and not is_tiff(path):
+        # Checked before any backend: C libraries print their own complaints on stderr.
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        raise CorruptSlideError(
+            redact(uri), f"has a {ext} name but is not a TIFF file (starts with {head!r}): "
+            "damaged, truncated at the start, or not a slide at all")
+    if is_tiff(path):
+        # Header checks first: truncation and non-brightfield data are reported as such, not
+        # as whatever a C decoder happens to say about them.
+        tiff_info = inspect_tiff(uri, path)
+    names = list(BACKENDS) if backend == "auto" else [backend]
+    reasons: list[str] = []
+    for name in names:
+        cls = BACKENDS[name]()
+        try:
+            slide = cls(uri, path, mpp_override=mpp_override, tiff_info=tiff_info,
+                        on_close=on_close)
+        except BackendCannotRead as exc:
+            reasons.append(f"{name}: {redact(exc)}")
+            continue
+        try:
+            _probe(slide)
+        except CorruptSlideError as exc:
+            # Another backend may decode what this one cannot (e.g. an unusual codec).
+            slide._on_close = None
+            slide.close()
+            reasons.append(f"{name}: {exc.reason}")
+            continue
+        return slide
+    why = "; ".join(reasons)
+    if tiff_info is not None:
+        raise CorruptSlideError(redact(uri), f"a TIFF that no slide backend can decode ({why})")
+    if ext in SLIDE_EXTENSIONS:
+        raise CorruptSlideError(
+            redact(uri), f"has a {ext} name but is damaged or not a slide at all ({why})")
+    raise UnsupportedFormatError(redact(uri), f"not a slide format any backend reads ({why})")
+
+
+def _probe(slide: Slide) -> None:
+    """Decode one small region so damaged pixel data fails here, once, with a clear reason."""
+    level = slide.level_count - 1
+    w, h = slide.level_dimensions[level]
+    ds = slide.level_downsamples[level]
+    x, y = (w // 2, h // 2)
+    slide.read_region(level, int(x * ds), int(y * ds), min(16, w), min(16, h))

@@ -1,0 +1,286 @@
+"""A bounded local staging cache for remote slides (s3://, gs://, https://, ...).
+
+cuCIM and OpenSlide read local files only, and whole-slide formats are read at random offsets,
+so a remote slide is copied to local disk first. The cache:
+
+- is bounded (``max_bytes``): least-recently-used entries are evicted before a new download,
+  never an entry that is open right now;
+- verifies every entry against the remote size and ETag (a changed object is downloaded again;
+  a download whose size, or single-part MD5 ETag, does not match is discarded);
+- downloads with a few concurrent ranged GETs (``num_threads`` x ``chunk_bytes``);
+- can delete an entry as soon as its slide is closed (``remove_after_use``);
+- can be shared by several processes on one machine (a file lock guards eviction/commit);
+- never puts credentials into exceptions or logs (URIs pass through ``redact``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from care_scale.exceptions import SlideNotFoundError, StorageError
+from care_scale.storage import redact, strip_file_scheme, to_fsspec
+
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    path: Path  # the staged local file
+    size: int
+    etag: str | None
+
+
+def _filesystem(uri: str, storage_options: dict[str, Any] | None):
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **to_fsspec(storage_options, uri))
+    except (ValueError, ImportError) as exc:
+        raise StorageError(f"{redact(uri)}: cannot open filesystem ({redact(exc)})") from None
+    # A fresh instance per call would be cheap, but fsspec caches instances anyway.
+    return fs, path
+
+
+def stat_uri(uri: str, *, storage_options: dict[str, Any] | None = None
+             ) -> tuple[int, str | None]:
+    """(size in bytes, ETag or None) of a local path or fsspec URI, without reading it."""
+    from care_scale.storage import is_remote
+
+    if not is_remote(uri):
+        path = strip_file_scheme(str(uri))
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise SlideNotFoundError(redact(uri)) from None
+        return int(st.st_size), None
+    fs, path = _filesystem(uri, storage_options)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise SlideNotFoundError(redact(uri)) from None
+    except (OSError, ValueError, PermissionError) as exc:
+        raise StorageError(f"{redact(uri)}: cannot stat ({type(exc).__name__}: "
+                           f"{redact(exc)})") from None
+    if info.get("type") == "directory":
+        raise SlideNotFoundError(redact(uri), "is a directory, not a slide file")
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return int(info.get("size") or 0), (str(etag).strip('"') if etag else None)
+
+
+class SlideCache:
+    """Stage remote slide files in ``root``, keeping the total under ``max_bytes``."""
+
+    def __init__(self, root: str | os.PathLike, *, max_bytes: int = 50 * (1 << 30),
+                 remove_after_use: bool = False, num_threads: int = 4,
+                 chunk_bytes: int = 16 * _MIB, verify_md5: bool = True):
+        if max_bytes <= 0:
+            raise StorageError(f"SlideCache max_bytes must be positive, got {max_bytes}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = int(max_bytes)
+        self.remove_after_use = remove_after_use
+        self.num_threads = max(1, int(num_threads))
+        self.chunk_bytes = max(_MIB // 4, int(chunk_bytes))
+        self.verify_md5 = verify_md5
+        self._in_use: dict[Path, int] = {}
+        self._mutex = threading.Lock()
+
+    # ---- public ------------------------------------------------------------------------------
+    def fetch(self, uri: str, *, storage_options: dict[str, Any] | None = None) -> CacheEntry:
+        """Local copy of ``uri`` (downloaded unless a verified copy is cached); pins it."""
+        size, etag = stat_uri(uri, storage_options=storage_options)
+        if size > self.max_bytes:
+            raise StorageError(f"{redact(uri)}: {size} bytes does not fit in the slide cache "
+                               f"(max_bytes={self.max_bytes})")
+        entry_dir = self.root / self._key(uri)
+        name = Path(strip_file_scheme(uri).split("?", 1)[0]).name or "slide"
+        target = entry_dir / name
+        with self._lock():
+            meta = self._read_meta(entry_dir)
+            if (meta and target.exists() and meta.get("size") == size
+                    and meta.get("etag") == etag and target.stat().st_size == size):
+                self._touch(entry_dir)
+                self._pin(target)
+                return CacheEntry(target, size, etag)
+            # Stale or missing: drop the old copy, make room, then download outside the lock.
+            shutil.rmtree(entry_dir, ignore_errors=True)
+            self._evict(size)
+            entry_dir.mkdir(parents=True, exist_ok=True)
+            # Reserve the space so a concurrent fetch does not overfill the cache meanwhile.
+            self._write_meta(entry_dir, {"size": size, "etag": etag, "complete": False})
+            self._pin(target)
+        try:
+            self._download(uri, storage_options, target, size, etag)
+        except BaseException:
+            self._unpin(target)
+            shutil.rmtree(entry_dir, ignore_errors=True)
+            raise
+        with self._lock():
+            self._write_meta(entry_dir, {"size": size, "etag": etag, "complete": True,
+                                         "uri": redact(uri)})
+            self._touch(entry_dir)
+        return CacheEntry(target, size, etag)
+
+    def release(self, path: str | os.PathLike) -> None:
+        """The slide staged at ``path`` is closed; delete it if ``remove_after_use``."""
+        path = Path(path)
+        left = self._unpin(path)
+        if self.remove_after_use and left == 0:
+            with self._lock():
+                shutil.rmtree(path.parent, ignore_errors=True)
+
+    def total_bytes(self) -> int:
+        return sum(self._entry_size(d) for d in self._entries())
+
+    def entries(self) -> list[Path]:
+        """Staged files, least recently used first."""
+        out = []
+        for d in sorted(self._entries(), key=self._last_used):
+            files = [f for f in d.iterdir() if f.name != ".meta.json" and not f.name.startswith(".part")]
+            out.extend(files)
+        return out
+
+    def clear(self) -> None:
+        with self._lock():
+            for d in self._entries():
+                if not self._pinned_dir(d):
+                    shutil.rmtree(d, ignore_errors=True)
+
+    # ---- internals ---------------------------------------------------------------------------
+    @staticmethod
+    def _key(uri: str) -> str:
+        # Query strings may carry signatures: key on the URI without them.
+        return hashlib.sha256(str(uri).split("?", 1)[0].encode()).hexdigest()[:24]
+
+    @contextlib.contextmanager
+    def _lock(self):
+        with self._mutex, open(self.root / ".lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _entries(self) -> list[Path]:
+        return [d for d in self.root.iterdir() if d.is_dir() and (d / ".meta.json").exists()]
+
+    @staticmethod
+    def _read_meta(entry_dir: Path) -> dict | None:
+        try:
+            return json.loads((entry_dir / ".meta.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _write_meta(entry_dir: Path, meta: dict) -> None:
+        tmp = entry_dir / f".meta.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, entry_dir / ".meta.json")
+
+    def _entry_size(self, entry_dir: Path) -> int:
+        meta = self._read_meta(entry_dir) or {}
+        return int(meta.get("size") or 0)
+
+    @staticmethod
+    def _touch(entry_dir: Path) -> None:
+        os.utime(entry_dir / ".meta.json", (time.time(), time.time()))
+
+    @staticmethod
+    def _last_used(entry_dir: Path) -> float:
+        try:
+            return (entry_dir / ".meta.json").stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _pin(self, path: Path) -> None:
+        self._in_use[path] = self._in_use.get(path, 0) + 1
+
+    def _unpin(self, path: Path) -> int:
+        with self._mutex:
+            left = self._in_use.get(path, 0) - 1
+            if left <= 0:
+                self._in_use.pop(path, None)
+                return 0
+            self._in_use[path] = left
+            return left
+
+    def _pinned_dir(self, entry_dir: Path) -> bool:
+        return any(p.parent == entry_dir for p in self._in_use)
+
+    def _evict(self, incoming: int) -> None:
+        """Delete least-recently-used, unpinned entries until ``incoming`` bytes fit."""
+        entries = sorted(self._entries(), key=self._last_used)
+        total = sum(self._entry_size(d) for d in entries)
+        for d in entries:
+            if total + incoming <= self.max_bytes:
+                return
+            if self._pinned_dir(d):
+                continue
+            total -= self._entry_size(d)
+            shutil.rmtree(d, ignore_errors=True)
+        if total + incoming > self.max_bytes:
+            raise StorageError(
+                f"slide cache {self.root} is full: {total} bytes in use by open slides, "
+                f"{incoming} more needed, max_bytes={self.max_bytes}")
+
+    def _download(self, uri: str, storage_options: dict[str, Any] | None, target: Path,
+                  size: int, etag: str | None) -> None:
+        fs, path = _filesystem(uri, storage_options)
+        part = target.parent / f".part-{uuid.uuid4().hex}"
+        ranges = [(s, min(s + self.chunk_bytes, size)) for s in range(0, size, self.chunk_bytes)]
+        try:
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+
+                def get(rng: tuple[int, int]) -> None:
+                    data = fs.cat_file(path, start=rng[0], end=rng[1])
+                    if len(data) != rng[1] - rng[0]:
+                        raise StorageError(
+                            f"{redact(uri)}: short read {len(data)} bytes at {rng[0]}")
+                    os.pwrite(fd, data, rng[0])
+
+                with ThreadPoolExecutor(min(self.num_threads, max(1, len(ranges)))) as pool:
+                    list(pool.map(get, ranges))
+            finally:
+                os.close(fd)
+        except StorageError:
+            part.unlink(missing_ok=True)
+            raise
+        except FileNotFoundError:
+            part.unlink(missing_ok=True)
+            raise SlideNotFoundError(redact(uri)) from None
+        except (OSError, ValueError, PermissionError) as exc:
+            part.unlink(missing_ok=True)
+            raise StorageError(f"{redact(uri)}: download failed ({type(exc).__name__}: "
+                               f"{redact(exc)})") from None
+        self._verify(uri, part, size, etag)
+        os.replace(part, target)
+
+    def _verify(self, uri: str, part: Path, size: int, etag: str | None) -> None:
+        got = part.stat().st_size
+        if got != size:
+            part.unlink(missing_ok=True)
+            raise StorageError(f"{redact(uri)}: staged {got} bytes, expected {size}")
+        # A single-part S3 ETag is the MD5 of the object; multipart ETags ("...-N") are not.
+        if self.verify_md5 and etag and len(etag) == 32 and "-" not in etag:
+            md5 = hashlib.md5(usedforsecurity=False)
+            with open(part, "rb") as fh:
+                for block in iter(lambda: fh.read(8 * _MIB), b""):
+                    md5.update(block)
+            if md5.hexdigest() != etag.lower():
+                part.unlink(missing_ok=True)
+                raise StorageError(f"{redact(uri)}: checksum mismatch (MD5 {md5.hexdigest()} "
+                                   f"!= ETag {etag})")

@@ -1,0 +1,110 @@
+"""Tile grids at a target MPP, and batched tile decoding.
+
+A patch of ``patch_size`` pixels at ``target_mpp`` covers ``patch_size * target_mpp / mpp``
+level-0 pixels. It is read from the lowest-resolution pyramid level that is still at least as
+sharp as the target (no upsampling of a blurrier level), then resized to ``patch_size`` when
+that level does not match exactly. Coordinates are level-0 top-left pixels in row-major order
+(y, then x), so the same slide and parameters always give the same grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from care_scale.exceptions import MissingMPPError
+from care_scale.tissue import TissueMask, TissueParams, detect_tissue
+
+# Objective power -> MPP when a slide has no MPP: 10x ~ 1.0, 20x ~ 0.5, 40x ~ 0.25 um/px.
+MPP_AT_1X = 10.0
+
+
+@dataclass
+class TileGrid:
+    coords: np.ndarray  # (N, 2) int64 level-0 top-left (x, y), row-major
+    tissue_fraction: np.ndarray  # (N,) float32
+    level: int  # pyramid level read
+    read_size: int  # pixels read at ``level`` per tile (square)
+    patch_size: int  # pixels per tile after resizing (at target_mpp)
+    patch_size_level0: int  # level-0 pixels covered by one tile
+    step_level0: int  # level-0 pixels between neighbouring tiles
+    mpp: float  # slide MPP used
+    target_mpp: float
+    mpp_source: str = "metadata"  # metadata | objective_power | override
+    tissue: TissueMask | None = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+
+@dataclass
+class TileBatch:
+    coords: np.ndarray  # (B, 2) int64
+    tiles: np.ndarray  # (B, patch_size, patch_size, 3) uint8
+    tissue_fraction: np.ndarray  # (B,) float32
+
+
+def slide_mpp(slide, mpp_override: float | None = None) -> tuple[float, str]:
+    """The slide's MPP and where it came from; MissingMPPError when nothing says."""
+    if mpp_override:
+        return float(mpp_override), "override"
+    if slide.mpp_x:
+        return float(slide.mpp_x), "metadata"
+    if slide.objective_power:
+        return MPP_AT_1X / float(slide.objective_power), "objective_power"
+    raise MissingMPPError(
+        slide.uri, "no microns-per-pixel and no objective power in the metadata; "
+        "pass an MPP override (--mpp-override / mpp_override=)")
+
+
+def tile_grid(slide, *, target_mpp: float = 0.5, patch_size: int = 224,
+              stride: int | None = None, min_tissue_fraction: float = 0.5,
+              tissue: TissueParams | None = None, mpp_override: float | None = None
+              ) -> TileGrid:
+    """Tissue tiles of ``slide`` at ``target_mpp`` (``stride`` in target pixels, default
+    ``patch_size``). Tiles lie fully inside the slide."""
+    if target_mpp <= 0 or patch_size <= 0:
+        raise ValueError(f"target_mpp and patch_size must be > 0, got {target_mpp}, {patch_size}")
+    mpp, source = slide_mpp(slide, mpp_override)
+    scale = target_mpp / mpp  # level-0 pixels per target pixel
+    size0 = max(1, round(patch_size * scale))
+    step0 = max(1, round((stride or patch_size) * scale))
+    level = slide.best_level_for_downsample(scale)
+    read_size = max(1, round(size0 / slide.level_downsamples[level]))
+    W, H = slide.dimensions
+    xs = np.arange(0, W - size0 + 1, step0, dtype=np.int64)
+    ys = np.arange(0, H - size0 + 1, step0, dtype=np.int64)
+    gx, gy = np.meshgrid(xs, ys)  # row-major: y outer, x inner
+    coords = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.int64).reshape(-1, 2)
+    mask = detect_tissue(slide, tissue)
+    frac = mask.fraction_in(coords, size0)
+    keep = frac >= min_tissue_fraction if min_tissue_fraction > 0 else np.ones(len(coords), bool)
+    return TileGrid(
+        coords=np.ascontiguousarray(coords[keep]), tissue_fraction=frac[keep].astype(np.float32),
+        level=int(level), read_size=read_size, patch_size=int(patch_size),
+        patch_size_level0=size0, step_level0=step0, mpp=mpp, target_mpp=float(target_mpp),
+        mpp_source=source, tissue=mask,
+    )
+
+
+def iter_tile_batches(slide, grid: TileGrid, *, batch_size: int = 64,
+                      num_workers: int = 2) -> Iterator[TileBatch]:
+    """Decode the grid's tiles in order, ``batch_size`` at a time (last batch may be short)."""
+    import cv2
+
+    n = len(grid)
+    for start in range(0, n, batch_size):
+        coords = grid.coords[start : start + batch_size]
+        tiles = slide.read_regions(coords, (grid.read_size, grid.read_size), level=grid.level,
+                                   num_workers=num_workers)
+        if grid.read_size != grid.patch_size:
+            # Area averaging when shrinking (no aliasing), bilinear when enlarging.
+            interp = cv2.INTER_AREA if grid.read_size > grid.patch_size else cv2.INTER_LINEAR
+            out = np.empty((len(tiles), grid.patch_size, grid.patch_size, 3), np.uint8)
+            for i, t in enumerate(tiles):
+                out[i] = cv2.resize(t, (grid.patch_size, grid.patch_size), interpolation=interp)
+            tiles = out
+        yield TileBatch(coords=coords, tiles=tiles,
+                        tissue_fraction=grid.tissue_fraction[start : start + batch_size])
