@@ -1,0 +1,135 @@
+"""``care-scale inspect``: metadata, backend, tile count and a tissue thumbnail of one slide."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def add_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="show a slide's metadata, backend and tile count",
+        description="Open one slide (local path or fsspec URI), print its metadata, the backend "
+        "that reads it and how many tissue tiles it has at the target MPP.",
+    )
+    p.add_argument("slide_uri", nargs="?", help="slide path or URI (s3://, gs://, https://)")
+    p.add_argument("--demo", action="store_true",
+                   help="generate a small synthetic slide in a temporary folder and inspect it")
+    p.add_argument("--mpp-override", type=float, default=None,
+                   help="microns per pixel to use instead of the slide's metadata")
+    p.add_argument("--target-mpp", type=float, default=0.5, help="tiling MPP (default 0.5)")
+    p.add_argument("--patch-size", type=int, default=224, help="tile size in px (default 224)")
+    p.add_argument("--min-tissue-fraction", type=float, default=0.5)
+    p.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
+    p.add_argument("--thumbnail", metavar="OUT.png", default=None,
+                   help="write a thumbnail PNG with the tissue contour drawn")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="storage option (object_store spelling), repeatable")
+    p.set_defaults(func=run)
+
+
+def _storage_options(pairs: list[str]) -> dict[str, str]:
+    from care_scale.exceptions import ConfigError
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--storage-option expects KEY=VALUE, got {pair.split('=')[0]!r}")
+        k, v = pair.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def inspect_slide(uri: str, *, storage_options: dict | None = None,
+                  mpp_override: float | None = None, target_mpp: float = 0.5,
+                  patch_size: int = 224, min_tissue_fraction: float = 0.5,
+                  backend: str = "auto", thumbnail: str | None = None) -> dict[str, Any]:
+    """The facts ``inspect`` prints, as a dict (also used by tests and the demo)."""
+    from care_scale.exceptions import MissingMPPError
+    from care_scale.slides import open_slide
+    from care_scale.storage import redact
+    from care_scale.tiling import tile_grid
+    from care_scale.tissue import detect_tissue
+
+    with open_slide(uri, storage_options=storage_options, backend=backend,
+                    mpp_override=mpp_override) as slide:
+        w, h = slide.dimensions
+        info: dict[str, Any] = {
+            "uri": redact(uri), "width": w, "height": h, "level_count": slide.level_count,
+            "level_dimensions": [list(d) for d in slide.level_dimensions],
+            "level_downsamples": [round(d, 4) for d in slide.level_downsamples],
+            "mpp_x": slide.mpp_x, "mpp_y": slide.mpp_y,
+            "objective_power": slide.objective_power, "vendor": slide.vendor,
+            "backend": slide.backend, "target_mpp": target_mpp, "patch_size": patch_size,
+        }
+        try:
+            grid = tile_grid(slide, target_mpp=target_mpp, patch_size=patch_size,
+                             min_tissue_fraction=min_tissue_fraction, mpp_override=mpp_override)
+        except MissingMPPError:
+            if thumbnail:
+                _write_thumbnail(slide, detect_tissue(slide), thumbnail)
+            raise
+        info.update(tile_count=len(grid), level_read=grid.level, read_size=grid.read_size,
+                    patch_size_level0=grid.patch_size_level0, mpp_used=grid.mpp,
+                    mpp_source=grid.mpp_source,
+                    tissue_fraction=round(grid.tissue.tissue_fraction, 4))
+        if thumbnail:
+            _write_thumbnail(slide, grid.tissue, thumbnail)
+            info["thumbnail"] = str(thumbnail)
+    return info
+
+
+def _write_thumbnail(slide, tissue, out: str) -> None:
+    import cv2
+    import numpy as np
+
+    thumb = slide.thumbnail(max(tissue.mask.shape))
+    bgr = np.ascontiguousarray(thumb[..., ::-1])
+    dx, dy = tissue.downsample
+    contours = [np.round(c / (dx, dy)).astype(np.int32).reshape(-1, 1, 2)
+                for c in tissue.contours]
+    cv2.drawContours(bgr, contours, -1, (0, 200, 0), 2)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), bgr):
+        from care_scale.exceptions import StorageError
+
+        raise StorageError(f"{out}: could not write the thumbnail PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    from care_scale.exceptions import ConfigError
+
+    if args.demo == bool(args.slide_uri):
+        raise ConfigError("inspect: give either SLIDE_URI or --demo")
+    with tempfile.TemporaryDirectory(prefix="care-scale-inspect-") as tmp:
+        uri = args.slide_uri
+        if args.demo:
+            from care_scale.synthetic import write_synthetic_slide
+
+            uri = str(Path(tmp) / "demo_slide.tif")
+            write_synthetic_slide(uri, width=4096, height=3072, mpp=0.5, seed=0)
+        info = inspect_slide(
+            uri, storage_options=_storage_options(args.storage_option) or None,
+            mpp_override=args.mpp_override, target_mpp=args.target_mpp,
+            patch_size=args.patch_size, min_tissue_fraction=args.min_tissue_fraction,
+            backend=args.backend, thumbnail=args.thumbnail,
+        )
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"slide        {info['uri']}")
+    print(f"size         {info['width']} x {info['height']} px, {info['level_count']} levels "
+          f"(downsamples {info['level_downsamples']})")
+    print(f"mpp          {info['mpp_x']} x {info['mpp_y']} um/px"
+          f"   objective {info['objective_power']}x   vendor {info['vendor']}")
+    print(f"backend      {info['backend']}")
+    print(f"tiles        {info['tile_count']} tissue tiles of {info['patch_size']} px at "
+          f"{info['target_mpp']} um/px (level {info['level_read']}, read {info['read_size']} px, "
+          f"mpp from {info['mpp_source']})")
+    if info.get("thumbnail"):
+        print(f"thumbnail    {info['thumbnail']}")
+    return 0
