@@ -51,11 +51,13 @@ class GlobalAttention(torch.nn.Module):
             MaskedBlock(h, cfg.num_heads, cfg.mlp_ratio)
             for _ in range(cfg.subregion_depth + cfg.region_depth))
     def forward(self, x):
-        x = torch.cat([self.cls, self.proj(x)], 1)
-        valid = torch.ones(1, x.shape[1], dtype=torch.bool)
+        t = torch.cat([self.cls[0], self.proj(x[0])])  # (N + 1, H) flat token list
+        ids = torch.arange(t.shape[0])
+        index, valid = ids[None], torch.ones(1, t.shape[0], dtype=torch.bool)
+        back = (torch.zeros_like(ids), ids)  # one group holding every token
         for b in self.blocks:
-            x = b(x, valid)
-        return x[:, 0]
+            t = b(t, index, valid, back)
+        return t[0]
 
 model = care if kind == "care" else GlobalAttention().eval()
 with torch.no_grad():  # warm-up: first-call kernel setup is not part of the per-N cost
@@ -65,15 +67,18 @@ with torch.no_grad():  # warm-up: first-call kernel setup is not part of the per
     else:
         model(feats[:, :256])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+repeats = 2 if n <= 5000 else 1  # best of two where it is cheap: less scheduler noise
+dt = float("inf")
 with torch.no_grad():
-    t = time.perf_counter()
-    if kind == "care":
-        out = model(feats, torch.tensor([n]), torch.from_numpy(grid)[None])
-        regions = int(out.num_regions[0])
-    else:
-        out = model(feats)
-        regions = 0
-    dt = time.perf_counter() - t
+    for _ in range(repeats):
+        t = time.perf_counter()
+        if kind == "care":
+            out = model(feats, torch.tensor([n]), torch.from_numpy(grid)[None])
+            regions = int(out.num_regions[0])
+        else:
+            out = model(feats)
+            regions = 0
+        dt = min(dt, time.perf_counter() - t)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"seconds": dt, "peak_mb": after / 1024, "delta_mb": (after - before) / 1024,
                   "regions": regions}))
