@@ -253,6 +253,9 @@ def test_empty_input_is_refused(care):
         care(torch.zeros(1, 4, 10), torch.tensor([4]), torch.zeros(1, 4, 2, dtype=torch.long))
     with pytest.raises(ModelInputError, match="coords"):
         care.encode(rand_feats(4), None)
+    huge = torch.tensor([[[0, 0], [10**10, 10**10], [3, 4]]])
+    with pytest.raises(ModelInputError, match="pixel coordinates"):
+        care(torch.zeros(1, 3, D), torch.tensor([3]), huge)
 
 
 # ------------------------------------------------------------------------------ training signal

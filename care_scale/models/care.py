@@ -330,6 +330,16 @@ class CARE(nn.Module):
         if token_mask is not None and tuple(token_mask.shape) != (b, n):
             raise ModelInputError("CARE: token_mask must be (B, N)")
         valid = torch.arange(n, device=features.device)[None] < num_valid[:, None]
+        g = grid[valid]
+        extent = ((g.amax(0) - g.amin(0)).double() / cfg.subregion_size
+                  + 2 * cfg.candidate_radius + 2)
+        # Sort keys pack (slide, window, position, index) into int64; refuse grids so sparse
+        # (usually pixel coordinates passed as grid positions) that they would overflow.
+        if float(extent.prod()) * b * cfg.subregion_size**2 * g.shape[0] > 2**62:
+            raise ModelInputError(
+                f"CARE: grid spans {tuple(int(v) for v in g.amax(0) - g.amin(0))} positions; "
+                "pass grid positions (coordinate // patch step), not pixel coordinates"
+            )
         for name, t in (("features", features), ("augmented", augmented)):
             if t is not None and not bool(torch.isfinite(t[valid]).all()):
                 bad = int((~torch.isfinite(t[valid])).any(-1).sum())
