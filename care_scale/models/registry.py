@@ -79,6 +79,11 @@ class SlideEncoderSpec:
     def in_dim(self) -> int:
         return int(self.config["in_dim"])
 
+    @property
+    def embed_dim(self) -> int:
+        """Size of the slide, region and ROI embeddings."""
+        return int(self.config["hidden_dim"])
+
 
 @dataclass(frozen=True)
 class PatchEncoderEntry:
