@@ -29,9 +29,12 @@ class TissueConfig:
     """Tissue detection on the thumbnail (fields passed to care_scale.tissue.TissueParams)."""
 
     thumbnail_max_side: int = 1024
-    saturation_threshold: float | None = None  # None: Otsu on saturation
-    min_area_fraction: float = 0.0005
+    saturation_threshold: float | None = None  # 0..255; None: Otsu on the thumbnail
+    min_saturation: float = 15.0  # floor of the Otsu threshold
+    median_kernel: int = 5
     close_radius: int = 2
+    fill_holes: bool = True
+    min_area_fraction: float = 0.0005
 
     def params(self) -> Any:
         """A ``TissueParams`` with the fields it knows (the slide layer owns that class)."""

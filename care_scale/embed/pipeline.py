@@ -195,6 +195,7 @@ def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
             "width": int(slide.dimensions[0]),
             "height": int(slide.dimensions[1]),
             "mpp": float(grid.mpp),
+            "mpp_source": str(grid.mpp_source),
             "target_mpp": float(grid.target_mpp),
             "level": int(grid.level),
             "patch_size": int(grid.patch_size),
@@ -281,6 +282,7 @@ def read_feature_files(batch: dict[str, np.ndarray], *, params: dict[str, Any]) 
                     "width": int(coords[:, 0].max() + step),
                     "height": int(coords[:, 1].max() + step),
                     "mpp": row.get("mpp"),
+                    "mpp_source": "override" if row.get("mpp") else None,
                     "target_mpp": cfg.target_mpp,
                     "level": 0,
                     "patch_size": int(pf.patch_size_level0 or step),
@@ -410,6 +412,11 @@ def _ensure_ray(config: EmbedConfig) -> bool:
     return True
 
 
+def _decode_task_args() -> dict[str, Any]:
+    # SPREAD: decode tasks go to every node's CPUs, not only the encoder nodes.
+    return {"scheduling_strategy": "SPREAD"}
+
+
 def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
     """The Ray Data pipeline (lazy): decode/encode stages, or the feature-file reader."""
     import ray
@@ -434,6 +441,10 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
     ds = ds.map_batches(
         decode_slides, batch_size=1, fn_kwargs={"params": params},
         compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=1,
+        # Remote args from a function keep Ray Data from fusing decode into the encoder
+        # actors (it fuses task->actor maps with equal sizes and args); fused, decode would
+        # run inside the actor and never overlap inference.
+        ray_remote_args_fn=_decode_task_args,
     )
     return ds.map_batches(
         PatchEncoder,
