@@ -48,6 +48,7 @@ class TileBatch:
 
 def slide_mpp(slide, mpp_override: float | None = None) -> tuple[float, str]:
     """The slide's MPP and where it came from; MissingMPPError when nothing says."""
+    mpp_override = mpp_override or getattr(slide, "mpp_override", None)
     if mpp_override:
         return float(mpp_override), "override"
     if slide.mpp_x:

@@ -73,6 +73,9 @@ def inspect_tiff(uri: str, path: str) -> TiffInfo:
                     if hasattr(value, "name"):  # enums such as RESUNIT.CENTIMETER
                         value = value.name.lower()
                     props[f"tiff.{tag.name}"] = str(value)
+            # tifffile may write its own JSON description first; the vendor's can be second.
+            for desc in (page.description, getattr(page, "description1", "")):
+                props.update(aperio_properties(desc or ""))
             if tif.is_ome and tif.ome_metadata:
                 props.update(_ome_properties(tif.ome_metadata))
             axes = series.axes
@@ -121,6 +124,17 @@ def check_brightfield(uri: str, *, dtype: str, channels: int, axes: str = "") ->
         raise NotBrightfieldError(
             redact(uri), f"{channels} channels (axes {axes or '?'}): looks like multiplex "
             "fluorescence; brightfield slides are 8-bit RGB")
+
+
+def aperio_properties(description: str) -> dict[str, str]:
+    """``Aperio Image Library ...|AppMag = 20|MPP = 0.4990`` -> ``aperio.AppMag``, ..."""
+    out: dict[str, str] = {}
+    if description.startswith("Aperio"):
+        for part in description.split("|")[1:]:
+            if "=" in part:
+                k, v = part.split("=", 1)
+                out[f"aperio.{k.strip()}"] = v.strip()
+    return out
 
 
 def _ome_properties(xml: str) -> dict[str, str]:
@@ -264,6 +278,11 @@ class Slide:
     @property
     def dimensions(self) -> tuple[int, int]:
         return self.level_dimensions[0]
+
+    @property
+    def mpp_override(self) -> float | None:
+        """The MPP the caller imposed at open time (None: the metadata's, if any)."""
+        return float(self._mpp_override) if self._mpp_override else None
 
     @property
     def mpp_x(self) -> float | None:

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from care_scale.slides.base import BackendCannotRead, Slide
+from care_scale.slides.base import BackendCannotRead, Slide, aperio_properties
 
 
 class TiffFileSlide(Slide):
@@ -39,13 +39,8 @@ class TiffFileSlide(Slide):
         self.level_downsamples = [float(np.mean((w0 / w, h0 / h)))
                                   for w, h in self.level_dimensions]
         desc = self._pages[0].description or ""
-        self._props = {}
-        if desc.startswith("Aperio"):
-            # "Aperio Image Library ...|AppMag = 20|MPP = 0.4990" -> aperio.AppMag, aperio.MPP
-            for part in desc.split("|")[1:]:
-                if "=" in part:
-                    k, v = part.split("=", 1)
-                    self._props[f"aperio.{k.strip()}"] = v.strip()
+        self._props = aperio_properties(desc)
+        if self._props:
             self.vendor = "aperio"
         elif self._tif.is_ome:
             self.vendor = "ome-tiff"
