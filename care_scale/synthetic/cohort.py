@@ -155,7 +155,7 @@ def make_feature_cohort(
     *,
     embed_dim: int = 32,
     n_types: int = 4,
-    grid_range: tuple[int, int] = (10, 16),
+    grid_range: tuple[int, int] = (8, 13),
     n_genes: int = 200,
     n_proteins: int = 40,
     patch_noise: float = 1.0,

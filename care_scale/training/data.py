@@ -206,6 +206,7 @@ class ViewParams:
     feature_dropout: float = 0.1
     global_shift: float = 1.0
     shift_basis: np.ndarray | None = None
+    teacher_view: bool = False  # also make a weakly augmented copy for an EMA teacher
     min_patches: int = 8
     max_patches: int | None = None
 
@@ -284,6 +285,15 @@ def make_view(slide: SlideFeatures, rng: np.random.Generator, p: ViewParams, sca
     # available from stored features, so a lighter feature-space augmentation stands in.
     view["augmented"] = augment_features(view["features"], rng, scale=scale,
                                          noise=p.feature_noise * 0.5, dropout=0.0, shift=0.0)
+    if p.teacher_view:
+        # The teacher's copy of the same crop is weakly augmented and "stain-normalised"
+        # (its position along the shift directions removed): consistent targets across
+        # views from the first step, which the strongly augmented student must match.
+        t = x + rng.standard_normal(x.shape).astype(np.float32) * (0.25 * p.feature_noise * scale)
+        if p.shift_basis is not None and len(p.shift_basis):
+            dirs = p.shift_basis[:, :-1]
+            t = t - ((dirs @ t.mean(0)) @ dirs).astype(np.float32)
+        view["teacher_features"] = t.astype(np.float32)
     return view
 
 
@@ -296,11 +306,17 @@ def collate(views: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     aug = np.zeros((b, n, d), np.float32)
     grid = np.zeros((b, n, 2), np.int64)
     num = np.zeros(b, np.int64)
+    teacher = np.zeros((b, n, d), np.float32) if "teacher_features" in views[0] else None
     for i, v in enumerate(views):
         k = len(v["features"])
         feats[i, :k], aug[i, :k], grid[i, :k], num[i] = v["features"], v["augmented"], v["grid"], k
-    return {"features": torch.from_numpy(feats), "augmented": torch.from_numpy(aug),
-            "grid": torch.from_numpy(grid), "num_valid": torch.from_numpy(num)}
+        if teacher is not None:
+            teacher[i, :k] = v["teacher_features"]
+    out = {"features": torch.from_numpy(feats), "augmented": torch.from_numpy(aug),
+           "grid": torch.from_numpy(grid), "num_valid": torch.from_numpy(num)}
+    if teacher is not None:
+        out["teacher_features"] = torch.from_numpy(teacher)
+    return out
 
 
 def feature_scale(slides: list[SlideFeatures]) -> float:

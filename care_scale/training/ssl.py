@@ -122,7 +122,8 @@ class SSLTask:
                                feature_noise=cfg.ssl.feature_noise,
                                feature_dropout=cfg.ssl.feature_dropout,
                                global_shift=cfg.ssl.global_shift,
-                               shift_basis=shift_directions(slides, cfg.ssl.shift_rank))
+                               shift_basis=shift_directions(slides, cfg.ssl.shift_rank),
+                               teacher_view=True)
         encoder = create_slide_encoder(cfg.model.name, cfg.model.checkpoint,
                                        storage_options=cfg.data.storage_options or None,
                                        **cfg.model.overrides)
@@ -180,7 +181,8 @@ class SSLTask:
         batches, masks = self._batch(step, micro)
         t_temp = self.teacher_temp(step)
         with torch.no_grad():
-            t_out = [self.teacher(b) for b in batches]
+            t_out = [self.teacher({**b, "features": b["teacher_features"],
+                                   "augmented": b["teacher_features"]}) for b in batches]
         s_out = [self.model(b, m) for b, m in zip(batches, masks)]
         # slide-level distillation across views
         t_probs = [F.softmax((t[0] - self.center) / t_temp, -1) for t in t_out]
