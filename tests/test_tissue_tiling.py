@@ -47,7 +47,7 @@ def test_tissue_mask_iou(tmp_path, seed, n_types):
     assert tm.contours and all(c.shape[1] == 2 for c in tm.contours)
     # Contours are level-0 pixels: they span the tissue's extent on the full-size slide.
     pts = np.concatenate(tm.contours)
-    ys, xs = np.nonzero(gt)
+    _ys, xs = np.nonzero(gt)
     ds = syn.type_map_downsample
     assert abs(pts[:, 0].min() - xs.min() * ds) < 3 * ds
     assert abs(pts[:, 0].max() - (xs.max() + 1) * ds) < 3 * ds

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from care_scale.exceptions import SlideNotFoundError, StorageError
 from care_scale.storage import redact, strip_file_scheme, to_fsspec
@@ -45,12 +46,34 @@ class CacheEntry:
 def _filesystem(uri: str, storage_options: dict[str, Any] | None):
     import fsspec
 
+    if "@" in urlsplit(uri).netloc:
+        # Refused before any library sees it: they would log or echo the secret part.
+        raise StorageError(f"{redact(uri)}: credentials inside the URI are not accepted; pass "
+                           "them as storage options or via the standard AWS chain")
     try:
         fs, path = fsspec.core.url_to_fs(uri, **to_fsspec(storage_options, uri))
     except (ValueError, ImportError) as exc:
         raise StorageError(f"{redact(uri)}: cannot open filesystem ({redact(exc)})") from None
     # A fresh instance per call would be cheap, but fsspec caches instances anyway.
     return fs, path
+
+
+def remote_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions fsspec filesystems raise for network/auth trouble (s3fs leaks botocore's)."""
+    errors: list[type[BaseException]] = [OSError, ValueError, TimeoutError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError as AioHttpClientError
+
+        errors.append(AioHttpClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def stat_uri(uri: str, *, storage_options: dict[str, Any] | None = None
@@ -70,7 +93,7 @@ def stat_uri(uri: str, *, storage_options: dict[str, Any] | None = None
         info = fs.info(path)
     except FileNotFoundError:
         raise SlideNotFoundError(redact(uri)) from None
-    except (OSError, ValueError, PermissionError) as exc:
+    except remote_errors() as exc:
         raise StorageError(f"{redact(uri)}: cannot stat ({type(exc).__name__}: "
                            f"{redact(exc)})") from None
     if info.get("type") == "directory":
@@ -262,7 +285,7 @@ class SlideCache:
         except FileNotFoundError:
             part.unlink(missing_ok=True)
             raise SlideNotFoundError(redact(uri)) from None
-        except (OSError, ValueError, PermissionError) as exc:
+        except remote_errors() as exc:
             part.unlink(missing_ok=True)
             raise StorageError(f"{redact(uri)}: download failed ({type(exc).__name__}: "
                                f"{redact(exc)})") from None
