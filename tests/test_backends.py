@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from care_scale.exceptions import ConfigError, ModelInputError, TensorRTUnavailableError
+from care_scale.exceptions import (
+    ConfigError,
+    ExportError,
+    ModelInputError,
+    TensorRTUnavailableError,
+)
 from care_scale.export import export_patch_encoder
 from care_scale.export.parity import random_slide, random_tiles
 from care_scale.export.tensorrt import tensorrt_status
@@ -125,3 +130,27 @@ def test_slide_backends_agree_with_care_encode(tmp_path):
             assert rel(enc.region_embeddings, ref.region_embeddings) < 1e-4
     with pytest.raises(ModelInputError, match="NaN"):
         o.encode(np.full((5, 192), np.nan, np.float32), np.zeros((5, 2)))
+
+
+def test_reduced_precision_has_its_own_model_version(tmp_path):
+    out = tmp_path / "a"
+    result = export_patch_encoder("vit_micro_patch16_64", out=str(out), int8=True)
+    int8_reports = [r for r in result.parity if r.name.endswith("int8")]
+    assert int8_reports and all(r.passed and r.tol == 0.1 for r in int8_reports)
+    fp32 = create_patch_backend("onnxruntime", artifacts=str(out))
+    q = create_patch_backend("auto", artifacts=str(out), precision="int8")
+    assert q.kind == "onnxruntime" and q.model_version == fp32.model_version + "+int8"
+    assert result.manifest.variants["int8"]["model_version"] == q.model_version
+    tiles = random_tiles(6, 64, seed=2)
+    ref = create_patch_backend("torch", "vit_micro_patch16_64")(tiles)
+    err = np.linalg.norm(q(tiles) - ref, axis=1) / np.linalg.norm(ref, axis=1)
+    assert 0 < err.max() < 0.1  # quantised: close, but not equal
+    bf16 = create_patch_backend("auto", "vit_micro_patch16_64", precision="bf16")
+    assert bf16.kind == "torch" and bf16.model_version == fp32.model_version + "+bf16"
+    with pytest.raises(ConfigError, match="precision"):
+        create_patch_backend("onnxruntime", "vit_micro_patch16_64", precision="bf16",
+                             cache_dir=tmp_path)
+    plain = tmp_path / "b"
+    export_patch_encoder("vit_micro_patch16_64", out=str(plain))
+    with pytest.raises(ExportError, match="no int8 variant"):
+        create_patch_backend("onnxruntime", artifacts=str(plain), precision="int8")

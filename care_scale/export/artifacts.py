@@ -5,6 +5,7 @@ One exported model is one directory::
     <out>/
       manifest.json                  what is inside, versions, parity figures (this module)
       model.onnx                     ONNX graph with metadata_props (onnx_export.py)
+      model.int8.onnx                optional int8 (dynamic, per-channel) variant
       tensorrt/<engine key>.engine   TensorRT engines, one per GPU arch x TensorRT version
       tensorrt/<engine key>.cache    their timing caches (speed up the next build on that GPU)
 
@@ -71,6 +72,8 @@ class Manifest:
     outputs: list[dict[str, Any]] = field(default_factory=list)
     parity: dict[str, Any] = field(default_factory=dict)
     engines: list[EngineRecord] = field(default_factory=list)
+    #: extra graphs of the same model, e.g. {"int8": {"file", "sha256", "model_version"}}
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     trained: bool = False
     created_utc: str = ""
@@ -223,9 +226,18 @@ def fetch_file(uri: str, rel: str, *, sha256: str | None = None,
 
 
 def fetch_onnx(uri: str, *, storage_options: dict[str, Any] | None = None,
-               cache_dir: str | os.PathLike | None = None) -> tuple[Path, Manifest]:
-    """Local path of the ONNX file of an artifact directory, and its manifest."""
+               cache_dir: str | os.PathLike | None = None,
+               variant: str | None = None) -> tuple[Path, Manifest]:
+    """Local path of the ONNX file (or of ``variant``, e.g. "int8") of an artifact directory,
+    and its manifest."""
     manifest = read_manifest(uri, storage_options=storage_options)
-    path = fetch_file(uri, manifest.onnx_file, sha256=manifest.onnx_sha256,
-                      storage_options=storage_options, cache_dir=cache_dir)
+    if variant is None:
+        rel, sha = manifest.onnx_file, manifest.onnx_sha256
+    elif variant in manifest.variants:
+        rel, sha = manifest.variants[variant]["file"], manifest.variants[variant]["sha256"]
+    else:
+        raise ExportError(f"{redact(uri)}: no {variant} variant in this export (has: "
+                          f"{sorted(manifest.variants) or 'none'}); export with --{variant}")
+    path = fetch_file(uri, rel, sha256=sha, storage_options=storage_options,
+                      cache_dir=cache_dir)
     return path, manifest

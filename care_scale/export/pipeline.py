@@ -32,8 +32,10 @@ from care_scale.export.artifacts import (
 )
 from care_scale.export.onnx_export import (
     DEFAULT_OPSET,
+    INT8_FILE,
     export_patch_encoder_onnx,
     export_slide_encoder_onnx,
+    quantize_patch_onnx,
 )
 from care_scale.export.parity import (
     DEFAULT_TOL,
@@ -47,6 +49,10 @@ from care_scale.export.parity import (
 from care_scale.storage import redact
 
 log = logging.getLogger(__name__)
+
+#: Parity bound of the int8 variant (relative, L2 per feature and L-inf over the batch):
+#: quantisation error, not an export bug, so it is looser than the fp32 bound.
+INT8_TOL = 0.1
 
 
 @dataclass
@@ -109,9 +115,13 @@ def export_patch_encoder(
     parity_slide: str | os.PathLike | None = None,
     parity_tiles: int = 8,
     tol: float = DEFAULT_TOL,
+    int8: bool = False,
     keep_local: bool = False,
 ) -> ExportResult:
     """Export a patch encoder to the artifact directory ``out`` (local path or fsspec URI).
+
+    ``int8=True`` also writes ``model.int8.onnx`` (dynamic int8, per-channel weights) with its
+    own parity figures against torch fp32 (bound ``INT8_TOL``) and model version ``...+int8``.
 
     Parity runs on ``parity_tiles`` random tiles and, with ``parity_slide``, on as many real
     tiles from that slide; both must pass. ``tensorrt=True`` also builds an engine for the GPU
@@ -147,6 +157,22 @@ def export_patch_encoder(
             versions=versions(), trained=bool(getattr(encoder, "trained", False)),
             created_utc=utc_now(),
         )
+        if int8:
+            q = quantize_patch_onnx(info.path, stage / INT8_FILE)
+            q_reports = [check_patch_parity(q.path, encoder, random_tiles(parity_tiles, tile),
+                                            source="random", tol=INT8_TOL)]
+            if parity_slide is not None:
+                q_reports.append(check_patch_parity(q.path, encoder, tiles,
+                                                    source=Path(str(parity_slide)).name,
+                                                    tol=INT8_TOL))
+            for r in q_reports:
+                r.name += " int8"
+            reports += q_reports
+            manifest.variants["int8"] = {
+                "file": INT8_FILE, "sha256": sha256_file(q.path),
+                "model_version": q.metadata["model_version"],
+                "parity": [r.as_dict() for r in q_reports],
+            }
         if tensorrt:
             from care_scale.export.tensorrt import EngineOptions, build_engine
 
@@ -259,7 +285,8 @@ def cached_slide_export(care: nn.Module, *, cache_dir: str | os.PathLike | None 
 
 
 def cached_patch_export(encoder: nn.Module, *, tile_size: int | None = None,
-                        cache_dir: str | os.PathLike | None = None) -> Path:
+                        cache_dir: str | os.PathLike | None = None,
+                        variant: str | None = None) -> Path:
     """The ONNX file of ``encoder`` in the local export cache, exporting it on first use.
 
     Keyed by model version and tile size, so a changed checkpoint never reuses a stale graph.
@@ -272,13 +299,17 @@ def cached_patch_export(encoder: nn.Module, *, tile_size: int | None = None,
     version = _model_version(encoder)
     tile = int(tile_size or encoder.spec.input_size)
     root = Path(cache_dir or default_cache_dir()) / "onnx"
-    target = root / f"{version}-t{tile}"
+    target = root / (f"{version}-t{tile}" + ("" if variant is None else f"-{variant}"))
+    file = ONNX_FILE if variant is None else INT8_FILE
+    if variant not in (None, "int8"):
+        raise ConfigError(f"unknown ONNX variant {variant!r}; known: int8")
     if (target / "manifest.json").exists():
-        return target / ONNX_FILE
+        return target / file
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
     try:
-        export_patch_encoder(encoder, out=str(tmp), tile_size=tile, parity_tiles=4)
+        export_patch_encoder(encoder, out=str(tmp), tile_size=tile, parity_tiles=4,
+                             int8=variant == "int8")
         try:
             os.rename(tmp, target)
         except OSError:  # another worker got there first; its export is the same
@@ -287,4 +318,4 @@ def cached_patch_export(encoder: nn.Module, *, tile_size: int | None = None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("exported %s (%d px tiles) into the cache %s", version, tile, target)
-    return target / ONNX_FILE
+    return target / file

@@ -92,6 +92,10 @@ def choose_patch_kind(kind: BackendKind, *, artifacts: str | None = None,
     return "torch", f"TensorRT not used ({trt_reason}); onnxruntime not installed"
 
 
+#: reduced precisions and the one kind that offers each (``kind="auto"``).
+_PRECISION_KIND = {"bf16": "torch", "fp16": "torch", "int8": "onnxruntime"}
+
+
 def _build_encoder(model: Any, checkpoint: str | None,
                    storage_options: dict[str, Any] | None):
     from torch import nn
@@ -130,10 +134,20 @@ def create_patch_backend(
     onnxruntime and tensorrt. ``checkpoint``: weights for torch (and for on-the-fly exports).
     ``tile_size``: tile side of on-the-fly ONNX exports (default: the encoder's input size;
     other sizes are exported on first use). ``threads``: ONNX Runtime intra-op threads
-    (default: the cores this process may use). ``channels_last``/``precision``: torch only.
+    (default: the cores this process may use). ``channels_last``: torch only.
+    ``precision``: "fp32" (default, everywhere); "bf16"/"fp16" autocast (torch); "int8" the
+    dynamically quantised graph (onnxruntime). Anything but fp32 changes the embeddings, so
+    the model version gets a ``+<precision>`` suffix; with ``kind="auto"`` it picks the kind
+    that offers it. TensorRT runs at the precision its engine was built with.
     """
-    chosen, reason = choose_patch_kind(kind, artifacts=artifacts,
-                                       storage_options=storage_options, device=device)
+    if kind == "auto" and precision in _PRECISION_KIND:
+        chosen, reason = _PRECISION_KIND[precision], f"precision={precision}"
+    else:
+        chosen, reason = choose_patch_kind(kind, artifacts=artifacts,
+                                           storage_options=storage_options, device=device)
+    if chosen == "onnxruntime" and precision not in ("fp32", "int8"):
+        raise ConfigError(f"onnxruntime backend: precision must be fp32 or int8, got "
+                          f"{precision!r}")
     backend = _create(chosen, model, checkpoint=checkpoint, artifacts=artifacts,
                       storage_options=storage_options, device=device, tile_size=tile_size,
                       cache_dir=cache_dir, threads=threads, channels_last=channels_last,
@@ -170,11 +184,12 @@ def _create(kind: str, model: Any, *, checkpoint, artifacts, storage_options, de
     from care_scale.inference.onnx_backend import OnnxPatchBackend
 
     ort_device = None if device is None else str(device)
+    variant = "int8" if precision == "int8" else None
     if artifacts is not None:
         from care_scale.export.artifacts import fetch_onnx
 
         path, manifest = fetch_onnx(artifacts, storage_options=storage_options,
-                                    cache_dir=cache_dir)
+                                    cache_dir=cache_dir, variant=variant)
         _check_manifest(manifest, model, artifacts)
         return OnnxPatchBackend(path, device=ort_device, threads=threads)
 
@@ -183,7 +198,8 @@ def _create(kind: str, model: Any, *, checkpoint, artifacts, storage_options, de
     encoder = _build_encoder(model, checkpoint, storage_options)
 
     def exporter(tile: int):
-        return cached_patch_export(encoder, tile_size=tile, cache_dir=cache_dir)
+        return cached_patch_export(encoder, tile_size=tile, cache_dir=cache_dir,
+                                   variant=variant)
 
     return OnnxPatchBackend(exporter(int(tile_size or encoder.spec.input_size)),
                             device=ort_device, threads=threads, exporter=exporter)

@@ -8,7 +8,8 @@ the ones that won (or cost nothing) there, the others stay opt-in:
   skip a reorder. Off by default: measured within noise on the ViT (one conv per forward).
 - ``precision="bf16"``: CPU autocast to bfloat16, useful only on CPUs with AVX-512 BF16 / AMX
   (``torch.backends.cpu.get_cpu_capability()``); changes numerics (~1e-2 relative), so
-  features are not comparable with fp32 runs and it is never chosen automatically.
+  features are not comparable with fp32 runs (the model version gets a ``+bf16`` suffix) and it
+  is never chosen automatically.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from care_scale.exceptions import ConfigError
 from care_scale.inference.base import PatchBackend, PatchModelInfo, SlideBackend
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -59,9 +61,15 @@ class TorchPatchBackend(PatchBackend):
         if channels_last:
             encoder = encoder.to(memory_format=torch.channels_last)
         self.encoder = encoder
-        # Version of the weights as loaded (before any dtype change), so fp32 and bf16 runs of
-        # the same checkpoint share it; the precision is recorded next to it by describe().
-        super().__init__(patch_info(encoder, model_version or _model_version(encoder)))
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"torch backend: precision must be fp32, bf16 or fp16, got "
+                              f"{precision!r}")
+        # Reduced precision changes the embeddings (~1e-2 relative), so it is part of the
+        # recorded version: rows made with bf16 never pass for fp32 rows of the same weights.
+        version = model_version or _model_version(encoder)
+        if precision != "fp32":
+            version = f"{version}+{precision}"
+        super().__init__(patch_info(encoder, version))
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "precision": self.precision, "device": str(self.device)}
