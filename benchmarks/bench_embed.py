@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 PATCH_BATCH = 32
+TINY_PATCH_ENCODER = "vit_micro_patch16_64"
 
 
 def _children(pid: int) -> list[int]:
@@ -112,6 +113,9 @@ def job_config(source: str, warehouse: str, **extra):
 
     base = {
         "source": source, "warehouse": warehouse, "progress": "off", "commit_every": 8,
+        # The tiny encoder (64-d) and CARE sized for it: the decode-dominated regime.
+        "patch_encoder": {"name": TINY_PATCH_ENCODER},
+        "slide_encoder": {"name": "care_tiny", "overrides": {"in_dim": 64}},
         "concurrency": {"decode_tasks": 1, "encoder_actors": 1, "decode_num_workers": 2,
                         "torch_threads": 1},
     }
@@ -142,7 +146,7 @@ def run_baseline(paths: list[Path]) -> tuple[int, float]:
     cfg = resolve_models(job_config("unused", "unused"))
     t0 = time.perf_counter()
     encoder = create_patch_encoder(cfg.patch_encoder.name)
-    care = create_slide_encoder(cfg.slide_encoder.name)
+    care = create_slide_encoder(cfg.slide_encoder.name, **cfg.slide_encoder.overrides)
     tiles_done = 0
     for path in paths:
         with open_slide(str(path)) as s:  # the same tile grid as the job

@@ -66,6 +66,7 @@ class Concurrency:
 
     decode_tasks: int = 2
     decode_num_workers: int = 2
+    decode_num_cpus: float = 1.0  # logical CPUs reserved per decode task
     encoder_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0

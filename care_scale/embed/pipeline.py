@@ -440,7 +440,7 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
         )
     ds = ds.map_batches(
         decode_slides, batch_size=1, fn_kwargs={"params": params},
-        compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=1,
+        compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=c.decode_num_cpus,
         # Remote args from a function keep Ray Data from fusing decode into the encoder
         # actors (it fuses task->actor maps with equal sizes and args); fused, decode would
         # run inside the actor and never overlap inference.
