@@ -67,6 +67,9 @@ class Concurrency:
     decode_tasks: int = 2
     decode_num_workers: int = 2
     decode_num_cpus: float = 1.0  # logical CPUs reserved per decode task
+    # Logical memory reserved per decode task (scheduling only). It also differs from the
+    # encoder actors' remote args, which keeps Ray Data from fusing decode into the actors.
+    decode_memory_bytes: int = 1 << 30
     encoder_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0

@@ -412,11 +412,6 @@ def _ensure_ray(config: EmbedConfig) -> bool:
     return True
 
 
-def _decode_task_args() -> dict[str, Any]:
-    # SPREAD: decode tasks go to every node's CPUs, not only the encoder nodes.
-    return {"scheduling_strategy": "SPREAD"}
-
-
 def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
     """The Ray Data pipeline (lazy): decode/encode stages, or the feature-file reader."""
     import ray
@@ -441,10 +436,10 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
     ds = ds.map_batches(
         decode_slides, batch_size=1, fn_kwargs={"params": params},
         compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=c.decode_num_cpus,
-        # Remote args from a function keep Ray Data from fusing decode into the encoder
-        # actors (it fuses task->actor maps with equal sizes and args); fused, decode would
-        # run inside the actor and never overlap inference.
-        ray_remote_args_fn=_decode_task_args,
+        # Decode must stay its own operator: Ray Data fuses a task map into the next actor
+        # map when sizes and remote args match, and fused, decode would run inside the
+        # encoder actor and never overlap inference. The memory reservation differs.
+        memory=c.decode_memory_bytes or None,
     )
     return ds.map_batches(
         PatchEncoder,
@@ -514,6 +509,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
 
                 ray.shutdown()
     progress.close()
+    summary.backend = ctx.backend_kind
     summary.tiles = progress.tiles
     summary.seconds = time.monotonic() - t0
     wh.finish_run(run_id, {"total": summary.total, "skipped": summary.skipped,
