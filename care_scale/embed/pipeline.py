@@ -453,12 +453,13 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
 
 def run_embedding(config: EmbedConfig) -> RunSummary:
     """Embed every slide of ``config.source`` not yet in ``config.warehouse``; see the module."""
+    config.require_io()
+    config.validate()
+
     from care_scale.embed.results import build_failure, build_result
     from care_scale.models import model_version
     from care_scale.warehouse import Warehouse
 
-    config.require_io()
-    config.validate()
     config = resolve_models(config)
     t0 = time.monotonic()
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4(
