@@ -39,6 +39,8 @@ class PatchBackend(ABC):
     """``backend(tiles uint8 (B, H, W, 3)) -> float32 (B, embed_dim)``."""
 
     kind: ClassVar[str]
+    #: why this kind was chosen (set by ``create_patch_backend``)
+    selection: str = "constructed directly"
 
     def __init__(self, info: PatchModelInfo):
         self.info = info
@@ -97,6 +99,7 @@ class SlideBackend(ABC):
     """
 
     kind: ClassVar[str]
+    selection: str = "constructed directly"
 
     def __init__(self, *, name: str, model_version: str, in_dim: int, embed_dim: int):
         self.model_name = name
