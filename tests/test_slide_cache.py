@@ -80,8 +80,6 @@ def test_cache_is_bounded_with_lru_eviction(bucket, s3_options, slide_files, tmp
 
 
 def test_open_slides_are_not_evicted(bucket, s3_options, tmp_path):
-    one = 0
-    cache = None
     uris = [f"s3://{bucket}/slides/syn{i}.tif" for i in range(2)]
     one = max(stat_uri(u, storage_options=s3_options)[0] for u in uris)
     cache = SlideCache(tmp_path / "c", max_bytes=one + 100)

@@ -178,6 +178,41 @@ def test_ome_tiff_pyramid_reads_exact(tmp_path):
         assert s.mpp_x == pytest.approx(0.25)
 
 
+def _he_like(size: int = 1024) -> np.ndarray:
+    rng = np.random.default_rng(2)
+    img = np.full((size, size, 3), 232, np.uint8)
+    img[200:800, 300:900] = (150, 70, 160)
+    return (img + rng.integers(0, 8, img.shape)).astype(np.uint8)
+
+
+def test_aperio_jpeg2000_svs_equal_between_backends(tmp_path):
+    """Aperio SVS with JPEG 2000 tiles (compression 33005, RGB), as older scanners write."""
+    img = _he_like()
+    path = tmp_path / "j2k.svs"
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression=33005,
+                     metadata=None, description="Aperio Image Library v10.0.51\r\n1024x1024 "
+                     "[0,0 1024x1024] (256x256) J2K/KDU Q=70|AppMag = 20|MPP = 0.4990")
+    for backend in ALL_BACKENDS:
+        with open_slide(path, backend=backend) as s:
+            assert (s.vendor, s.mpp_x, s.objective_power) == ("aperio", 0.499, 20)
+            np.testing.assert_array_equal(s.read_region(0, 250, 150, 300, 200),
+                                          img[150:350, 250:550], err_msg=backend)
+
+
+def test_falls_through_to_a_backend_that_decodes(tmp_path):
+    """Generic JPEG 2000 TIFF (34712): cuCIM and OpenSlide cannot decode it, tifffile can."""
+    img = _he_like(512)
+    path = tmp_path / "j2k.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg2000",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER", metadata=None)
+    with open_slide(path) as s:
+        assert s.backend == "tifffile" and s.mpp_x == 0.5
+        np.testing.assert_array_equal(s.read_region(0, 0, 0, 512, 512), img)
+    with pytest.raises(CorruptSlideError) as info:
+        open_slide(path, backend="openslide")
+    assert "34712" in str(info.value)
+
+
 # ---- bad input: each gets its own exception naming the file --------------------------------
 
 

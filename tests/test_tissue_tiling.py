@@ -141,3 +141,22 @@ def test_demo_cohort(tmp_path):
         assert c.composition.sum() == pytest.approx(1.0)
         with open_slide(c.path) as s:
             assert s.mpp_x == 0.5 and s.dimensions == (1024, 768)
+
+
+def test_synthetic_writer_memory_does_not_grow_with_slide_size(tmp_path):
+    """Tile-by-tile writing: peak Python/numpy memory stays far below the raw image size."""
+    import tracemalloc
+
+    write_synthetic_slide(tmp_path / "warm.tif", width=512, height=512, seed=0)  # imports
+    peaks = {}
+    for side in (1024, 6144):
+        tracemalloc.start()
+        syn = write_synthetic_slide(tmp_path / f"big{side}.tif", width=side, height=side,
+                                    seed=0)
+        peaks[side] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    raw = 6144 * 6144 * 3
+    assert peaks[6144] < raw / 8, (peaks, raw)
+    assert peaks[6144] < 3 * peaks[1024] + (8 << 20)
+    with open_slide(syn.path) as s:
+        assert s.dimensions == (6144, 6144) and s.level_count == 3
