@@ -65,7 +65,7 @@ def quantize_int8(src: Path, dst: Path) -> Path:
     return dst
 
 
-def bench_patch(name: str, batch: int, rounds: int, cache: Path) -> None:
+def bench_patch(name: str, batch: int, rounds: int, cache: Path, threads: int) -> None:
     from care_scale.export.pipeline import cached_patch_export
     from care_scale.inference import create_patch_backend
     from care_scale.inference.onnx_backend import OnnxPatchBackend
@@ -84,10 +84,10 @@ def bench_patch(name: str, batch: int, rounds: int, cache: Path) -> None:
     t_cl = create_patch_backend("torch", create_patch_encoder(name), channels_last=True)
     t_bf = create_patch_backend("torch", create_patch_encoder(name), precision="bf16")
     onnx_path = cached_patch_export(encoder, cache_dir=cache)
-    ort = OnnxPatchBackend(onnx_path)
-    ort_spin = OnnxPatchBackend(onnx_path, spinning=True)
+    ort = OnnxPatchBackend(onnx_path, threads=threads)
+    ort_spin = OnnxPatchBackend(onnx_path, spinning=True, threads=threads)
     q_path = quantize_int8(onnx_path, onnx_path.with_name("model.int8.onnx"))
-    ort_q = OnnxPatchBackend(q_path)
+    ort_q = OnnxPatchBackend(q_path, threads=threads)
 
     variants = {
         "torch eager": eager,
@@ -110,7 +110,7 @@ def bench_patch(name: str, batch: int, rounds: int, cache: Path) -> None:
         print(f"  {k:<28}{batch / t:>10.2f}{base / t:>9.2f}x{errors[k]:>14.1e}")
 
 
-def bench_care(n: int, rounds: int, cache: Path) -> None:
+def bench_care(n: int, rounds: int, cache: Path, threads: int) -> None:
     from care_scale.export.parity import random_slide
     from care_scale.inference import create_slide_backend
     from care_scale.models import create_slide_encoder
@@ -118,7 +118,7 @@ def bench_care(n: int, rounds: int, cache: Path) -> None:
     care = create_slide_encoder("care")
     feats, grid = random_slide(n, care.config.in_dim, seed=0)
     t = create_slide_backend("torch", care)
-    o = create_slide_backend("onnxruntime", care, cache_dir=cache)
+    o = create_slide_backend("onnxruntime", care, cache_dir=cache, threads=threads)
     ref, got = t.run_grid(feats, grid), o.run_grid(feats, grid)
     same = bool(np.array_equal(ref["region_of_patch"], got["region_of_patch"]))
     err = rel_err(got["slide_embedding"][None], ref["slide_embedding"][None])
@@ -141,16 +141,20 @@ def main() -> None:
     ap.add_argument("--care-n", type=int, default=5000)
     ap.add_argument("--skip-care", action="store_true")
     ap.add_argument("--cache", help="export cache dir (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                    help="torch threads and ONNX Runtime intra-op threads (default 2); 1 is "
+                         "steadier when other processes load the cores")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     cache = Path(args.cache or tempfile.mkdtemp(prefix="bench-export-"))
     models = [m for m in args.models.split(",") if m]
     batches = [int(b) for b in args.batch.split(",")]
     print(f"care-scale export benchmark: {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at start (other processes share these cores)")
     for i, name in enumerate(models):
-        bench_patch(name, batches[min(i, len(batches) - 1)], args.rounds, cache)
+        bench_patch(name, batches[min(i, len(batches) - 1)], args.rounds, cache, args.threads)
     if not args.skip_care:
-        bench_care(args.care_n, args.rounds, cache)
+        bench_care(args.care_n, args.rounds, cache, args.threads)
 
 
 if __name__ == "__main__":
