@@ -226,6 +226,7 @@ class AlignTask:
         self.view = ViewParams(crop_scale=(1.0, 1.0), feature_noise=cfg.align.feature_noise,
                                feature_dropout=0.0, global_shift=cfg.align.global_shift,
                                shift_basis=shift_directions(slides, cfg.align.shift_rank),
+                               shift_mix=cfg.align.shift_mix,
                                max_patches=cfg.align.max_patches)
         steps = cfg.align.phase_steps or _even_split(cfg.optim.steps, len(cfg.align.phases))
         self.phase_bounds = np.cumsum([0, *steps]).tolist()

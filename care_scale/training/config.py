@@ -143,8 +143,9 @@ class AlignConfig:
     init_temperature: float = 0.07
     max_patches: int = 1024  # whole slides are randomly cropped above this
     feature_noise: float = 0.2
-    global_shift: float = 1.0
+    global_shift: float = 0.3
     shift_rank: int = 8
+    shift_mix: bool = True  # each view's shift strength uniform in [0, global_shift]
     lambda_rsl: float | None = None
     slide_lr_scale: float = 1.0  # lr multiplier of the slide encoder (it stays trainable)
 

@@ -207,6 +207,7 @@ class ViewParams:
     global_shift: float = 1.0
     shift_basis: np.ndarray | None = None
     teacher_view: bool = False  # also make a weakly augmented copy for an EMA teacher
+    shift_mix: bool = False  # draw each view's shift strength uniformly in [0, global_shift]
     min_patches: int = 8
     max_patches: int | None = None
 
@@ -228,8 +229,8 @@ def crop_indices(grid: np.ndarray, rng: np.random.Generator, scale: tuple[float,
 
 
 def augment_features(x: np.ndarray, rng: np.random.Generator, *, scale: float, noise: float,
-                     dropout: float, shift: float, shift_basis: np.ndarray | None = None
-                     ) -> np.ndarray:
+                     dropout: float, shift: float, shift_basis: np.ndarray | None = None,
+                     shift_mix: bool = False) -> np.ndarray:
     """Feature-space augmentation: patch noise, feature dropout, one offset for the view.
 
     ``scale`` is the cohort's within-slide feature std, so noise is relative. The offset
@@ -244,7 +245,10 @@ def augment_features(x: np.ndarray, rng: np.random.Generator, *, scale: float, n
         if shift_basis is not None and len(shift_basis):
             dirs, std = shift_basis[:, :-1], shift_basis[:, -1]
             current = dirs @ out.mean(0)
-            target = rng.standard_normal(len(dirs)) * std * shift
+            # Uniform strength in [0, shift]: some views nearly normalised (an early
+            # signal to learn from), some as shifted as real slides (invariance).
+            target = rng.standard_normal(len(dirs)) * std * shift * (
+                rng.uniform() if shift_mix else 1.0)
             offset = (target - current) @ dirs
         else:
             offset = rng.standard_normal(x.shape[1]) * (shift * scale)

@@ -24,7 +24,7 @@ import torch
 from care_scale.config import load_config
 from care_scale.training.config import Stage1Config, Stage2Config
 
-DEMO_STEPS = {"stage1": 140, "stage2": 160}
+DEMO_STEPS = {"stage1": 140, "stage2": 240}
 
 
 def demo_overrides(stage: str, workdir: str) -> list[str]:
@@ -40,7 +40,7 @@ def demo_overrides(stage: str, workdir: str) -> list[str]:
     if stage == "stage1":
         return common + ["optim.lr=5e-4", "ssl.out_dim=64", "ssl.patch_out_dim=64",
                          "ssl.teacher_momentum=0.95"]
-    return common + ["optim.lr=1e-3", "align.phases=rna,protein"]
+    return common + ["optim.lr=1e-3", "align.phases=rna,protein", "align.phase_steps=180,60"]
 
 
 def load_stage_config(stage: str, path: str | None, overrides: list[str] | None, *,
