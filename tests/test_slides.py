@@ -208,7 +208,7 @@ def test_falls_through_to_a_backend_that_decodes(tmp_path):
     with open_slide(path) as s:
         assert s.backend == "tifffile" and s.mpp_x == 0.5
         np.testing.assert_array_equal(s.read_region(0, 0, 0, 512, 512), img)
-    with pytest.raises(CorruptSlideError) as info:
+    with pytest.raises(UnsupportedFormatError) as info:
         open_slide(path, backend="openslide")
     assert "34712" in str(info.value)
 
@@ -239,6 +239,24 @@ def test_truncated_slide_is_corrupt(tmp_path, pyramid):
     cut.write_bytes(data[: len(data) // 2])
     err = _raises(CorruptSlideError, cut)
     assert "truncated" in err.reason
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_damaged_tile_data_is_corrupt(tmp_path, pyramid, backend):
+    # Level-0 JPEG tiles overwritten with zeros (header intact, sizes right, not truncated).
+    # cuCIM's CPU decoder only logs such errors and returns filler pixels, so it is not
+    # parametrized here; OpenSlide and tifffile raise, and we turn that into the slide error.
+    with tifffile.TiffFile(pyramid) as tif:
+        page = tif.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts))
+    data = bytearray(pyramid.read_bytes())
+    for off, cnt in spans:
+        data[off + 2 : off + cnt - 2] = bytes(cnt - 4)
+    bad = tmp_path / "damaged.tif"
+    bad.write_bytes(bytes(data))
+    with open_slide(bad, backend=backend) as s, pytest.raises(CorruptSlideError) as info:
+        s.read_region(0, 500, 500, 64, 64)
+    assert "damaged.tif" in str(info.value) and "cannot decode" in info.value.reason
 
 
 def test_sixteen_bit_is_not_brightfield(tmp_path):
@@ -347,3 +365,18 @@ def test_cli_bad_input_exit_code_and_one_line(shared_data):
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("CorruptSlideError:") and "broken.svs" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_one_line_even_when_decoders_print(tmp_path):
+    # cuCIM prints its own complaints about JPEG 2000 TIFF tiles to the stderr descriptor.
+    path = tmp_path / "j2k.tif"
+    tifffile.imwrite(path, _he_like(512), tile=(256, 256), photometric="rgb",
+                     compression="jpeg2000", metadata=None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "care_scale", "inspect", str(path), "--backend", "cucim"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("UnsupportedFormatError:") and "j2k.tif" in lines[0]

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +104,30 @@ def _write_thumbnail(slide, tissue, out: str) -> None:
         raise StorageError(f"{out}: could not write the thumbnail PNG")
 
 
+@contextlib.contextmanager
+def _native_stderr_hidden(hide: bool) -> Iterator[None]:
+    """Hide what C decoders (libtiff, libjpeg, cuCIM) print straight to file descriptor 2.
+
+    The CLI promises one line on stderr for bad input; those libraries print their own
+    warnings first. ``--debug`` shows them.
+    """
+    if not hide:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 def run(args: argparse.Namespace) -> int:
     from care_scale.exceptions import ConfigError
 
@@ -112,12 +140,13 @@ def run(args: argparse.Namespace) -> int:
 
             uri = str(Path(tmp) / "demo_slide.tif")
             write_synthetic_slide(uri, width=4096, height=3072, mpp=0.5, seed=0)
-        info = inspect_slide(
-            uri, storage_options=_storage_options(args.storage_option) or None,
-            mpp_override=args.mpp_override, target_mpp=args.target_mpp,
-            patch_size=args.patch_size, min_tissue_fraction=args.min_tissue_fraction,
-            backend=args.backend, thumbnail=args.thumbnail,
-        )
+        with _native_stderr_hidden(not getattr(args, "debug", False)):
+            info = inspect_slide(
+                uri, storage_options=_storage_options(args.storage_option) or None,
+                mpp_override=args.mpp_override, target_mpp=args.target_mpp,
+                patch_size=args.patch_size, min_tissue_fraction=args.min_tissue_fraction,
+                backend=args.backend, thumbnail=args.thumbnail,
+            )
     if args.json:
         print(json.dumps(info))
         return 0

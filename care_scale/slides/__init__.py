@@ -129,6 +129,7 @@ def _open_local(uri: str, path: str, *, backend: BackendName, mpp_override: floa
         tiff_info = inspect_tiff(uri, path)
     names = list(BACKENDS) if backend == "auto" else [backend]
     reasons: list[str] = []
+    decode_failed = False
     for name in names:
         cls = BACKENDS[name]()
         try:
@@ -143,16 +144,22 @@ def _open_local(uri: str, path: str, *, backend: BackendName, mpp_override: floa
             # Another backend may decode what this one cannot (e.g. an unusual codec).
             slide._on_close = None
             slide.close()
+            # "codec not supported" is the backend's limit, not damage to the file.
+            decode_failed |= "support" not in exc.reason.lower()
             reasons.append(f"{name}: {exc.reason}")
             continue
         return slide
     why = "; ".join(reasons)
-    if tiff_info is not None:
-        raise CorruptSlideError(redact(uri), f"a TIFF that no slide backend can decode ({why})")
-    if ext in SLIDE_EXTENSIONS:
+    if decode_failed:
+        # A backend understood the structure but its pixel data does not decode.
+        raise CorruptSlideError(redact(uri), f"pixel data cannot be decoded ({why})")
+    if tiff_info is None and ext in SLIDE_EXTENSIONS:
         raise CorruptSlideError(
             redact(uri), f"has a {ext} name but is damaged or not a slide at all ({why})")
-    raise UnsupportedFormatError(redact(uri), f"not a slide format any backend reads ({why})")
+    what = "TIFF layout" if tiff_info is not None else "format"
+    raise UnsupportedFormatError(redact(uri), f"not a slide {what} the "
+                                 f"{'backends' if backend == 'auto' else backend + ' backend'} "
+                                 f"can read ({why})")
 
 
 def _probe(slide: Slide) -> None:
