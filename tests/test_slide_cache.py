@@ -174,3 +174,27 @@ def test_missing_object_and_no_secret_in_errors(bucket, s3_options, tmp_path, ca
     text = str(info.value) + repr(info.value.__cause__) + repr(info.value.__context__)
     assert SECRET not in text
     assert SECRET not in caplog.text
+
+
+def test_multi_file_formats_are_staged_with_companions(s3_server, s3_bucket, s3_options,
+                                                       tmp_path):
+    """MRXS needs its data folder next to it; all files land in one cache entry."""
+    client = _client(s3_server)
+    parts = {"case/slide.mrxs": b"[GENERAL]\n", "case/slide/Slidedat.ini": b"[GENERAL]\nx=1\n",
+             "case/slide/Data0000.dat": bytes(range(256)) * 40, "case/other.txt": b"no"}
+    for key, body in parts.items():
+        client.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    cache = SlideCache(tmp_path / "c", max_bytes=1 << 20)
+    entry = cache.fetch(f"s3://{s3_bucket}/case/slide.mrxs", storage_options=s3_options)
+    assert entry.path.name == "slide.mrxs"
+    staged = sorted(str(p.relative_to(entry.path.parent))
+                    for p in entry.path.parent.rglob("*") if p.is_file() and
+                    not p.name.startswith("."))
+    assert staged == ["slide.mrxs", "slide/Data0000.dat", "slide/Slidedat.ini"]
+    assert (entry.path.parent / "slide/Data0000.dat").read_bytes() == parts["case/slide/Data0000.dat"]
+    assert cache.total_bytes() == sum(len(v) for k, v in parts.items() if "other" not in k)
+    cache.release(entry.path)
+    # Not a real MRXS: opening it names the slide and says what is wrong.
+    with pytest.raises(CareScaleError) as info:
+        open_slide(f"s3://{s3_bucket}/case/slide.mrxs", storage_options=s3_options, cache=cache)
+    assert "slide.mrxs" in str(info.value)

@@ -26,7 +26,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -102,12 +102,42 @@ def stat_uri(uri: str, *, storage_options: dict[str, Any] | None = None
     return int(info.get("size") or 0), (str(etag).strip('"') if etag else None)
 
 
+def _companions(uri: str, storage_options: dict[str, Any] | None
+                ) -> list[tuple[str, str, int, str | None]]:
+    """(remote URI, path relative to the entry, size, ETag) of files the slide needs."""
+    suffix = PurePosixPath(uri.split("?", 1)[0]).suffix.lower()
+    if suffix not in (".mrxs", ".dcm"):
+        return []
+    fs, path = _filesystem(uri, storage_options)
+    protocol = uri.split("://", 1)[0]
+    p = PurePosixPath(path)
+    try:
+        if suffix == ".mrxs":
+            base = str(p.with_suffix(""))
+            found = fs.find(base, detail=True)
+            items = [(f, str(PurePosixPath(p.stem) / PurePosixPath(f).relative_to(base)), i)
+                     for f, i in found.items()]
+        else:
+            found = fs.glob(str(p.parent / "*.dcm"), detail=True)
+            items = [(f, PurePosixPath(f).name, i) for f, i in found.items() if f != path]
+    except remote_errors() as exc:
+        raise StorageError(f"{redact(uri)}: cannot list companion files ({type(exc).__name__}: "
+                           f"{redact(exc)})") from None
+    out = []
+    for f, rel, info in sorted(items):
+        etag = info.get("ETag") or info.get("etag")
+        out.append((f"{protocol}://{f}", rel, int(info.get("size") or 0),
+                    str(etag).strip('"') if etag else None))
+    return out
+
+
 class SlideCache:
     """Stage remote slide files in ``root``, keeping the total under ``max_bytes``."""
 
     def __init__(self, root: str | os.PathLike, *, max_bytes: int = 50 * (1 << 30),
                  remove_after_use: bool = False, num_threads: int = 4,
-                 chunk_bytes: int = 16 * _MIB, verify_md5: bool = True):
+                 chunk_bytes: int = 16 * _MIB, verify_md5: bool = True,
+                 wait_seconds: float = 900.0):
         if max_bytes <= 0:
             raise StorageError(f"SlideCache max_bytes must be positive, got {max_bytes}")
         self.root = Path(root)
@@ -117,44 +147,73 @@ class SlideCache:
         self.num_threads = max(1, int(num_threads))
         self.chunk_bytes = max(_MIB // 4, int(chunk_bytes))
         self.verify_md5 = verify_md5
+        # How long to wait for another process that is downloading the same slide.
+        self.wait_seconds = float(wait_seconds)
         self._in_use: dict[Path, int] = {}
         self._mutex = threading.Lock()
 
     # ---- public ------------------------------------------------------------------------------
     def fetch(self, uri: str, *, storage_options: dict[str, Any] | None = None) -> CacheEntry:
-        """Local copy of ``uri`` (downloaded unless a verified copy is cached); pins it."""
+        """Local copy of ``uri`` (downloaded unless a verified copy is cached); pins it.
+
+        Multi-file formats come with their companions: MRXS with its data folder of the same
+        name, DICOM WSI with the other ``.dcm`` files of its folder.
+        """
         size, etag = stat_uri(uri, storage_options=storage_options)
-        if size > self.max_bytes:
-            raise StorageError(f"{redact(uri)}: {size} bytes does not fit in the slide cache "
+        companions = _companions(uri, storage_options)
+        total = size + sum(c[2] for c in companions)
+        if total > self.max_bytes:
+            raise StorageError(f"{redact(uri)}: {total} bytes does not fit in the slide cache "
                                f"(max_bytes={self.max_bytes})")
         entry_dir = self.root / self._key(uri)
         name = Path(strip_file_scheme(uri).split("?", 1)[0]).name or "slide"
         target = entry_dir / name
-        with self._lock():
-            meta = self._read_meta(entry_dir)
-            if (meta and target.exists() and meta.get("size") == size
-                    and meta.get("etag") == etag and target.stat().st_size == size):
-                self._touch(entry_dir)
-                self._pin(target)
-                return CacheEntry(target, size, etag)
-            # Stale or missing: drop the old copy, make room, then download outside the lock.
-            shutil.rmtree(entry_dir, ignore_errors=True)
-            self._evict(size)
-            entry_dir.mkdir(parents=True, exist_ok=True)
-            # Reserve the space so a concurrent fetch does not overfill the cache meanwhile.
-            self._write_meta(entry_dir, {"size": size, "etag": etag, "complete": False})
-            self._pin(target)
+        files = {name: size, **{rel: n for _, rel, n, _ in companions}}
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            with self._lock():
+                meta = self._read_meta(entry_dir)
+                if meta and meta.get("complete") and meta.get("etag") == etag \
+                        and meta.get("files") == files and self._files_ok(entry_dir, files):
+                    self._touch(entry_dir)
+                    self._pin(target)
+                    return CacheEntry(target, size, etag)
+                in_progress = meta and not meta.get("complete") and \
+                    time.time() - self._last_used(entry_dir) < self.wait_seconds
+                if not in_progress or time.monotonic() > deadline:
+                    # Stale or missing: drop the old copy, make room, download outside the lock.
+                    shutil.rmtree(entry_dir, ignore_errors=True)
+                    self._evict(total)
+                    entry_dir.mkdir(parents=True, exist_ok=True)
+                    # Reserve the space so concurrent fetches do not overfill the cache.
+                    self._write_meta(entry_dir, {"size": total, "etag": etag, "files": files,
+                                                 "complete": False})
+                    self._pin(target)
+                    break
+            time.sleep(0.2)  # another process is downloading this slide: wait for it
         try:
             self._download(uri, storage_options, target, size, etag)
+            for remote, rel, n, c_etag in companions:
+                dest = entry_dir / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                self._download(remote, storage_options, dest, n, c_etag)
         except BaseException:
             self._unpin(target)
             shutil.rmtree(entry_dir, ignore_errors=True)
             raise
         with self._lock():
-            self._write_meta(entry_dir, {"size": size, "etag": etag, "complete": True,
-                                         "uri": redact(uri)})
+            self._write_meta(entry_dir, {"size": total, "etag": etag, "files": files,
+                                         "complete": True, "uri": redact(uri)})
             self._touch(entry_dir)
         return CacheEntry(target, size, etag)
+
+    @staticmethod
+    def _files_ok(entry_dir: Path, files: dict[str, int]) -> bool:
+        for rel, n in files.items():
+            p = entry_dir / rel
+            if not p.is_file() or p.stat().st_size != n:
+                return False
+        return True
 
     def release(self, path: str | os.PathLike) -> None:
         """The slide staged at ``path`` is closed; delete it if ``remove_after_use``."""
@@ -249,7 +308,10 @@ class SlideCache:
         for d in entries:
             if total + incoming <= self.max_bytes:
                 return
-            if self._pinned_dir(d):
+            meta = self._read_meta(d) or {}
+            downloading = not meta.get("complete") and \
+                time.time() - self._last_used(d) < self.wait_seconds
+            if self._pinned_dir(d) or downloading:
                 continue
             total -= self._entry_size(d)
             shutil.rmtree(d, ignore_errors=True)
