@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from care_scale.exceptions import MissingMPPError
+from care_scale.exceptions import ConfigError, MissingMPPError
 from care_scale.tissue import TissueMask, TissueParams, detect_tissue
 
 # Objective power -> MPP when a slide has no MPP: 10x ~ 1.0, 20x ~ 0.5, 40x ~ 0.25 um/px.
@@ -67,7 +67,7 @@ def tile_grid(slide, *, target_mpp: float = 0.5, patch_size: int = 224,
     """Tissue tiles of ``slide`` at ``target_mpp`` (``stride`` in target pixels, default
     ``patch_size``). Tiles lie fully inside the slide."""
     if target_mpp <= 0 or patch_size <= 0:
-        raise ValueError(f"target_mpp and patch_size must be > 0, got {target_mpp}, {patch_size}")
+        raise ConfigError(f"target_mpp and patch_size must be > 0, got {target_mpp}, {patch_size}")
     mpp, source = slide_mpp(slide, mpp_override)
     scale = target_mpp / mpp  # level-0 pixels per target pixel
     size0 = max(1, round(patch_size * scale))

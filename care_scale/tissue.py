@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from care_scale.exceptions import ConfigError
+
 
 @dataclass
 class TissueParams:
@@ -28,11 +30,11 @@ class TissueParams:
 
     def validate(self) -> None:
         if self.thumbnail_max_side < 16:
-            raise ValueError(f"thumbnail_max_side must be >= 16, got {self.thumbnail_max_side}")
+            raise ConfigError(f"thumbnail_max_side must be >= 16, got {self.thumbnail_max_side}")
         if self.median_kernel > 1 and self.median_kernel % 2 == 0:
-            raise ValueError(f"median_kernel must be odd, got {self.median_kernel}")
+            raise ConfigError(f"median_kernel must be odd, got {self.median_kernel}")
         if not 0.0 <= self.min_area_fraction < 1.0:
-            raise ValueError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}")
+            raise ConfigError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}")
 
 
 @dataclass

@@ -115,6 +115,27 @@ def test_cmu_tile_grid_at_half_micron(cmu):
             np.testing.assert_array_equal(tile_grid(s).coords, grid.coords)
 
 
+@pytest.mark.gpu
+def test_cucim_gpu_decode_matches_cpu(cmu):
+    coords = [(0, 0), (700, 900), (1500, 2000)]
+    with open_slide(cmu, device="cuda") as gpu, open_slide(cmu, backend="cucim") as cpu:
+        assert gpu.backend == "cucim" and gpu.device == "cuda"
+        a = gpu.read_regions(coords, (224, 224), num_workers=2)
+        b = cpu.read_regions(coords, (224, 224), num_workers=2)
+    # nvJPEG and libjpeg-turbo may round differently (IDCT); the images must agree closely.
+    assert a.shape == b.shape and np.abs(a.astype(int) - b).mean() < 2.0
+
+
+def test_cuda_device_without_gpu_is_a_config_error(cmu):
+    from care_scale.exceptions import ConfigError
+    from care_scale.slides import _cuda_available
+
+    if _cuda_available():
+        pytest.skip("a CUDA device is present; the refusal path does not apply")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        open_slide(cmu, device="cuda")
+
+
 # ---- generated TIFFs ----------------------------------------------------------------------
 
 

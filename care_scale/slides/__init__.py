@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from care_scale.exceptions import (
+    ConfigError,
     CorruptSlideError,
     SlideNotFoundError,
     UnsupportedFormatError,
@@ -69,17 +70,27 @@ TIFF_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".btf", ".t
 
 def open_slide(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None = None,
                cache: SlideCache | None = None, backend: BackendName = "auto",
-               mpp_override: float | None = None) -> Slide:
+               mpp_override: float | None = None,
+               device: Literal["cpu", "cuda"] = "cpu") -> Slide:
     """Open a slide (local path or fsspec URI) with the first backend that can read it.
 
     Remote slides are staged through ``cache`` (a private temporary cache, removed on close,
-    when none is given). Raises SlideNotFoundError, CorruptSlideError, UnsupportedFormatError,
+    when none is given). ``device="cuda"`` decodes with cuCIM on the GPU (nvJPEG) and returns
+    host arrays; it needs a CUDA device and the cuCIM backend. Raises SlideNotFoundError, CorruptSlideError, UnsupportedFormatError,
     NotBrightfieldError or StorageError; each names the slide (credentials redacted).
     """
     uri = str(uri)
     if backend != "auto" and backend not in BACKENDS:
         raise UnsupportedFormatError(redact(uri), f"unknown slide backend {backend!r}; "
                                      f"choose auto or one of {sorted(BACKENDS)}")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        if backend not in ("auto", "cucim"):
+            raise ConfigError(f"GPU decoding is cuCIM's; backend={backend!r} decodes on the CPU")
+        if not _cuda_available():
+            raise ConfigError("device='cuda' asked for, but no CUDA device is present")
+        backend = "cucim"
     if mpp_override is not None and not mpp_override > 0:
         raise ValueError(f"mpp_override must be > 0, got {mpp_override}")
     on_close: Callable[[], None] | None = None
@@ -99,7 +110,7 @@ def open_slide(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None
         local = Path(strip_file_scheme(uri)).expanduser()
     try:
         return _open_local(uri, str(local), backend=backend, mpp_override=mpp_override,
-                           on_close=on_close)
+                           on_close=on_close, device=device)
     except BaseException:
         if on_close is not None:
             on_close()
@@ -107,7 +118,7 @@ def open_slide(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None
 
 
 def _open_local(uri: str, path: str, *, backend: BackendName, mpp_override: float | None,
-                on_close: Callable[[], None] | None) -> Slide:
+                on_close: Callable[[], None] | None, device: str = "cpu") -> Slide:
     if not os.path.exists(path):
         raise SlideNotFoundError(redact(uri))
     if os.path.isdir(path):
@@ -134,7 +145,7 @@ def _open_local(uri: str, path: str, *, backend: BackendName, mpp_override: floa
         cls = BACKENDS[name]()
         try:
             slide = cls(uri, path, mpp_override=mpp_override, tiff_info=tiff_info,
-                        on_close=on_close)
+                        on_close=on_close, device=device)
         except BackendCannotRead as exc:
             reasons.append(f"{name}: {redact(exc)}")
             continue
@@ -160,6 +171,15 @@ def _open_local(uri: str, path: str, *, backend: BackendName, mpp_override: floa
     raise UnsupportedFormatError(redact(uri), f"not a slide {what} the "
                                  f"{'backends' if backend == 'auto' else backend + ' backend'} "
                                  f"can read ({why})")
+
+
+def _cuda_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except (ImportError, RuntimeError):  # CUDARuntimeError without a driver is a RuntimeError
+        return False
 
 
 def _probe(slide: Slide) -> None:

@@ -208,8 +208,10 @@ class Slide:
     decode_errors: ClassVar[tuple[type[BaseException], ...]] = (RuntimeError, OSError, ValueError)
 
     def __init__(self, uri: str, local_path: str, *, mpp_override: float | None = None,
-                 tiff_info: TiffInfo | None = None, on_close: Callable[[], None] | None = None):
+                 tiff_info: TiffInfo | None = None, on_close: Callable[[], None] | None = None,
+                 device: str = "cpu"):
         self.uri = redact(uri)
+        self.device = device  # where decoding happens; only cuCIM decodes on "cuda"
         self.local_path = str(local_path)
         self._mpp_override = mpp_override
         self._tiff_info = tiff_info

@@ -75,7 +75,15 @@ class CuCIMSlide(Slide):
             raise BackendCannotRead(f"pixel type {dtype}")
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        return np.asarray(self._img.read_region((x, y), (w, h), level))
+        return self._host(self._img.read_region((x, y), (w, h), level, device=self.device))
+
+    def _host(self, region) -> np.ndarray:
+        """A numpy array of a CuImage (GPU-decoded regions are copied back once)."""
+        if self.device == "cpu":
+            return np.asarray(region)
+        import cupy
+
+        return cupy.asnumpy(cupy.asarray(region))
 
     def _read_many(self, locations: np.ndarray, size: tuple[int, int], level: int,
                    num_workers: int) -> np.ndarray:
@@ -86,11 +94,11 @@ class CuCIMSlide(Slide):
         # One batched call: cuCIM schedules the tile decodes on its own worker threads.
         result = self._img.read_region(
             [(int(x), int(y)) for x, y in locations], (w, h), level,
-            num_workers=int(num_workers), batch_size=len(locations),
+            num_workers=int(num_workers), batch_size=len(locations), device=self.device,
         )
         start = 0
         for batch in result:
-            arr = np.asarray(batch)
+            arr = self._host(batch)
             if arr.ndim == 3:
                 arr = arr[None]
             out[start : start + len(arr)] = arr[..., :3]
