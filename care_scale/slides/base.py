@@ -100,7 +100,9 @@ def inspect_tiff(uri: str, path: str) -> TiffInfo:
         raise
     except (tifffile.TiffFileError, ValueError, OSError, IndexError, KeyError, struct.error) as exc:
         raise CorruptSlideError(redact(uri), f"unreadable TIFF header ({exc})") from None
-    channels = int(np.prod([s for a, s in zip(axes, shape) if a not in "YX"] or [1]))
+    # Channel-like axes: C (channel), S (sample), Q/I (unknown / page sequence). Z and T are
+    # focal planes and time points of the same image, not channels.
+    channels = int(np.prod([s for a, s in zip(axes, shape) if a in "CSQI"] or [1]))
     info = TiffInfo(dtype=dtype, channels=channels, axes=axes, shape=shape, properties=props)
     check_brightfield(uri, dtype=info.dtype, channels=info.channels, axes=info.axes)
     return info
