@@ -270,3 +270,21 @@ def test_tensorrt_int8_engine_with_calibration(tmp_path):
                                        calibration_batch=16, opt_batch=16, max_batch=32),
     )
     assert result.manifest.engines[0].precision == "int8"
+
+
+def test_cli_patch_export_from_checkpoint(micro, tmp_path, capsys):
+    from care_scale.cli import main
+    from care_scale.models import save_checkpoint
+
+    tuned = create_patch_encoder("vit_micro_patch16_64")
+    with torch.no_grad():
+        tuned.norm.bias.add_(0.1)  # "fine-tuned" weights: another model version
+    ckpt = save_checkpoint(tuned, str(tmp_path / "ckpt"))
+    out = tmp_path / "exp"
+    assert main(["export", "patch-encoder", "--model", "vit_micro_patch16_64",
+                 "--checkpoint", ckpt, "--out", str(out), "--opset", "18"]) == 0
+    printed = capsys.readouterr().out
+    assert "rel_linf=" in printed and "-> ok" in printed
+    manifest = read_manifest(str(out))
+    assert manifest.model_version == model_version(tuned) != model_version(micro)
+    assert manifest.trained and manifest.opset == 18

@@ -210,6 +210,10 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, *, opset: int,
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
+        # CARE's gathers never index with negative values (ids are clamped / built from
+        # nonzero); the parity checks that follow every export would catch it if they did.
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator",
+                                category=UserWarning)
         try:
             torch.onnx.export(
                 module, args, str(path), dynamo=False, opset_version=opset,
