@@ -154,3 +154,22 @@ def test_reduced_precision_has_its_own_model_version(tmp_path):
     export_patch_encoder("vit_micro_patch16_64", out=str(plain))
     with pytest.raises(ExportError, match="no int8 variant"):
         create_patch_backend("onnxruntime", artifacts=str(plain), precision="int8")
+
+
+def test_artifacts_must_match_checkpoint_and_tile_size(tmp_path):
+    from care_scale.models import save_checkpoint
+
+    export_patch_encoder("vit_micro_patch16_64", out=str(tmp_path / "a"))
+    tuned = create_patch_encoder("vit_micro_patch16_64")
+    with torch.no_grad():
+        tuned.norm.bias.add_(0.1)
+    ckpt = save_checkpoint(tuned, str(tmp_path / "ckpt"))
+    with pytest.raises(ConfigError, match="export it again"):
+        create_patch_backend("onnxruntime", "vit_micro_patch16_64", checkpoint=ckpt,
+                             artifacts=str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="--tile-size 96"):
+        create_patch_backend("onnxruntime", "vit_micro_patch16_64",
+                             artifacts=str(tmp_path / "a"), tile_size=96)
+    ok = create_patch_backend("onnxruntime", "vit_micro_patch16_64",
+                              artifacts=str(tmp_path / "a"), tile_size=64)
+    assert ok.info.tile_size == 64

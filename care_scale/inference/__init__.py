@@ -176,7 +176,8 @@ def _create(kind: str, model: Any, *, checkpoint, artifacts, storage_options, de
             raise ConfigError("backend 'tensorrt' needs artifacts=<export dir with an engine> "
                               "(care-scale export patch-encoder ... --tensorrt)")
         manifest = read_manifest(artifacts, storage_options=storage_options)
-        _check_manifest(manifest, model, artifacts)
+        _check_manifest(manifest, model, artifacts, checkpoint=checkpoint,
+                        storage_options=storage_options)
         return TensorRTPatchBackend(artifacts, manifest, storage_options=storage_options,
                                     device=device)
 
@@ -190,8 +191,16 @@ def _create(kind: str, model: Any, *, checkpoint, artifacts, storage_options, de
 
         path, manifest = fetch_onnx(artifacts, storage_options=storage_options,
                                     cache_dir=cache_dir, variant=variant)
-        _check_manifest(manifest, model, artifacts)
-        return OnnxPatchBackend(path, device=ort_device, threads=threads)
+        _check_manifest(manifest, model, artifacts, checkpoint=checkpoint,
+                        storage_options=storage_options)
+        backend = OnnxPatchBackend(path, device=ort_device, threads=threads)
+        if tile_size is not None and int(tile_size) != backend.info.tile_size:
+            from care_scale.storage import redact
+
+            raise ConfigError(f"{redact(artifacts)}: exported for {backend.info.tile_size} px "
+                              f"tiles, the job cuts {tile_size} px tiles; export again with "
+                              f"--tile-size {tile_size}")
+        return backend
 
     from care_scale.export.pipeline import cached_patch_export
 
@@ -205,7 +214,10 @@ def _create(kind: str, model: Any, *, checkpoint, artifacts, storage_options, de
                             device=ort_device, threads=threads, exporter=exporter)
 
 
-def _check_manifest(manifest, model: Any, artifacts: str) -> None:
+def _check_manifest(manifest, model: Any, artifacts: str, *, checkpoint: str | None = None,
+                    storage_options: dict[str, Any] | None = None) -> None:
+    """The export in ``artifacts`` must be the model (and weights) the caller asked for:
+    callers record the version of the weights they name, so a mismatch would mislabel rows."""
     from care_scale.storage import redact
 
     if manifest.kind != "patch_encoder":
@@ -216,7 +228,9 @@ def _check_manifest(manifest, model: Any, artifacts: str) -> None:
         if model != manifest.model:
             raise ConfigError(f"{redact(artifacts)}: holds {manifest.model!r}, but model "
                               f"{model!r} was asked for")
-        return
+        if checkpoint is None:
+            return
+        model = _build_encoder(model, checkpoint, storage_options)
     from care_scale.models import model_version
 
     version = model_version(model)
