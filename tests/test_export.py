@@ -288,3 +288,12 @@ def test_cli_patch_export_from_checkpoint(micro, tmp_path, capsys):
     manifest = read_manifest(str(out))
     assert manifest.model_version == model_version(tuned) != model_version(micro)
     assert manifest.trained and manifest.opset == 18
+
+
+def test_paper_size_care_exports_with_parity(tmp_path):
+    # The paper configuration (768 -> 512, 8 heads, k = 8), not just the tiny one.
+    result = export_slide_encoder("care", out=str(tmp_path), parity_sizes=(300, 2500))
+    for r in result.parity:
+        print(r)
+        assert r.passed and r.extra["assignments_equal"] and r.extra["num_regions"] > 1
+    assert read_metadata(tmp_path / "model.onnx")["in_dim"] == "768"
