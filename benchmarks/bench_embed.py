@@ -123,16 +123,16 @@ def job_config(source: str, warehouse: str, **extra):
     return load_config(EmbedConfig, None, base)
 
 
-def run_job(source: str, warehouse: str, **extra) -> tuple[int, float, float]:
-    """(tiles, end-to-end seconds, seconds from the first to the last encoded tile)."""
+def run_job(source: str, warehouse: str, **extra) -> tuple[int, float]:
+    """(tiles, end-to-end seconds)."""
     from care_scale.embed import run_embedding
 
     t0 = time.perf_counter()
     summary = run_embedding(job_config(source, warehouse, **extra))
-    return summary.tiles, time.perf_counter() - t0, summary.streaming_seconds
+    return summary.tiles, time.perf_counter() - t0
 
 
-def run_baseline(paths: list[Path]) -> tuple[int, float, float]:
+def run_baseline(paths: list[Path]) -> tuple[int, float]:
     """CLAM-style: OpenSlide read_region per tile, torch eager batches of 32, CARE per slide."""
     import numpy as np
     import openslide
@@ -148,7 +148,6 @@ def run_baseline(paths: list[Path]) -> tuple[int, float, float]:
     t0 = time.perf_counter()
     encoder = create_patch_encoder(cfg.patch_encoder.name)
     care = create_slide_encoder(cfg.slide_encoder.name, **cfg.slide_encoder.overrides)
-    t_models = time.perf_counter()
     tiles_done = 0
     for path in paths:
         with open_slide(str(path)) as s:  # the same tile grid as the job
@@ -169,8 +168,7 @@ def run_baseline(paths: list[Path]) -> tuple[int, float, float]:
         osr.close()
         care.encode(np.concatenate(feats), grid.coords, patch_step=int(grid.step_level0))
         tiles_done += len(grid)
-    end = time.perf_counter()
-    return tiles_done, end - t0, end - t_models
+    return tiles_done, time.perf_counter() - t0
 
 
 def _child_memory(slide: str, warehouse: str) -> None:
@@ -181,7 +179,7 @@ def _child_memory(slide: str, warehouse: str) -> None:
              object_store_memory=512 * 2**20,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     with PeakMemory() as mem:
-        tiles, secs, _ = run_job(slide, warehouse)
+        tiles, secs = run_job(slide, warehouse)
     ray.shutdown()
     print(json.dumps({"tiles": tiles, "seconds": secs, "peak_mib": mem.peak_mib}))
 
@@ -213,10 +211,10 @@ def main() -> None:
     paths = make_slides(out / "slides", args.slides, args.side)
     print(f"{len(paths)} generated slides of {args.side}x{args.side} px at 0.5 um/px")
 
-    tiles_b, secs_b, stream_b = run_baseline(paths)
+    tiles_b, secs_b = run_baseline(paths)
     print(f"(b) baseline, one process (OpenSlide tile by tile, torch eager, batch {PATCH_BATCH}, "
           f"CARE per slide, no tables): {tiles_b} tiles in {secs_b:.1f} s = "
-          f"{tiles_b / secs_b:.1f} tiles/s end to end, {tiles_b / stream_b:.1f} after model load")
+          f"{tiles_b / secs_b:.1f} tiles/s")
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              object_store_memory=512 * 2**20,
@@ -230,13 +228,10 @@ def main() -> None:
         shutil.rmtree(wh, ignore_errors=True)
         extra = {"concurrency": {"encoder_actors": 1, "decode_num_workers": 2,
                                  "torch_threads": 1, **conc}}
-        tiles_a, secs_a, stream_a = run_job(str(out / "slides"), str(wh), **extra)
+        tiles_a, secs_a = run_job(str(out / "slides"), str(wh), **extra)
         print(f"(a) this job, {name} (Ray Data on a local 2-CPU cluster, Delta tables "
-              f"written): {tiles_a} tiles in {secs_a:.1f} s = {tiles_a / secs_a:.1f} tiles/s end "
-              f"to end, {tiles_a / max(stream_a, 1e-9):.1f} while streaming")
-        print(f"    ratio a/b end to end = {(tiles_a / secs_a) / (tiles_b / secs_b):.2f}, "
-              f"streaming vs after-model-load = "
-              f"{(tiles_a / max(stream_a, 1e-9)) / (tiles_b / stream_b):.2f} "
+              f"written): {tiles_a} tiles in {secs_a:.1f} s = {tiles_a / secs_a:.1f} tiles/s")
+        print(f"    ratio a/b end to end = {(tiles_a / secs_a) / (tiles_b / secs_b):.2f} "
               "(regime: tiny encoder, decode-dominated, 2 shared CPU cores)")
     ray.shutdown()
 

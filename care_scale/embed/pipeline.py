@@ -512,7 +512,6 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     progress.close()
     summary.backend = ctx.backend_kind
     summary.tiles = progress.tiles
-    summary.streaming_seconds = progress.streaming_seconds
     summary.seconds = time.monotonic() - t0
     wh.finish_run(run_id, {"total": summary.total, "skipped": summary.skipped,
                            "done": summary.done, "failed": summary.failed,

@@ -28,26 +28,18 @@ class RunSummary:
     failed: int = 0
     tiles: int = 0
     seconds: float = 0.0
-    # From the first to the last encoded tile: throughput without start-up (Ray, models).
-    streaming_seconds: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (slide_id, type, msg)
 
     @property
     def tiles_per_second(self) -> float:
         return self.tiles / self.seconds if self.seconds > 0 else 0.0
 
-    @property
-    def streaming_tiles_per_second(self) -> float:
-        s = self.streaming_seconds
-        return self.tiles / s if s > 0 else 0.0
-
     def format(self) -> str:
         lines = [
             (f"run {self.run_id}: {self.done} slide(s) embedded, {self.skipped} already done, "
              f"{self.failed} failed, of {self.total} listed"),
-            (f"  {self.tiles:,} tiles in {self.seconds:.1f} s ({self.tiles_per_second:,.0f} "
-             f"tiles/s; {self.streaming_tiles_per_second:,.0f} tiles/s once streaming), "
-             f"backend {self.backend}"),
+            (f"  {self.tiles:,} tiles in {self.seconds:.1f} s "
+             f"({self.tiles_per_second:,.0f} tiles/s), backend {self.backend}"),
             f"  model version {self.model_version}",
             f"  warehouse {self.warehouse}",
         ]
@@ -80,8 +72,6 @@ class Progress:
         self.failed = 0
         self.tiles = 0
         self.start = time.monotonic()
-        self.first_tile_at: float | None = None
-        self.last_tile_at = 0.0
         self.log_every = log_every
         self._last_draw = 0.0
         self._width = 0
@@ -91,18 +81,8 @@ class Progress:
         return time.monotonic() - self.start
 
     def add_tiles(self, n: int) -> None:
-        now = time.monotonic()
-        if self.first_tile_at is None:
-            self.first_tile_at = now
-        self.last_tile_at = now
         self.tiles += n
         self.draw()
-
-    @property
-    def streaming_seconds(self) -> float:
-        if self.first_tile_at is None:
-            return 0.0
-        return self.last_tile_at - self.first_tile_at
 
     def slide_done(self) -> None:
         self.done += 1
