@@ -6,6 +6,8 @@ Decodes the same tissue tiles (grid at --target-mpp, --patch-size px) of the sam
   (a) cuCIM: one batched ``read_region`` call per batch of locations, ``num_workers`` threads
       (care_scale.slides' cuCIM backend, as the embedding job uses it);
   (b) OpenSlide: one ``read_region`` call per tile, sequentially (the usual baseline);
+  (c) for reference, care-scale's tifffile backend: per batch, every stored JPEG tile is decoded
+      once with imagecodecs on ``num_workers`` threads and the regions are cut from them;
 and prints tiles/s of each and their ratio, plus the rate at which this machine decodes the
 slides' stored JPEG tiles with imagecodecs (one thread, and ``num_workers`` threads) as the
 ceiling. Regime: decode only, on the CPU; on a GPU node this is the stage that has to keep the
@@ -35,13 +37,13 @@ def tissue_coords(path: str, target_mpp: float, patch_size: int):
     return g.coords, g.level, g.read_size
 
 
-def run_cucim(jobs, num_workers: int, batch_size: int) -> float:
+def run_batched(jobs, num_workers: int, batch_size: int, backend: str = "cucim") -> float:
     from care_scale.slides import open_slide
 
     n = 0
     t0 = time.perf_counter()
     for path, coords, level, size in jobs:
-        with open_slide(path, backend="cucim") as s:
+        with open_slide(path, backend=backend) as s:
             for i in range(0, len(coords), batch_size):
                 tiles = s.read_regions(coords[i : i + batch_size], (size, size), level=level,
                                        num_workers=num_workers)
@@ -131,11 +133,12 @@ def main() -> None:
         n_tiles = sum(len(j[1]) for j in jobs)
         # Warm the page cache for both readers so neither pays the disk read alone.
         run_openslide(jobs)
-        a_runs, b_runs = [], []
-        for _ in range(args.repeats):  # interleaved, so machine noise hits both alike
-            a_runs.append(run_cucim(jobs, args.num_workers, args.batch_size))
+        a_runs, b_runs, c_runs = [], [], []
+        for _ in range(args.repeats):  # interleaved, so machine noise hits all alike
+            a_runs.append(run_batched(jobs, args.num_workers, args.batch_size))
             b_runs.append(run_openslide(jobs))
-        a, b = statistics.median(a_runs), statistics.median(b_runs)
+            c_runs.append(run_batched(jobs, args.num_workers, args.batch_size, "tifffile"))
+        a, b, c = (statistics.median(r) for r in (a_runs, b_runs, c_runs))
 
         # Ceiling: each slide's stored level-0 JPEG tiles, decoded with its own JPEG tables.
         per_slide = [t for t in (stored_jpeg_tiles(p) for p in slides) if t[0]]
@@ -156,6 +159,9 @@ def main() -> None:
     print(f"(b) OpenSlide sequential read_region:            {b:8.1f} tiles/s  "
           f"(runs {', '.join(f'{r:.0f}' for r in b_runs)})")
     print(f"ratio (a)/(b): {a / b:.2f}x  (goal >= 2 on 2 cores)")
+    print(f"(c) care-scale tifffile backend, batched (each stored tile decoded once per batch, "
+          f"imagecodecs, {args.num_workers} threads): {c:8.1f} tiles/s = {c / b:.2f}x (b)  "
+          f"(runs {', '.join(f'{r:.0f}' for r in c_runs)})")
     if ceil1:
         for label, (tps, mpx) in (("1 thread", ceil1), (f"{args.num_workers} threads", ceil_n)):
             print(f"ceiling: raw stored JPEG tiles, imagecodecs, {label}: {tps:8.1f} stored "

@@ -73,7 +73,13 @@ def tile_grid(slide, *, target_mpp: float = 0.5, patch_size: int = 224,
     size0 = max(1, round(patch_size * scale))
     step0 = max(1, round((stride or patch_size) * scale))
     level = slide.best_level_for_downsample(scale)
-    read_size = max(1, round(size0 / slide.level_downsamples[level]))
+    ds = slide.level_downsamples[level]
+    read_size = max(1, round(size0 / ds))
+    if level > 0 and abs(ds - round(ds)) < 1e-3:
+        # Snap to whole level pixels: every backend then reads exactly the same pixels
+        # (OpenSlide would otherwise interpolate sub-pixel offsets). Costs < 0.5 level px.
+        size0 = read_size * round(ds)
+        step0 = max(1, round(step0 / ds)) * round(ds)
     W, H = slide.dimensions
     xs = np.arange(0, W - size0 + 1, step0, dtype=np.int64)
     ys = np.arange(0, H - size0 + 1, step0, dtype=np.int64)

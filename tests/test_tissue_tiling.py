@@ -110,6 +110,8 @@ def test_tiling_across_mpp(slides, slide_mpp, target_mpp, level, read_size, size
         assert (grid.level, grid.read_size, grid.patch_size_level0) == (level, read_size, size0)
         assert grid.step_level0 == size0 and grid.mpp == slide_mpp
         assert len(grid) > 0
+        # Level-0 coordinates fall on whole pixels of the level read.
+        assert (grid.coords % round(s.level_downsamples[level]) == 0).all()
         batches = list(iter_tile_batches(s, grid, batch_size=16))
     assert all(b.tiles.shape[1:] == (224, 224, 3) and b.tiles.dtype == np.uint8 for b in batches)
     assert sum(len(b.coords) for b in batches) == len(grid)

@@ -202,7 +202,9 @@ class Slide:
 
     Coordinates passed to :meth:`read_region` / :meth:`read_regions` are level-0 pixels (top
     left); sizes are in pixels of the level read. Pixels outside the image come back white
-    (background), the same for every backend. Use as a context manager, or call :meth:`close`.
+    (background), the same for every backend. Above level 0, a location that is not a multiple
+    of the level's downsample starts at the level pixel below it (OpenSlide instead
+    interpolates a sub-pixel shift). Use as a context manager, or call :meth:`close`.
     """
 
     name: ClassVar[str] = "base"

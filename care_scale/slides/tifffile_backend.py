@@ -8,6 +8,8 @@ one with the page's own codec. Nothing ever decodes a whole level for one region
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -16,6 +18,7 @@ from care_scale.slides.base import BackendCannotRead, Slide, aperio_properties
 
 class TiffFileSlide(Slide):
     name = "tifffile"
+    group = 64  # locations whose stored tiles are decoded together in one batched read
 
     def _open(self) -> None:
         import tifffile
@@ -49,29 +52,65 @@ class TiffFileSlide(Slide):
 
     def _read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         page = self._pages[level]
+        return self._assemble(level, x, y, w, h, lambda i: self._segment(page, i))
+
+    def _chunks_of(self, level: int, x: int, y: int, w: int, h: int) -> list[int]:
+        """Indices of the stored tiles/strips a region overlaps."""
+        page = self._pages[level]
+        ds = self.level_downsamples[level]
+        lx, ly = int(np.floor(x / ds)), int(np.floor(y / ds))
+        H, W = page.shape[:2]
+        ch, cw = int(page.chunks[0]), int(page.chunks[1])
+        ncols = int(page.chunked[1])
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, W), min(ly + h, H)
+        if x1 <= x0 or y1 <= y0:
+            return []
+        return [ty * ncols + tx for ty in range(y0 // ch, (y1 - 1) // ch + 1)
+                for tx in range(x0 // cw, (x1 - 1) // cw + 1)]
+
+    def _assemble(self, level: int, x: int, y: int, w: int, h: int,
+                  segment: Callable[[int], np.ndarray]) -> np.ndarray:
+        page = self._pages[level]
         ds = self.level_downsamples[level]
         lx, ly = int(np.floor(x / ds)), int(np.floor(y / ds))
         H, W, S = page.shape
         out = np.full((h, w, S), 255, np.uint8)
         ch, cw = int(page.chunks[0]), int(page.chunks[1])  # tile or strip size
         ncols = int(page.chunked[1])
-        x0, y0 = max(lx, 0), max(ly, 0)
-        x1, y1 = min(lx + w, W), min(ly + h, H)
-        if x1 <= x0 or y1 <= y0:
-            return out
-        for ty in range(y0 // ch, (y1 - 1) // ch + 1):
-            for tx in range(x0 // cw, (x1 - 1) // cw + 1):
-                index = ty * ncols + tx
-                seg = self._segment(page, index)
-                sh, sw = seg.shape[:2]
-                # Intersection of this chunk with the requested region, in level pixels.
-                cx0, cy0 = tx * cw, ty * ch
-                ix0, iy0 = max(x0, cx0), max(y0, cy0)
-                ix1, iy1 = min(x1, cx0 + sw, W), min(y1, cy0 + sh, H)
-                if ix1 <= ix0 or iy1 <= iy0:
-                    continue
-                out[iy0 - ly : iy1 - ly, ix0 - lx : ix1 - lx] = \
-                    seg[iy0 - cy0 : iy1 - cy0, ix0 - cx0 : ix1 - cx0]
+        x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + w, W), min(ly + h, H)
+        for index in self._chunks_of(level, x, y, w, h):
+            seg = segment(index)
+            sh, sw = seg.shape[:2]
+            # Intersection of this chunk with the requested region, in level pixels.
+            cx0, cy0 = (index % ncols) * cw, (index // ncols) * ch
+            ix0, iy0 = max(x0, cx0), max(y0, cy0)
+            ix1, iy1 = min(x1, cx0 + sw, W), min(y1, cy0 + sh, H)
+            if ix1 <= ix0 or iy1 <= iy0:
+                continue
+            out[iy0 - ly : iy1 - ly, ix0 - lx : ix1 - lx] = \
+                seg[iy0 - cy0 : iy1 - cy0, ix0 - cx0 : ix1 - cx0]
+        return out
+
+    def _read_many(self, locations: np.ndarray, size: tuple[int, int], level: int,
+                   num_workers: int) -> np.ndarray:
+        """Decode every stored tile the batch needs exactly once (neighbouring grid tiles
+        share stored tiles), on ``num_workers`` threads, then cut the regions out."""
+        w, h = size
+        if len(locations) > self.group:
+            # Bound the decoded-tile memory: groups of consecutive (neighbouring) locations.
+            return np.concatenate([
+                self._read_many(locations[i : i + self.group], size, level, num_workers)
+                for i in range(0, len(locations), self.group)])
+        page = self._pages[level]
+        needed = sorted({i for x, y in locations for i in self._chunks_of(level, x, y, w, h)})
+        if num_workers > 1 and len(needed) > 1:
+            with ThreadPoolExecutor(num_workers) as pool:
+                decoded = dict(zip(needed, pool.map(lambda i: self._segment(page, i), needed)))
+        else:
+            decoded = {i: self._segment(page, i) for i in needed}
+        out = np.empty((len(locations), h, w, 3), np.uint8)
+        for k, (x, y) in enumerate(locations):
+            out[k] = self._assemble(level, int(x), int(y), w, h, decoded.__getitem__)[..., :3]
         return out
 
     def _segment(self, page, index: int) -> np.ndarray:
