@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import boto3
@@ -90,6 +91,28 @@ def test_open_slides_are_not_evicted(bucket, s3_options, tmp_path):
     # Once closed, it can be evicted for the next slide.
     with open_slide(uris[1], storage_options=s3_options, cache=cache) as s:
         assert s.dimensions == (1536, 1024)
+
+
+def test_slides_open_in_other_processes_are_not_evicted(bucket, s3_options, tmp_path):
+    """Ray workers share one cache folder: another live process's pin protects an entry."""
+    import subprocess
+    import sys
+
+    uris = [f"s3://{bucket}/slides/syn{i}.tif" for i in range(2)]
+    one = max(stat_uri(u, storage_options=s3_options)[0] for u in uris)
+    cache = SlideCache(tmp_path / "c", max_bytes=one + 100)
+    entry = cache.fetch(uris[0], storage_options=s3_options)
+    cache.release(entry.path)
+    (entry.path.parent / f".pin-{os.getppid()}").touch()  # a live process holds it open
+    with pytest.raises(StorageError, match="full"):
+        cache.fetch(uris[1], storage_options=s3_options)
+    # The same pin from a process that has exited is stale and ignored.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (entry.path.parent / f".pin-{os.getppid()}").rename(entry.path.parent / f".pin-{dead}")
+    again = cache.fetch(uris[1], storage_options=s3_options)
+    assert [p.name for p in cache.entries()] == ["syn1.tif"]
+    cache.release(again.path)
 
 
 def test_too_large_for_cache(bucket, s3_options, tmp_path):

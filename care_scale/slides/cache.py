@@ -131,6 +131,16 @@ def _companions(uri: str, storage_options: dict[str, Any] | None
     return out
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 class SlideCache:
     """Stage remote slide files in ``root``, keeping the total under ``max_bytes``."""
 
@@ -230,8 +240,9 @@ class SlideCache:
         """Staged files, least recently used first."""
         out = []
         for d in sorted(self._entries(), key=self._last_used):
-            files = [f for f in d.iterdir() if f.name != ".meta.json" and not f.name.startswith(".part")]
-            out.extend(files)
+            names = list((self._read_meta(d) or {}).get("files") or {})
+            if names and (d / names[0]).is_file():
+                out.append(d / names[0])  # the slide file; companions live beside it
         return out
 
     def clear(self) -> None:
@@ -286,20 +297,35 @@ class SlideCache:
         except OSError:
             return 0.0
 
+    # Pins: an open slide's entry must not be evicted, by this process or by another worker
+    # process sharing the cache folder. Each process marks the entries it holds open with a
+    # ``.pin-<pid>`` file; pins of processes that no longer exist are ignored and removed.
     def _pin(self, path: Path) -> None:
         self._in_use[path] = self._in_use.get(path, 0) + 1
+        if path.parent.is_dir():
+            (path.parent / f".pin-{os.getpid()}").touch()
 
     def _unpin(self, path: Path) -> int:
         with self._mutex:
             left = self._in_use.get(path, 0) - 1
             if left <= 0:
                 self._in_use.pop(path, None)
+                (path.parent / f".pin-{os.getpid()}").unlink(missing_ok=True)
                 return 0
             self._in_use[path] = left
             return left
 
     def _pinned_dir(self, entry_dir: Path) -> bool:
-        return any(p.parent == entry_dir for p in self._in_use)
+        if any(p.parent == entry_dir for p in self._in_use):
+            return True
+        for pin in entry_dir.glob(".pin-*"):
+            pid = int(pin.name.split("-", 1)[1]) if pin.name[5:].isdigit() else -1
+            if pid == os.getpid():
+                continue  # ours, but not in _in_use: left over from a released slide
+            if pid > 0 and _process_alive(pid):
+                return True
+            pin.unlink(missing_ok=True)
+        return False
 
     def _evict(self, incoming: int) -> None:
         """Delete least-recently-used, unpinned entries until ``incoming`` bytes fit."""
