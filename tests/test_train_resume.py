@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 24
-CKPT_EVERY = 8
+STEPS = 30
+CKPT_EVERY = 10
 
 
 def _overrides(storage: Path) -> list[str]:
@@ -76,14 +76,14 @@ def test_killed_run_resumes_and_continues(tmp_path, ray_local):
             if proc.poll() is not None:
                 pytest.fail("training subprocess ended before its first checkpoint: "
                             + proc.stderr.read().decode()[-2000:])
-            time.sleep(0.5)
+            time.sleep(0.1)
         assert killed_at is not None, "no checkpoint within the time limit"
         # Let it log two more steps past the checkpoint: those are recomputed after resume.
         while time.time() < deadline and proc.poll() is None:
             logged = [r["step"] for r in read_metrics(str(run_dir))]
             if logged and max(logged) >= killed_at + 2:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -116,8 +116,12 @@ def test_killed_run_resumes_and_continues(tmp_path, ray_local):
     for s in overlap:
         assert hist[s - 1]["loss"] == pytest.approx(before[s]["loss"], rel=1e-3, abs=1e-4)
     assert (Path(result.output) / "model.safetensors").exists()
-    ckpts = sorted(p.name for p in run_dir.glob("checkpoint_*"))
-    assert len(ckpts) <= cfg.run.keep_last, ckpts
+    # Ray keeps the last keep_last registered checkpoints; a checkpoint the killed run was
+    # uploading when it died (never registered) may remain as one extra directory.
+    snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    assert len(snap["checkpoint_results"]) <= cfg.run.keep_last
+    ckpts = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert len(ckpts) <= cfg.run.keep_last + 1, ckpts
     print(f"killed after checkpoint at step {killed_at}; resumed from {start}; "
           f"killed run had logged up to {max(before)}; {len(overlap)} recomputed steps matched; "
           f"loss {hist[0]['loss']:.3f} -> {hist[-1]['loss']:.3f}")
