@@ -63,7 +63,7 @@ BACKENDS: dict[str, Callable[[], type[Slide]]] = {
 # Extensions of slide formats: a file with one of these names that no backend can read is a
 # damaged slide (CorruptSlideError), anything else is a format we do not read.
 SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
-                    ".svslide", ".dcm", ".ome.tif", ".ome.tiff", ".btf", ".tf2", ".tf8"}
+                    ".svslide", ".dcm", ".btf", ".tf2", ".tf8"}
 # Formats that are TIFF containers: such a file must start with a TIFF header.
 TIFF_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".btf", ".tf2", ".tf8"}
 
@@ -76,13 +76,14 @@ def open_slide(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None
 
     Remote slides are staged through ``cache`` (a private temporary cache, removed on close,
     when none is given). ``device="cuda"`` decodes with cuCIM on the GPU (nvJPEG) and returns
-    host arrays; it needs a CUDA device and the cuCIM backend. Raises SlideNotFoundError, CorruptSlideError, UnsupportedFormatError,
-    NotBrightfieldError or StorageError; each names the slide (credentials redacted).
+    host arrays; it needs a CUDA device and the cuCIM backend. Raises SlideNotFoundError,
+    CorruptSlideError, UnsupportedFormatError, NotBrightfieldError or StorageError, each naming
+    the slide (credentials redacted); ConfigError for invalid arguments.
     """
     uri = str(uri)
     if backend != "auto" and backend not in BACKENDS:
-        raise UnsupportedFormatError(redact(uri), f"unknown slide backend {backend!r}; "
-                                     f"choose auto or one of {sorted(BACKENDS)}")
+        raise ConfigError(f"unknown slide backend {backend!r}; choose auto or one of "
+                          f"{sorted(BACKENDS)}")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda":
@@ -92,14 +93,19 @@ def open_slide(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None
             raise ConfigError("device='cuda' asked for, but no CUDA device is present")
         backend = "cucim"
     if mpp_override is not None and not mpp_override > 0:
-        raise ValueError(f"mpp_override must be > 0, got {mpp_override}")
+        raise ConfigError(f"mpp_override must be > 0, got {mpp_override}")
     on_close: Callable[[], None] | None = None
     if is_remote(uri):
         own_cache = cache is None
         if own_cache:
             cache = SlideCache(tempfile.mkdtemp(prefix="care-scale-slide-"),
                                max_bytes=1 << 50, remove_after_use=True)
-        entry = cache.fetch(uri, storage_options=storage_options)
+        try:
+            entry = cache.fetch(uri, storage_options=storage_options)
+        except BaseException:
+            if own_cache:
+                shutil.rmtree(cache.root, ignore_errors=True)
+            raise
         local = entry.path
 
         def on_close(cache: SlideCache = cache, path: Path = local) -> None:
