@@ -1,0 +1,319 @@
+"""The embedding job end to end: real slides, real Ray, real Delta tables, real S3 server.
+
+Slides are small generated pyramidal TIFFs (1.5k x 1k px at 0.5 um/px -> a few dozen tiles)
+and the models are the seeded tiny pair (care_tiny + vit_demo_patch16_112), so each run is a
+few seconds once Ray is up.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from care_scale.config import load_config
+from care_scale.embed import EmbedConfig, run_embedding
+
+ROOT = Path(__file__).resolve().parents[1]
+N_SLIDES = 3
+
+
+def _config(source, warehouse, **extra) -> EmbedConfig:
+    values = {
+        "source": str(source),
+        "warehouse": str(warehouse),
+        "progress": "off",
+        "commit_every": 2,
+        "decode_batch_size": 16,
+        "encode_batch_size": 16,
+        "concurrency": {"decode_tasks": 1, "encoder_actors": 1, "torch_threads": 1},
+    }
+    values.update(extra)
+    return load_config(EmbedConfig, None, values)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from care_scale.synthetic import write_synthetic_slide
+
+    d = tmp_path_factory.mktemp("cohort")
+    for i in range(N_SLIDES):
+        write_synthetic_slide(d / f"slide_{i}.tiff", width=1536, height=1024, mpp=0.5, seed=i)
+    return d
+
+
+def _table(warehouse, name, storage_options=None):
+    from deltalake import DeltaTable
+
+    from care_scale.storage import join, to_delta
+
+    uri = join(str(warehouse), name)
+    return DeltaTable(uri, storage_options=to_delta(storage_options, uri)).to_pyarrow_table()
+
+
+def _rows(warehouse, name, keys, drop=("run_id",), storage_options=None):
+    """Rows of a table sorted by ``keys``, without run-specific columns."""
+    t = _table(warehouse, name, storage_options)
+    cols = [c for c in t.column_names if c not in drop and "time" not in c and "_at" not in c]
+    rows = t.select(cols).to_pylist()
+    return sorted(rows, key=lambda r: tuple(r[k] for k in keys))
+
+
+def _assert_rows_equal(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            va, vb = ra[k], rb[k]
+            if isinstance(va, list) and va and isinstance(va[0], float):
+                np.testing.assert_allclose(va, vb, rtol=1e-4, atol=1e-5, err_msg=k)
+            elif isinstance(va, float):
+                assert va == pytest.approx(vb, rel=1e-4, abs=1e-6), k
+            else:
+                assert va == vb, k
+
+
+def test_local_folder_to_local_warehouse_and_rerun(ray_local, cohort, tmp_path):
+    wh = tmp_path / "wh"
+    summary = run_embedding(_config(cohort, wh, keep_patches=True))
+    assert (summary.total, summary.done, summary.failed, summary.skipped) == (N_SLIDES, N_SLIDES,
+                                                                              0, 0)
+    assert summary.tiles > 0 and summary.backend == "torch"
+
+    slides = _table(wh, "slides").to_pylist()
+    regions = _table(wh, "regions").to_pylist()
+    patches = _table(wh, "patches").to_pylist()
+    assert sorted(s["slide_id"] for s in slides) == [f"slide_{i}" for i in range(N_SLIDES)]
+    assert sum(s["num_patches"] for s in slides) == len(patches) == summary.tiles
+    for s in slides:
+        mine = [r for r in regions if r["slide_id"] == s["slide_id"]]
+        # A slides row exists only with all its regions; exactly one ROI among them.
+        assert len(mine) == s["num_regions"] > 0
+        assert sum(r["is_roi"] for r in mine) == 1
+        assert [r["region_id"] for r in mine if r["is_roi"]] == [s["roi_region_id"]]
+        assert s["model_version"] == summary.model_version
+        assert s["mpp"] == pytest.approx(0.5)
+        assert len(s["slide_embedding"]) == 64
+        assert all(r["geometry"].startswith("MULTIPOLYGON") for r in mine)
+    runs = _table(wh, "runs").to_pylist()
+    assert [r["run_id"] for r in runs] == [summary.run_id]
+
+    # Re-run: nothing re-processed, no duplicate rows.
+    again = run_embedding(_config(cohort, wh, keep_patches=True))
+    assert (again.done, again.skipped, again.tiles) == (0, N_SLIDES, 0)
+    assert _table(wh, "slides").num_rows == N_SLIDES
+    assert _table(wh, "regions").num_rows == len(regions)
+    assert _table(wh, "patches").num_rows == len(patches)
+
+
+def test_manifest_with_corrupt_and_missing_slides(ray_local, cohort, shared_data, tmp_path):
+    from care_scale.cli import main
+
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(
+        "slide_id,uri,mpp,cohort,site\n"
+        f"good,{cohort / 'slide_0.tiff'},,A,oslo\n"
+        f"corrupt,{shared_data / 'broken.svs'},,A,oslo\n"
+        f"missing,{tmp_path / 'nope.svs'},0.25,B,bergen\n"
+    )
+    wh = tmp_path / "wh"
+    code = main(["embed", str(manifest), "--warehouse", str(wh), "--set", "progress=off",
+                 "--set", "concurrency.decode_tasks=1", "--set", "encode_batch_size=16"])
+    assert code == 3  # finished, some slides failed
+    slides = _table(wh, "slides").to_pylist()
+    assert [s["slide_id"] for s in slides] == ["good"]
+    assert slides[0]["cohort"] == "A"
+    failures = {f["slide_id"]: f for f in _table(wh, "failures").to_pylist()}
+    assert sorted(failures) == ["corrupt", "missing"]
+    assert failures["missing"]["error_type"] == "SlideNotFoundError"
+    assert failures["corrupt"]["error_type"] in ("CorruptSlideError", "UnsupportedFormatError")
+    assert "broken.svs" in failures["corrupt"]["message"]
+    assert all(f["stage"] == "open" for f in failures.values())
+
+
+def test_precomputed_features(ray_local, tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "feats"
+    src.mkdir()
+    xs, ys = np.meshgrid(np.arange(6) * 256, np.arange(5) * 256)
+    coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
+    with h5py.File(src / "a.h5", "w") as f:
+        f["features"] = rng.normal(size=(len(coords), 192)).astype(np.float32)
+        f["coords"] = coords
+        f["coords"].attrs["patch_size_level0"] = 256
+    care = {
+        "feature": rng.normal(size=(20, 192)).astype(np.float32),
+        "index": [f"{x}_{y}_256.png" for x, y in coords[:20]],
+        "inst_label": [0] * 20,
+    }
+    np.save(src / "b.npy", care)  # what the CARE repository writes (a pickled dict)
+    wh = tmp_path / "wh"
+    summary = run_embedding(_config(src, wh, features=True, keep_patches=True))
+    assert (summary.done, summary.failed) == (2, 0), summary.failures
+    slides = {s["slide_id"]: s for s in _table(wh, "slides").to_pylist()}
+    assert sorted(slides) == ["a", "b"]
+    assert slides["a"]["num_patches"] == 30 and slides["b"]["num_patches"] == 20
+    assert _table(wh, "patches").num_rows == 50
+
+
+def test_s3_slides_and_warehouse(ray_local, cohort, s3_options, s3_bucket):
+    import fsspec
+
+    from care_scale.query import connect_duckdb
+    from care_scale.storage import to_fsspec
+
+    fs = fsspec.filesystem("s3", **to_fsspec(s3_options))
+    for p in sorted(cohort.glob("*.tiff"))[:2]:
+        fs.put(str(p), f"{s3_bucket}/cohort/{p.name}")
+    wh = f"s3://{s3_bucket}/warehouse"
+    summary = run_embedding(_config(f"s3://{s3_bucket}/cohort/*.tiff", wh,
+                                    storage_options=s3_options))
+    assert (summary.done, summary.failed) == (2, 0), summary.failures
+    con = connect_duckdb(wh, storage_options=s3_options)
+    got = con.sql("SELECT slide_id, num_regions, source_uri FROM slides ORDER BY 1").fetchall()
+    assert [g[0] for g in got] == ["slide_0", "slide_1"]
+    assert got[0][2] == f"s3://{s3_bucket}/cohort/slide_0.tiff"
+    n_regions = con.sql("SELECT count(*) FROM regions").fetchone()[0]
+    assert n_regions == sum(g[1] for g in got)
+
+
+_KILL_SCRIPT = """
+import sys
+from care_scale.config import load_config
+from care_scale.embed import EmbedConfig, run_embedding
+cfg = load_config(EmbedConfig, None, {
+    "source": sys.argv[1], "warehouse": sys.argv[2], "progress": "off", "commit_every": 1,
+    "keep_patches": True, "decode_batch_size": 16, "encode_batch_size": 16, "num_cpus": 2,
+    "concurrency": {"decode_tasks": 1, "encoder_actors": 1, "torch_threads": 1}})
+run_embedding(cfg)
+"""
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_clean_run(ray_local, cohort, tmp_path):
+    from deltalake import DeltaTable
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):  # more slides than one commit, so the kill lands mid-run
+        shutil.copy(cohort / f"slide_{i % N_SLIDES}.tiff", src / f"s{i}.tiff")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILL_SCRIPT, str(src), str(killed)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    try:
+        deadline = time.time() + 240
+        n = 0
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                n = len(DeltaTable(str(killed / "slides")).to_pyarrow_table())
+            except Exception:  # noqa: BLE001 - the table may not exist yet
+                n = 0
+            if n >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "job finished before it could be killed"
+        assert 0 < n < 6
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
+        proc.wait(timeout=30)
+    finally:
+        time.sleep(1)
+        try:  # then clean up whatever the dead driver left in its session (its own Ray)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    resumed = run_embedding(_config(src, killed, keep_patches=True, commit_every=1))
+    assert resumed.skipped >= 2 and resumed.done == 6 - resumed.skipped
+    clean = tmp_path / "clean"
+    run_embedding(_config(src, clean, keep_patches=True))
+    for name, keys in (("slides", ["slide_id"]), ("regions", ["slide_id", "region_id"]),
+                       ("patches", ["slide_id", "x", "y"])):
+        _assert_rows_equal(_rows(killed, name, keys), _rows(clean, name, keys))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_on_a_real_head(cohort, tmp_path):
+    """`ray start --head` on loopback, `ray job submit` of jobs/embed_cohort.py, tables after."""
+    port, dash = _free_port(), _free_port()
+    temp = Path("/tmp") / f"rayjob_{os.getpid()}"
+    # Token auth (Ray >= 2.5x default) is for shared clusters; this one lives on loopback only.
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    # --block keeps `ray start` as the parent of this cluster's processes, so stopping it (and
+    # its process group) stops only this cluster, never one someone else runs on the machine.
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
+         "--object-store-memory", str(400 * 2**20),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--temp-dir", str(temp), "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    wh = tmp_path / "wh"
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            probe = subprocess.run(["ray", "job", "list", "--address", address], env=env,
+                                   capture_output=True, text=True, check=False)
+            if probe.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("ray head / dashboard did not come up")
+        submit = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
+             "--runtime-env-json", '{"env_vars": {"OMP_NUM_THREADS": "1"}}', "--",
+             "python", "jobs/embed_cohort.py", str(cohort), "--warehouse", str(wh),
+             "--set", "progress=log", "--set", "encode_batch_size=16"],
+            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in (submit.stdout + submit.stderr).lower()
+        slides = _table(wh, "slides").to_pylist()
+        assert sorted(s["slide_id"] for s in slides) == [f"slide_{i}" for i in range(N_SLIDES)]
+        assert _table(wh, "regions").num_rows == sum(s["num_regions"] for s in slides)
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_torch_and_onnxruntime_backends_agree(ray_local, cohort, tmp_path):
+    by_kind = {}
+    for kind in ("torch", "onnxruntime"):
+        wh = tmp_path / kind
+        summary = run_embedding(_config(sorted(cohort.glob("*.tiff"))[0], wh, backend=kind,
+                                        keep_patches=True))
+        assert summary.backend == kind and summary.done == 1
+        by_kind[kind] = _table(wh, "slides").to_pylist()[0]
+        assert by_kind[kind]["backend"] == kind
+    a, b = by_kind["torch"], by_kind["onnxruntime"]
+    assert a["model_version"] == b["model_version"]  # the backend does not change the weights
+    np.testing.assert_allclose(a["slide_embedding"], b["slide_embedding"], rtol=1e-3, atol=1e-4)
+    assert a["num_regions"] == b["num_regions"]
