@@ -13,6 +13,12 @@ slides' stored JPEG tiles with imagecodecs (one thread, and ``num_workers`` thre
 ceiling. Regime: decode only, on the CPU; on a GPU node this is the stage that has to keep the
 encoder fed. Without --slides it generates synthetic slides (tiled JPEG TIFF, 0.5 um/px) and
 adds ../shared/data/CMU-1-Small-Region.svs when present. Prints, never asserts.
+
+Measured on the 2-core development machine shared with other jobs (load average 4-10), 611 to
+1054 tissue tiles: (a)/(b) between 0.5x and 2.7x from run to run, median about 1.2-1.5x;
+(c)/(b) about 2x; the JPEG ceiling 2,300-3,800 224-px tiles/s. cuCIM's worker threads need
+free cores, so on a loaded 2-core box they gain little; the ratio is the thing to re-measure on
+a quiet node.
 """
 
 from __future__ import annotations
@@ -151,7 +157,8 @@ def main() -> None:
 
     patch_px = args.patch_size**2
     print()
-    print(f"regime: decode only, CPU ({os.cpu_count()} cores, shared), {n_tiles} tiles of "
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"regime: decode only, CPU ({os.cpu_count()} cores, load average {load}), {n_tiles} tiles of "
           f"{args.patch_size} px at {args.target_mpp} um/px, median of {args.repeats} runs")
     print(f"(a) cuCIM batched read_region, num_workers={args.num_workers}, batch {args.batch_size}: "
           f"{a:8.1f} tiles/s  "
