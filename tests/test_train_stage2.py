@@ -21,7 +21,7 @@ def test_stage2_retrieval_and_purity(tmp_path, ray_local):
     # Chance is 1/51 = 0.0196. Measured here (2 workers, 240 steps): top-1 0.157 for RNA and
     # 0.157 for protein (8x chance); the untrained encoder's pairs are at chance. We require
     # at least 0.1 (5x chance) on slides the run never saw.
-    assert report["retrieval_chance"] == pytest.approx(1 / n_heldout)
+    assert report["retrieval_chance"] == pytest.approx(1 / n_heldout, abs=1e-4)
     assert report["retrieval_top1"] >= 0.1, report
     assert report["protein_retrieval_top1"] >= 0.06, report  # 3x chance
     # The molecular signal also reaches the slide embedding: the dominant-type probe improves.
