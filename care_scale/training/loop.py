@@ -269,21 +269,13 @@ def _storage(cfg: Any) -> tuple[str, Any]:
     opts = cfg.run.storage_options or {}
     if not opts:
         return path, None  # Ray resolves s3:// with the standard AWS chain
+    # The same fsspec filesystem every other part uses (storage options translated once),
+    # handed to Ray Train through pyarrow's fsspec adapter.
+    import fsspec
     import pyarrow.fs as pafs
 
-    def pick(*names: str) -> Any:
-        return next((opts[n] for n in names if n in opts), None)
-
-    endpoint = pick("aws_endpoint_url", "endpoint_url", "aws_endpoint")
-    kwargs: dict[str, Any] = {
-        "access_key": pick("aws_access_key_id"), "secret_key": pick("aws_secret_access_key"),
-        "session_token": pick("aws_session_token"), "region": pick("aws_region", "region"),
-    }
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    fs = pafs.S3FileSystem(**{k: v for k, v in kwargs.items() if v is not None})
-    return path.split("://", 1)[1], fs
+    fs = fsspec.filesystem(path.split("://", 1)[0], **to_fsspec(opts, path))
+    return path.split("://", 1)[1], pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def ensure_ray(num_cpus: float | None = None) -> None:

@@ -1,0 +1,97 @@
+"""Training inputs from feature files and the ``patches`` Delta table; a run whose data,
+checkpoints, metrics and final CARE checkpoint live on S3 (the loopback moto server)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from care_scale.synthetic.cohort import make_feature_cohort
+
+
+def _by_id(slides):
+    return {s.slide_id: s for s in slides}
+
+
+def test_feature_files_and_patches_table(tmp_path):
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    from care_scale.training.data import load_feature_files, load_patches_table
+
+    cohort = make_feature_cohort(5, embed_dim=16, seed=1)
+    paths = cohort.write(tmp_path / "cohort")
+    from_files = _by_id(load_feature_files([paths["features_dir"]]))
+    assert sorted(from_files) == [s.slide_id for s in cohort.slides]
+    for s in cohort.slides:
+        got = from_files[s.slide_id]
+        np.testing.assert_array_equal(got.features, s.features)
+        np.testing.assert_array_equal(got.grid, s.grid - s.grid.min(0))
+
+    # The patches table the embedding job keeps (one row per patch, two model versions).
+    rows = []
+    for version in ("care_tiny-aaaa", "care_tiny-bbbb"):
+        for s in cohort.slides:
+            order = np.random.default_rng(0).permutation(len(s.features))  # any row order
+            for i in order:
+                rows.append({"slide_id": s.slide_id, "x": int(s.coords[i, 0]),
+                             "y": int(s.coords[i, 1]), "patch_size_level0": 256,
+                             "feature": s.features[i].tolist(), "model_version": version})
+    table = pa.Table.from_pylist(rows)
+    uri = str(tmp_path / "wh" / "patches")
+    write_deltalake(uri, table)
+    from care_scale.exceptions import TrainingDataError
+
+    with pytest.raises(TrainingDataError, match="2 model versions"):
+        load_patches_table(uri)
+    from_table = _by_id(load_patches_table(uri, model_version="care_tiny-bbbb"))
+    for s in cohort.slides:
+        a, b = from_table[s.slide_id], from_files[s.slide_id]
+        order_a = np.lexsort((a.grid[:, 0], a.grid[:, 1]))
+        order_b = np.lexsort((b.grid[:, 0], b.grid[:, 1]))
+        np.testing.assert_array_equal(a.grid[order_a], b.grid[order_b])
+        np.testing.assert_array_equal(a.features[order_a], b.features[order_b])
+
+
+def test_stage1_run_on_s3(tmp_path, ray_local, s3_bucket, s3_options):
+    import fsspec
+
+    from care_scale.config import load_config
+    from care_scale.models import create_slide_encoder, model_version
+    from care_scale.storage import to_fsspec
+    from care_scale.training.config import Stage1Config
+    from care_scale.training.loop import fit
+
+    cohort = make_feature_cohort(8, embed_dim=192, seed=2)
+    paths = cohort.write(tmp_path / "cohort")
+    fs = fsspec.filesystem("s3", **to_fsspec(s3_options, "s3://x"))
+    fs.put(paths["features_dir"] + "/", f"{s3_bucket}/features/", recursive=True)
+
+    cfg = load_config(Stage1Config, None, {
+        "data": {"feature_uris": [f"s3://{s3_bucket}/features/"], "storage_options": s3_options},
+        "run": {"storage_path": f"s3://{s3_bucket}/runs", "storage_options": s3_options,
+                "name": "s3-run", "num_workers": 2, "checkpoint_every": 3, "log_every": 1,
+                "keep_last": 1},
+        "optim": {"steps": 6, "warmup_steps": 2, "batch_size": 2},
+        "ssl": {"out_dim": 16, "patch_out_dim": 16},
+    })
+    result = fit("stage1", cfg)
+    assert result.output == f"s3://{s3_bucket}/runs/s3-run/final"
+    assert [r["step"] for r in result.history] == [1, 2, 3, 4, 5, 6]
+    listing = fs.ls(f"{s3_bucket}/runs/s3-run")
+    names = sorted(p.rsplit("/", 1)[1] for p in listing)
+    assert {"metrics.csv", "metrics.jsonl", "final"} <= set(names), names
+    assert len([n for n in names if n.startswith("checkpoint_2")]) == 1  # keep_last=1
+    enc = create_slide_encoder("care_tiny", result.output, storage_options=s3_options)
+    assert model_version(enc) == result.model_version
+
+
+def test_cli_reports_bad_config(capsys):
+    from care_scale.cli import main
+
+    assert main(["train", "stage1"]) == 2  # no data source configured
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ConfigError: data: set exactly one of")
+    assert main(["train", "stage2", "--set", "data.synthetic=true", "--set",
+                 "align.phase_steps=1,2"]) == 2
+    assert "must sum to optim.steps" in capsys.readouterr().err
