@@ -123,3 +123,43 @@ def test_other_bad_inputs(tmp_path):
     prot.write_text("sample_id,P1,P2\na,1,2\n")
     with pytest.raises(TrainingDataError, match="fewer than the 10 most abundant"):
         top_proteins(read_molecular_table(str(prot)), 10)
+
+
+def test_rna_encoder_init_from_checkpoint_with_key_map(tmp_path):
+    import os
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    from care_scale.exceptions import CheckpointError, UnsafeCheckpointError
+    from care_scale.training.encoders import ProteinEncoder, RNAEncoder, load_rna_checkpoint
+
+    enc = RNAEncoder(n_genes=20, dim=16, layers=1, heads=2, out_dim=8)
+    # A "foreign" checkpoint: scGPT-like names, one tensor of another shape, one unknown key.
+    state = {"encoder.embedding.weight": torch.full((20, 16), 0.5),
+             "value_encoder.net.0.weight": torch.full((16, 1), 0.25),
+             "transformer_encoder.layers.0.linear1.weight": torch.zeros(99, 16),
+             "decoder.fc.weight": torch.zeros(3, 3)}
+    path = tmp_path / "scgpt.safetensors"
+    save_file(state, str(path))
+    loaded = load_rna_checkpoint(enc, str(path), {"encoder.embedding.": "gene_embedding.",
+                                                  "transformer_encoder.": "transformer."})
+    assert sorted(loaded) == ["gene_embedding.weight", "value_encoder.net.0.weight"]
+    assert torch.all(enc.gene_embedding.weight == 0.5)
+    save_file({"encoder.embedding.weight": torch.zeros(20, 16)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(CheckpointError, match="no key matches"):
+        load_rna_checkpoint(enc, str(tmp_path / "b.safetensors"), {})  # mapping forgotten
+    # weights-only torch files are fine; pickled objects are refused, never unpickled
+    torch.save({"state_dict": {"gene_embedding.weight": torch.ones(20, 16)}},
+               tmp_path / "ok.pt")
+    assert load_rna_checkpoint(enc, str(tmp_path / "ok.pt")) == ["gene_embedding.weight"]
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        pickle.dump({"obj": os.getcwd}, fh)  # a global reference: needs arbitrary unpickling
+    with pytest.raises(UnsafeCheckpointError, match="weights_only"):
+        load_rna_checkpoint(enc, str(tmp_path / "evil.pt"))
+    # protein tokens from a user embedding table (frozen, projected) or learned
+    table = np.random.default_rng(0).standard_normal((15, 16)).astype(np.float32)
+    penc = ProteinEncoder(15, dim=16, layers=1, heads=2, out_dim=8, pretrained=table)
+    out = penc(torch.tensor([[0, 3, 5]]), torch.tensor([[1.0, 0.5, 0.1]]))
+    assert out.shape == (1, 8) and "protein_table" not in dict(penc.named_parameters())

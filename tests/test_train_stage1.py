@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from care_scale.training.data import SlideFeatures, split_sub_wsis
 
@@ -50,3 +51,43 @@ def test_stage1_learns(tmp_path, ray_local):
     # the final artifact is a CARE checkpoint the embedding job loads, with its version
     enc = create_slide_encoder("care_tiny", report["checkpoint"])
     assert model_version(enc) == report["model_version"]
+
+
+def test_collapse_is_reported():
+    import warnings
+
+    import torch
+
+    from care_scale.config import load_config
+    from care_scale.training.config import Stage1Config
+    from care_scale.training.ssl import CollapseWarning, SSLTask
+
+    cfg = load_config(Stage1Config, None, ["data.synthetic=true", "data.synthetic_slides=6",
+                                           "optim.batch_size=4", "ssl.out_dim=16",
+                                           "ssl.patch_out_dim=16"])
+    task = SSLTask(cfg, rank=0, world=1, device=torch.device("cpu"))
+    _, metrics = task.loss(0, 0)
+    assert metrics["emb_std"] > cfg.ssl.collapse_std  # healthy at start
+    # Collapse the student for real: every slide embedding becomes the same vector.
+    with torch.no_grad():
+        for p in task.student.encoder.parameters():
+            p.zero_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, metrics = task.loss(1, 0)
+    assert metrics["emb_std"] < cfg.ssl.collapse_std
+    assert any(issubclass(w.category, CollapseWarning) for w in caught)
+
+
+@pytest.mark.gpu
+def test_stage1_gpu_amp_nccl(tmp_path, ray_local):
+    from care_scale.config import load_config
+    from care_scale.training.config import Stage1Config
+    from care_scale.training.loop import fit
+
+    cfg = load_config(Stage1Config, None, [
+        "data.synthetic=true", "data.synthetic_slides=16", "run.num_workers=1",
+        "run.use_gpu=true", f"run.storage_path={tmp_path}", "optim.steps=4",
+        "optim.warmup_steps=1", "optim.batch_size=4", "optim.mixed_precision=true"])
+    result = fit("stage1", cfg)
+    assert result.history[-1]["step"] == 4
