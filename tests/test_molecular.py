@@ -163,3 +163,32 @@ def test_rna_encoder_init_from_checkpoint_with_key_map(tmp_path):
     penc = ProteinEncoder(15, dim=16, layers=1, heads=2, out_dim=8, pretrained=table)
     out = penc(torch.tensor([[0, 3, 5]]), torch.tensor([[1.0, 0.5, 0.1]]))
     assert out.shape == (1, 8) and "protein_table" not in dict(penc.named_parameters())
+
+
+def test_stage2_fit_reports_bad_molecular_input_before_training(tmp_path):
+    """The driver checks the user's files before any Ray worker starts."""
+    from care_scale.config import load_config
+    from care_scale.training.config import Stage2Config
+    from care_scale.training.loop import fit
+
+    cohort = make_feature_cohort(10, embed_dim=192, n_genes=30, n_proteins=15, seed=4)
+    paths = cohort.write(tmp_path / "c")
+    rna = pd.read_csv(paths["rna"])
+    rna.iloc[2:].to_csv(tmp_path / "rna_missing.csv", index=False)  # 2 samples lost
+
+    def cfg(rna_path: str, **extra):
+        return load_config(Stage2Config, None, {
+            "data": {"feature_uris": [paths["features_dir"]]},
+            "molecular": {"rna": rna_path, "protein": paths["protein"],
+                          "mapping": paths["mapping"], **extra},
+            "run": {"storage_path": str(tmp_path / "runs")}})
+
+    with pytest.raises(TrainingDataError) as err:
+        fit("stage2", cfg(str(tmp_path / "rna_missing.csv")))
+    assert "2 of 10 slides have no row in" in str(err.value)
+    assert "rna_missing.csv" in str(err.value)
+    bad = tmp_path / "genes.txt"
+    bad.write_text("TP53\n")
+    with pytest.raises(TrainingDataError, match="none of its 1 genes"):
+        fit("stage2", cfg(paths["rna"], gene_list=str(bad)))
+    assert not (tmp_path / "runs").exists()  # nothing was started

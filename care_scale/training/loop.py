@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from care_scale.config import from_dict, to_dict
-from care_scale.exceptions import CheckpointError, ConfigError
+from care_scale.exceptions import CareScaleError, CheckpointError, ConfigError
 from care_scale.storage import is_remote, join, redact, to_fsspec
 from care_scale.training.config import Stage1Config, Stage2Config
 
@@ -292,12 +292,40 @@ def ensure_ray(num_cpus: float | None = None) -> None:
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
 
 
+def preflight(stage: str, cfg: Stage1Config | Stage2Config) -> None:
+    """Check the data on the driver first, so bad input is one clear error (TrainingDataError,
+    FeatureFileError, TableError) instead of a failed worker deep inside Ray Train."""
+    from care_scale.training.data import load_slides_for, model_in_dim, synthetic_slides
+
+    train, holdout = load_slides_for(cfg, train_only=False)
+    if not train:
+        raise ConfigError("no training slides (data.holdout_fraction leaves none)")
+    if stage != "stage2":
+        return
+    from care_scale.training.align import _as_table, load_molecular
+    from care_scale.training.molecular import pair_slides
+
+    cohort = None
+    if cfg.data.synthetic:
+        _, cohort = synthetic_slides(cfg.data.synthetic_slides,
+                                     embed_dim=model_in_dim(cfg.model),
+                                     seed=cfg.data.synthetic_seed)
+    mol = load_molecular(cfg, cohort)
+    ids = [s.slide_id for s in train + holdout]
+    for phase in cfg.align.phases:
+        samples = mol.rna if phase == "rna" else mol.protein_ids
+        uri = mol.rna_uri if phase == "rna" else mol.protein_uri
+        pair_slides(ids, _as_table(uri, samples), mapping=mol.mapping,
+                    mapping_uri=mol.mapping_uri, allow_unpaired=cfg.molecular.allow_unpaired)
+
+
 def fit(stage: str, cfg: Stage1Config | Stage2Config) -> TrainResult:
     """Train one stage with Ray Train; resumes when ``<storage>/<name>`` holds a checkpoint."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     _stage(stage)
+    preflight(stage, cfg)
     ensure_ray(cfg.run.num_workers * cfg.run.cpus_per_worker)
     storage_path, fs = _storage(cfg)
     t0 = time.time()
@@ -315,7 +343,7 @@ def fit(stage: str, cfg: Stage1Config | Stage2Config) -> TrainResult:
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
-        raise CheckpointError(f"training run {redact(run_dir(cfg))} failed: {exc}") from None
+        raise CareScaleError(f"training run {redact(run_dir(cfg))} failed: {exc}") from None
     history = read_metrics(run_dir(cfg), cfg.run.storage_options or None)
     version = (result.metrics or {}).get("model_version")
     return TrainResult(stage=stage, run_dir=run_dir(cfg), output=output_uri(cfg),
