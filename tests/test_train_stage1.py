@@ -33,6 +33,7 @@ def test_sub_wsis_by_dbscan_and_bound():
     assert [len(s) for s in split_sub_wsis(slide, max_patches=1000)] == [900, 25]
 
 
+@pytest.mark.slow
 def test_stage1_learns(tmp_path, ray_local):
     from care_scale.models import create_slide_encoder, model_version
     from care_scale.training.demo import run_demo

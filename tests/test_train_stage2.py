@@ -9,6 +9,7 @@ import json
 import pytest
 
 
+@pytest.mark.slow
 def test_stage2_retrieval_and_purity(tmp_path, ray_local):
     from care_scale.training.demo import run_demo
     from care_scale.training.loop import read_metrics
