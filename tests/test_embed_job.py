@@ -263,12 +263,19 @@ def test_ray_job_submit_on_a_real_head(cohort, tmp_path):
     env.pop("RAY_ADDRESS", None)
     # --block keeps `ray start` as the parent of this cluster's processes, so stopping it (and
     # its process group) stops only this cluster, never one someone else runs on the machine.
+    # Every port free-searched: other Ray clusters on this machine hold the default ones
+    # (a dashboard agent that cannot bind its port leaves the head unable to take jobs).
+    ports = []
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                 "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
+                 "--object-manager-port", "--ray-client-server-port"):
+        ports += [flag, str(_free_port())]
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
          "--object-store-memory", str(400 * 2**20),
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--temp-dir", str(temp), "--disable-usage-stats"],
+         "--temp-dir", str(temp), "--disable-usage-stats", *ports],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     wh = tmp_path / "wh"
@@ -283,13 +290,17 @@ def test_ray_job_submit_on_a_real_head(cohort, tmp_path):
             time.sleep(2)
         else:
             pytest.fail("ray head / dashboard did not come up")
-        submit = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
-             "--runtime-env-json", '{"env_vars": {"OMP_NUM_THREADS": "1"}}', "--",
-             "python", "jobs/embed_cohort.py", str(cohort), "--warehouse", str(wh),
-             "--set", "progress=log", "--set", "encode_batch_size=16"],
-            env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
-        )
+        for _ in range(10):  # the job agent registers a few seconds after the dashboard
+            submit = subprocess.run(
+                ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
+                 "--runtime-env-json", '{"env_vars": {"OMP_NUM_THREADS": "1"}}', "--",
+                 "python", "jobs/embed_cohort.py", str(cohort), "--warehouse", str(wh),
+                 "--set", "progress=log", "--set", "encode_batch_size=16"],
+                env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
+            )
+            if "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(3)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in (submit.stdout + submit.stderr).lower()
         slides = _table(wh, "slides").to_pylist()
