@@ -139,6 +139,12 @@ try:
     urllib.request.urlopen('http://127.0.0.1:$DASH_PORT/api/version', timeout=2)
 except urllib.error.HTTPError:
     pass  # it answered (401 when Ray token authentication is on): the server is up"
+  # Jobs go through the head node's dashboard agent, which registers a few seconds after the
+  # dashboard; until then `ray job submit` fails with "No available agent".
+  wait_for 120 "$(cat "$STATE/ray.pid")" "ray dashboard agent" \
+    "import urllib.request
+body = urllib.request.urlopen('http://127.0.0.1:$AGENT_PORT/api/local_raylet_healthz', timeout=2).read()
+assert b'success' in body"
 
   cat >"$STATE/env.sh" <<EOF
 export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT
