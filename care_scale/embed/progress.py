@@ -50,6 +50,11 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class Progress:
     """Counts slides and tiles as the driver sees them; draws the status line."""
 
@@ -98,10 +103,9 @@ class Progress:
         elapsed = self.elapsed
         rate = self.tiles / elapsed if elapsed > 0 else 0.0
         if finished and todo > finished:
-            eta_s = elapsed / finished * (todo - finished)
-            eta = time.strftime("%H:%M:%S", time.gmtime(eta_s))
+            eta = _hms(elapsed / finished * (todo - finished))
         else:
-            eta = "--:--:--" if todo > finished else "0:00:00"
+            eta = "-:--:--" if todo > finished else _hms(0)
         return (
             f"slides {finished}/{todo} (skipped {self.skipped}, failed {self.failed}) | "
             f"tiles {self.tiles:,} @ {rate:,.0f}/s | ETA {eta}"
