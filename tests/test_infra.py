@@ -595,6 +595,23 @@ def test_runbook_is_linked_and_names_real_paths():
     assert not missing, f"runbook names paths that do not exist: {missing}"
 
 
+def test_runbook_commands_use_real_flags():
+    """Every `python jobs|train|export/... --flag` in the runbook's code blocks is a real flag."""
+    text = RUNBOOK.read_text()
+    blocks = "\n".join(re.findall(r"```bash\n(.*?)```", text, re.DOTALL))
+    blocks = re.sub(r"\\\n\s*", " ", blocks)  # join continuation lines
+    commands = re.findall(r"python ((?:jobs|train|export)/\w+\.py)([^\n]*)", blocks)
+    scripts = {script for script, _ in commands}
+    assert scripts >= {"jobs/embed_cohort.py", "train/stage1_ssl.py", "train/stage2_align.py",
+                       "export/export_patch_encoder.py", "export/export_slide_encoder.py"}
+    helps = {script: subprocess.run([sys.executable, script, "--help"], cwd=ROOT, check=True,
+                                    capture_output=True, text=True, timeout=120).stdout
+             for script in scripts}
+    for script, args in commands:
+        for flag in re.findall(r"(?<!\S)(--[\w-]+)", args):
+            assert flag in helps[script], f"runbook: {script} has no flag {flag}"
+
+
 # ----------------------------------------------------------------------------- local cluster
 def test_local_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(LOCAL_SCRIPT)], check=True)
