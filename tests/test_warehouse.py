@@ -1,0 +1,135 @@
+"""Warehouse on real Delta tables, locally and on the moto S3 server."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+from care_scale.exceptions import SchemaVersionError
+from care_scale.warehouse import FailureRow, SlideResult, Warehouse
+
+DIM, FDIM = 16, 8
+
+
+def fake_result(slide_id: str, *, n: int = 30, seed: int = 0, mv: str = "care_tiny-abc",
+                patches: bool = True) -> SlideResult:
+    rng = np.random.default_rng(seed)
+    coords = np.stack(np.meshgrid(np.arange(6) * 224, np.arange(5) * 224), -1).reshape(-1, 2)
+    coords = coords[:n].astype(np.int64)
+    rop = np.arange(n) % 3
+    regions = []
+    for r in range(3):
+        c = coords[rop == r]
+        regions.append({"region_id": r, "num_patches": len(c), "coverage": 0.3,
+                        "semantic_weight": 0.2 + r / 10, "fused_weight": 0.1 * (r + 1),
+                        "is_roi": r == 2, "bbox_x0": int(c[:, 0].min()),
+                        "bbox_y0": int(c[:, 1].min()), "bbox_x1": int(c[:, 0].max()) + 224,
+                        "bbox_y1": int(c[:, 1].max()) + 224,
+                        "geometry": "MULTIPOLYGON (((0 0, 224 0, 224 224, 0 224, 0 0)))",
+                        "embedding": rng.normal(size=DIM).astype(np.float32)})
+    slide = {"slide_id": slide_id, "model_version": mv, "source_uri": f"/data/{slide_id}.svs",
+             "source_size": 1234, "source_etag": None, "width": 2000, "height": 1500,
+             "mpp": 0.5, "mpp_source": "file", "target_mpp": 0.5, "patch_size": 224,
+             "patch_size_level0": 224, "num_patches": n, "num_regions": 3,
+             "slide_embedding": rng.normal(size=DIM).astype(np.float32), "roi_region_id": 2,
+             "roi_embedding": regions[2]["embedding"], "backend": "torch", "run_id": "run1",
+             "cohort": "A", "metadata": {"site": "oslo", "age": 61}, "embedded_at": 1.7e9}
+    p = None
+    if patches:
+        p = {"x": coords[:, 0], "y": coords[:, 1], "patch_size_level0": np.full(n, 224),
+             "region_id": rop, "tissue_fraction": np.full(n, 0.9, np.float32),
+             "feature": rng.normal(size=(n, FDIM)).astype(np.float32)}
+    return SlideResult(slide=slide, regions=regions, patches=p)
+
+
+def _sorted(wh: Warehouse, name: str, drop=()) -> list[dict]:
+    t = wh.read(name)
+    rows = t.select([c for c in t.column_names if c not in drop]).to_pylist()
+    return sorted(rows, key=lambda r: repr(sorted(r.items())))
+
+
+def test_write_idempotent_and_crash_resume(tmp_path):
+    wh = Warehouse(str(tmp_path / "wh"))
+    wh.ensure_tables()
+    assert wh.completed_slide_ids("care_tiny-abc") == set()
+    results = [fake_result(f"s{i}", seed=i) for i in range(3)]
+    wh.write_results(results)
+    assert wh.completed_slide_ids("care_tiny-abc") == {"s0", "s1", "s2"}
+    assert wh.completed_slide_ids("other") == set()
+    clean = {n: _sorted(wh, n) for n in ("slides", "regions", "patches")}
+    assert len(clean["slides"]) == 3 and len(clean["regions"]) == 9
+    assert len(clean["patches"]) == 90
+    assert dict(clean["slides"][0]["metadata"])["site"] == "oslo"
+
+    wh.write_results(results)  # idempotent
+    assert {n: _sorted(wh, n) for n in clean} == clean
+
+    # Crash between regions and slides, with a different (stale) attempt first.
+    wh2 = Warehouse(str(tmp_path / "wh2"))
+    stale = [fake_result(f"s{i}", seed=100 + i) for i in range(3)]
+    stale[0].regions.append({**stale[0].regions[0], "region_id": 7})
+    wh2.write_results(results[:1])
+    wh2.ensure_embedding_tables(DIM, FDIM)
+    wh2.write_patches(stale[1:], FDIM)
+    wh2.write_regions(stale[1:], DIM)
+    assert wh2.completed_slide_ids("care_tiny-abc") == {"s0"}
+    wh2.write_results(results[1:])
+    assert {n: _sorted(wh2, n) for n in clean} == clean
+
+
+def test_failures_runs_maintenance_and_version(tmp_path):
+    wh = Warehouse(str(tmp_path / "wh"))
+    wh.start_run("run1", {"a": 1})
+    wh.record_failures([FailureRow("bad", "/x/bad.svs", "run1", "open", "CorruptSlideError",
+                                   "cannot decode")])
+    wh.record_failures([FailureRow("bad", "/x/bad.svs", "run1", "open", "CorruptSlideError",
+                                   "cannot decode")])
+    wh.finish_run("run1", {"done": 0, "failed": 1})
+    runs = wh.read("runs").to_pylist()
+    assert len(runs) == 1 and runs[0]["finished_at"] is not None
+    assert '"failed": 1' in runs[0]["counts_json"]
+    assert wh.read("failures").num_rows == 1
+    for i in range(3):
+        wh.write_results([fake_result(f"s{i}", seed=i)])
+    before = _sorted(wh, "regions")
+    assert wh.optimize("regions")["regions"]["numFilesRemoved"] > 1
+    assert _sorted(wh, "regions") == before
+    assert wh.vacuum("regions", retention_hours=0)["regions"]
+    assert _sorted(wh, "regions") == before
+    ops = [h["operation"] for h in wh.history("regions")["regions"]]
+    assert "OPTIMIZE" in ops and "MERGE" in ops
+
+    from deltalake import DeltaTable
+    dt = DeltaTable(wh.table_uri("slides"))
+    dt.alter.set_table_properties({"care_scale.schema_version": "999"}, raise_if_not_exists=False)
+    with pytest.raises(SchemaVersionError, match="slides"):
+        wh.completed_slide_ids("care_tiny-abc")
+
+
+def _writer(uri, options, ids):
+    wh = Warehouse(uri, storage_options=options)
+    for sid in ids:
+        wh.write_results([fake_result(sid, seed=hash(sid) % 1000, patches=False)])
+
+
+def test_s3_roundtrip_and_concurrent_writers(s3_options, s3_bucket):
+    uri = f"s3://{s3_bucket}/wh"
+    wh = Warehouse(uri, storage_options=s3_options)
+    wh.ensure_tables()
+    wh.write_results([fake_result("first")])
+    wh.write_results([fake_result("first")])
+    assert wh.read("slides").num_rows == 1 and wh.read("patches").num_rows == 30
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(uri, s3_options, [f"w{p}_{i}" for i in range(2)]))
+             for p in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0] * 4
+    ids = wh.completed_slide_ids("care_tiny-abc")
+    assert ids == {"first"} | {f"w{p}_{i}" for p in range(4) for i in range(2)}
+    assert wh.read("regions").num_rows == 3 * 9
