@@ -1,4 +1,5 @@
-"""Queries over the warehouse: DuckDB (``connect_duckdb``, ``sql``) and Spark (``spark``)."""
+"""Queries over the warehouse: DuckDB (``connect_duckdb``, ``sql``) and Spark (``care_scale.query.spark.read_table``, imported on use so
+DuckDB users need no pyspark)."""
 
 from care_scale.query.duckdb import connect_duckdb, sql
 
