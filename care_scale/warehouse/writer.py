@@ -160,16 +160,6 @@ class Warehouse:
 
         self._retry(name, op)
 
-    def _append(self, name: str, table: pa.Table) -> None:
-        from deltalake import write_deltalake
-
-        def op() -> None:
-            self.open(name)  # version check
-            write_deltalake(self.table_uri(name), table, mode="append",
-                            storage_options=self._opts(name))
-
-        self._retry(name, op)
-
     # -- rows -> arrow --------------------------------------------------------------------
     @staticmethod
     def _slides_table(results: list[SlideResult], dim: int) -> pa.Table:
