@@ -112,7 +112,7 @@ def job_config(source: str, warehouse: str, **extra):
     from care_scale.embed import EmbedConfig
 
     base = {
-        "source": source, "warehouse": warehouse, "progress": "off", "commit_every": 8,
+        "source": source, "warehouse": warehouse, "progress": "none", "commit_every": 8,
         # The tiny encoder (64-d) and CARE sized for it: the decode-dominated regime.
         "patch_encoder": {"name": TINY_PATCH_ENCODER},
         "slide_encoder": {"name": "care_tiny", "overrides": {"in_dim": 64}},

@@ -34,7 +34,7 @@ def _config(source, warehouse, **extra) -> EmbedConfig:
     values = {
         "source": str(source),
         "warehouse": str(warehouse),
-        "progress": "off",
+        "progress": "none",
         "commit_every": 2,
         "decode_batch_size": 16,
         "encode_batch_size": 16,
@@ -90,7 +90,7 @@ def test_local_folder_to_local_warehouse_and_rerun(ray_local, cohort, tmp_path):
     summary = run_embedding(_config(cohort, wh, keep_patches=True))
     assert (summary.total, summary.done, summary.failed, summary.skipped) == (N_SLIDES, N_SLIDES,
                                                                               0, 0)
-    assert summary.tiles > 0 and summary.backend == "torch"
+    assert summary.tiles > 0 and summary.backend == "onnxruntime"  # "auto" on a CPU
 
     slides = _table(wh, "slides").to_pylist()
     regions = _table(wh, "regions").to_pylist()
@@ -129,7 +129,7 @@ def test_manifest_with_corrupt_and_missing_slides(ray_local, cohort, shared_data
         f"missing,{tmp_path / 'nope.svs'},0.25,B,bergen\n"
     )
     wh = tmp_path / "wh"
-    code = main(["embed", str(manifest), "--warehouse", str(wh), "--set", "progress=off",
+    code = main(["embed", str(manifest), "--warehouse", str(wh), "--set", "progress=none",
                  "--set", "concurrency.decode_tasks=1", "--set", "encode_batch_size=16"])
     assert code == 3  # finished, some slides failed
     slides = _table(wh, "slides").to_pylist()
@@ -196,7 +196,7 @@ import sys
 from care_scale.config import load_config
 from care_scale.embed import EmbedConfig, run_embedding
 cfg = load_config(EmbedConfig, None, {
-    "source": sys.argv[1], "warehouse": sys.argv[2], "progress": "off", "commit_every": 1,
+    "source": sys.argv[1], "warehouse": sys.argv[2], "progress": "none", "commit_every": 1,
     "keep_patches": True, "decode_batch_size": 16, "encode_batch_size": 16, "num_cpus": 2,
     "concurrency": {"decode_tasks": 1, "encoder_actors": 1, "torch_threads": 1}})
 run_embedding(cfg)

@@ -115,7 +115,7 @@ class EmbedConfig:
     num_cpus: int | None = None
     object_store_memory: int | None = 512 * 2**20
     run_id: str | None = None
-    progress: Literal["auto", "line", "log", "off"] = "auto"
+    progress: Literal["auto", "line", "log", "none"] = "auto"
 
     def validate(self) -> None:
         if self.target_mpp <= 0:

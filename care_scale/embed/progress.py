@@ -63,7 +63,7 @@ class Progress:
         total: int,
         *,
         skipped: int = 0,
-        mode: Literal["auto", "line", "log", "off"] = "auto",
+        mode: Literal["auto", "line", "log", "none"] = "auto",
         stream: TextIO | None = None,
         log_every: float = 10.0,
     ):
@@ -112,7 +112,7 @@ class Progress:
         )
 
     def draw(self, *, force: bool = False) -> None:
-        if self.mode == "off":
+        if self.mode == "none":
             return
         now = time.monotonic()
         every = 0.2 if self.mode == "line" else self.log_every
