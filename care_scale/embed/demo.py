@@ -14,7 +14,7 @@ from typing import Any
 
 DEMO_QUERY = """
 SELECT s.slide_id, s.num_patches, s.num_regions, s.roi_region_id,
-       round(max(r.fused_weight), 3) AS roi_weight
+       round(max(r.fused_weight)::DOUBLE, 3) AS roi_weight
 FROM slides s JOIN regions r USING (slide_id)
 GROUP BY ALL ORDER BY s.slide_id
 """
