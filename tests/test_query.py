@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from factories import fake_result
 
 from care_scale.query import connect_duckdb, sql
 from care_scale.warehouse import Warehouse
-from tests.test_warehouse import fake_result
 
 NEAREST = """
 SELECT b.slide_id,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from factories import fake_result
 
 from care_scale.warehouse import Warehouse
-from tests.test_warehouse import fake_result
 
 pyspark = pytest.importorskip("pyspark")
 

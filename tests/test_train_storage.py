@@ -95,3 +95,36 @@ def test_cli_reports_bad_config(capsys):
     assert main(["train", "stage2", "--set", "data.synthetic=true", "--set",
                  "align.phase_steps=1,2"]) == 2
     assert "must sum to optim.steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_prune_keeps_exactly_the_tracked_checkpoints(where, tmp_path, request):
+    """After a resume, the killed run's checkpoint directories are removed; tracked ones stay."""
+    import json
+
+    import fsspec
+
+    from care_scale.storage import to_fsspec
+    from care_scale.training.loop import prune_checkpoints
+
+    if where == "s3":
+        opts = request.getfixturevalue("s3_options")
+        root = f"s3://{request.getfixturevalue('s3_bucket')}/runs/r"
+    else:
+        opts, root = None, str(tmp_path / "runs" / "r")
+    fs, base = fsspec.core.url_to_fs(root, **to_fsspec(opts, root))
+    names = ["checkpoint_a", "checkpoint_b", "checkpoint_c", "checkpoint_d"]
+    for n in names:
+        fs.makedirs(f"{base}/{n}", exist_ok=True)  # a no-op on S3, needed on local disk
+        fs.pipe(f"{base}/{n}/state.pt", b"x")
+    fs.pipe(f"{base}/metrics.jsonl", b"{}\n")
+    assert prune_checkpoints(root, opts) == []  # no snapshot yet: nothing is deleted
+    snap = {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_c"},
+                                   {"checkpoint_dir_name": "checkpoint_d"}],
+            "latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_d"}}
+    fs.pipe(f"{base}/checkpoint_manager_snapshot.json", json.dumps(snap).encode())
+    assert prune_checkpoints(root, opts) == ["checkpoint_a", "checkpoint_b"]
+    fs.invalidate_cache()
+    left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+    assert left == ["checkpoint_c", "checkpoint_d", "checkpoint_manager_snapshot.json",
+                    "metrics.jsonl"]

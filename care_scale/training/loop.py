@@ -8,7 +8,9 @@ this module supplies the rest:
   GPU, gradient accumulation (no all-reduce on inner micro-steps), gradient clipping;
 - learning rate: linear warm-up then cosine decay, per phase (stage II has two);
 - checkpoints every ``checkpoint_every`` optimizer steps through ``ray.train.report`` into
-  ``<storage_path>/<name>`` (local or s3://), the last ``keep_last`` kept by Ray. A run started
+  ``<storage_path>/<name>`` (local or s3://), the last ``keep_last`` kept (Ray's
+  ``num_to_keep``, plus a driver-side prune of directories a killed run left behind that the
+  resumed run's checkpoint manager no longer tracks). A run started
   again with the same name and storage path resumes from its latest checkpoint, restoring
   model, optimizer, teacher, step and metric history; the data order is a pure function of
   (seed, step), so the resumed run continues the same schedule on the same batches;
@@ -261,6 +263,43 @@ class TrainResult:
     seconds: float
 
 
+def prune_checkpoints(uri_dir: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Delete ``checkpoint_*`` directories of a finished run that Ray no longer tracks.
+
+    Ray Train keeps ``num_to_keep`` checkpoints of the run it manages, but after a resume the
+    checkpoints the killed run wrote (registered or half-uploaded when it died) are not in the
+    restored manager's list and stay on storage forever: every kill would leak ``keep_last``
+    directories. Only called after ``fit`` returned, so nothing is being written; what the
+    snapshot lists (the last ``keep_last``) is kept. Returns the deleted directory names.
+    """
+    import fsspec
+
+    snap_uri = join(uri_dir, "checkpoint_manager_snapshot.json")
+    fs, root = fsspec.core.url_to_fs(uri_dir, **to_fsspec(storage_options, uri_dir))
+    try:
+        with fs.open(f"{root.rstrip('/')}/checkpoint_manager_snapshot.json") as fh:
+            snap = json.load(fh)
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        log.warning("not pruning checkpoints: %s unreadable: %s", redact(snap_uri), redact(exc))
+        return []
+    keep = {r.get("checkpoint_dir_name") for r in snap.get("checkpoint_results", [])}
+    latest = snap.get("latest_checkpoint_result") or {}
+    keep.add(latest.get("checkpoint_dir_name"))
+    if not keep - {None}:
+        return []  # an unknown snapshot layout: never delete on a guess
+    deleted = []
+    for path in fs.ls(root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("checkpoint_") and name not in keep and fs.isdir(path):
+            fs.rm(path, recursive=True)
+            deleted.append(name)
+    if deleted:
+        log.info("pruned %d untracked checkpoint(s) in %s", len(deleted), redact(uri_dir))
+    return sorted(deleted)
+
+
 def _storage(cfg: Any) -> tuple[str, Any]:
     """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
     path = cfg.run.storage_path
@@ -344,6 +383,7 @@ def fit(stage: str, cfg: Stage1Config | Stage2Config) -> TrainResult:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise CareScaleError(f"training run {redact(run_dir(cfg))} failed: {exc}") from None
+    prune_checkpoints(run_dir(cfg), cfg.run.storage_options or None)
     history = read_metrics(run_dir(cfg), cfg.run.storage_options or None)
     version = (result.metrics or {}).get("model_version")
     return TrainResult(stage=stage, run_dir=run_dir(cfg), output=output_uri(cfg),

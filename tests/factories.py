@@ -1,0 +1,44 @@
+"""Synthetic per-slide results for warehouse, query and Spark tests (shared, not a test module).
+
+Imported as ``from factories import ...``: pytest puts tests/ on sys.path (rootdir-less test
+folder, default "prepend" import mode), which also holds when CI runs plain ``pytest``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from care_scale.warehouse import SlideResult
+
+DIM, FDIM = 16, 8
+
+
+def fake_result(slide_id: str, *, n: int = 30, seed: int = 0, mv: str = "care_tiny-abc",
+                patches: bool = True) -> SlideResult:
+    rng = np.random.default_rng(seed)
+    coords = np.stack(np.meshgrid(np.arange(6) * 224, np.arange(5) * 224), -1).reshape(-1, 2)
+    coords = coords[:n].astype(np.int64)
+    rop = np.arange(n) % 3
+    regions = []
+    for r in range(3):
+        c = coords[rop == r]
+        regions.append({"region_id": r, "num_patches": len(c), "coverage": 0.3,
+                        "semantic_weight": 0.2 + r / 10, "fused_weight": 0.1 * (r + 1),
+                        "is_roi": r == 2, "bbox_x0": int(c[:, 0].min()),
+                        "bbox_y0": int(c[:, 1].min()), "bbox_x1": int(c[:, 0].max()) + 224,
+                        "bbox_y1": int(c[:, 1].max()) + 224,
+                        "geometry": "MULTIPOLYGON (((0 0, 224 0, 224 224, 0 224, 0 0)))",
+                        "embedding": rng.normal(size=DIM).astype(np.float32)})
+    slide = {"slide_id": slide_id, "model_version": mv, "source_uri": f"/data/{slide_id}.svs",
+             "source_size": 1234, "source_etag": None, "width": 2000, "height": 1500,
+             "mpp": 0.5, "mpp_source": "file", "target_mpp": 0.5, "patch_size": 224,
+             "patch_size_level0": 224, "num_patches": n, "num_regions": 3,
+             "slide_embedding": rng.normal(size=DIM).astype(np.float32), "roi_region_id": 2,
+             "roi_embedding": regions[2]["embedding"], "backend": "torch", "run_id": "run1",
+             "cohort": "A", "metadata": {"site": "oslo", "age": 61}, "embedded_at": 1.7e9}
+    p = None
+    if patches:
+        p = {"x": coords[:, 0], "y": coords[:, 1], "patch_size_level0": np.full(n, 224),
+             "region_id": rop, "tissue_fraction": np.full(n, 0.9, np.float32),
+             "feature": rng.normal(size=(n, FDIM)).astype(np.float32)}
+    return SlideResult(slide=slide, regions=regions, patches=p)
