@@ -20,7 +20,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# The real slides sit beside the checkout (../shared/data); CARE_SCALE_TEST_DATA points
+# elsewhere when the checkout lives somewhere else.
+SHARED_DATA = Path(os.environ.get("CARE_SCALE_TEST_DATA") or ROOT.parent / "shared" / "data")
 
 # Keep test processes from fighting over the 2 cores with oversubscribed thread pools.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -49,7 +51,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "CMU-1-Small-Region.svs").exists():
-        pytest.fail(f"real test slides missing: {SHARED_DATA} (expected ../shared/data)")
+        pytest.fail(f"real test slides missing: {SHARED_DATA} (expected ../shared/data, or "
+                    "set CARE_SCALE_TEST_DATA)")
     return SHARED_DATA
 
 
