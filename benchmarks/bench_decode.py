@@ -14,11 +14,12 @@ ceiling. Regime: decode only, on the CPU; on a GPU node this is the stage that h
 encoder fed. Without --slides it generates synthetic slides (tiled JPEG TIFF, 0.5 um/px) and
 adds ../shared/data/CMU-1-Small-Region.svs when present. Prints, never asserts.
 
-Measured on the 2-core development machine shared with other jobs (load average 4-10), 611 to
-1054 tissue tiles: (a)/(b) between 0.5x and 2.7x from run to run, median about 1.2-1.5x;
-(c)/(b) about 2x; the JPEG ceiling 2,300-3,800 224-px tiles/s. cuCIM's worker threads need
-free cores, so on a loaded 2-core box they gain little; the ratio is the thing to re-measure on
-a quiet node.
+Measured on a quiet 2-core machine (AVX2, load average ~2 from the benchmark itself), 1054
+tissue tiles, three runs of the script on 2026-12-01: (a)/(b) = 2.64x, 2.40x, 2.45x (cuCIM
+about 1,200-1,360 tiles/s, OpenSlide about 500-520); (c)/(b) about 2.5x; the JPEG ceiling
+about 3,700 224-px tiles/s on one thread. On the same machine shared with other jobs (load
+average 4-10) (a)/(b) fell to 0.5-2.7x: cuCIM's worker threads need free cores, so re-measure
+on a quiet node.
 """
 
 from __future__ import annotations

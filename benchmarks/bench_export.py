@@ -58,11 +58,10 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """The int8 variant exactly as ``care-scale export --int8`` makes it."""
+    from care_scale.export.onnx_export import quantize_patch_onnx
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm"], per_channel=True)
-    return dst
+    return quantize_patch_onnx(src, dst).path
 
 
 def bench_patch(name: str, batch: int, rounds: int, cache: Path, threads: int) -> None:
