@@ -117,16 +117,45 @@ def resolve_models(config: EmbedConfig) -> EmbedConfig:
     )
 
 
-def patch_model_version(config: EmbedConfig) -> str:
-    """Version of the patch encoder's weights+config (independent of the backend)."""
-    from care_scale.models import create_patch_encoder, model_version
+def _patch_encoder(config: EmbedConfig) -> Any:
+    from care_scale.models import create_patch_encoder
 
-    model = create_patch_encoder(
+    return create_patch_encoder(
         config.patch_encoder.name,
         config.patch_encoder.checkpoint,
         storage_options=config.storage_options or None,
     )
-    return model_version(model)
+
+
+def patch_model_version(config: EmbedConfig) -> str:
+    """Version of the patch encoder's weights+config (independent of the backend)."""
+    from care_scale.models import model_version
+
+    return model_version(_patch_encoder(config))
+
+
+def export_for_local_actors(config: EmbedConfig) -> EmbedConfig:
+    """On a Ray cluster on this machine, make the ONNX export once, here, and point the
+    encoder actors at it.
+
+    Without ``artifacts`` every ONNX Runtime actor would build the torch model to find (or
+    make) the cached export: importing torch and onnx costs each actor ~3 s of start-up on
+    2 cores, before its first batch. The driver already has the model, the cache is on this
+    machine's disk, and the cached directory is a complete artifact directory (manifest,
+    parity-checked), so actors load it with onnxruntime alone. On a remote cluster the
+    driver's disk is not the workers', so actors keep exporting into their own node's cache.
+    """
+    if (config.features or config.artifacts or config.backend not in ("auto", "onnxruntime")
+            or config.concurrency.num_gpus_per_actor > 0):
+        return config  # TensorRT/GPU choices stay with the actors, on the GPU nodes
+    from care_scale.export.pipeline import cached_patch_export
+
+    onnx_file = cached_patch_export(_patch_encoder(config), tile_size=config.patch_size)
+    # The artifact holds exactly these weights (keyed by their version), so the actors need
+    # not rebuild the model from the checkpoint to check it.
+    return dataclasses.replace(
+        config, artifacts=str(onnx_file.parent),
+        patch_encoder=dataclasses.replace(config.patch_encoder, checkpoint=None))
 
 
 def job_model_version(config: EmbedConfig, care_version: str, patch_version: str) -> str:
@@ -330,13 +359,15 @@ class PatchEncoder:
     """Holds one patch backend per actor; encodes fixed-size tile batches."""
 
     def __init__(self, config: EmbedConfig):
-        import torch
-
-        torch.set_num_threads(max(1, config.concurrency.torch_threads))
-        device = "cuda" if config.concurrency.num_gpus_per_actor > 0 else None
+        # An actor without a reserved GPU cannot use one (Ray hides the devices from it).
+        device = "cuda" if config.concurrency.num_gpus_per_actor > 0 else "cpu"
         self.backend = create_patch_backend(config, device=device)
         self.embed_dim = int(self.backend.embed_dim)
         self.kind = str(self.backend.kind)
+        if self.kind == "torch":  # only then: an ONNX Runtime actor never imports torch
+            import torch
+
+            torch.set_num_threads(max(1, config.concurrency.torch_threads))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tiles = batch.pop("tiles")
@@ -497,7 +528,8 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     if todo:
         started_ray = _ensure_ray(config)
         try:
-            ds = build_dataset(config, todo)
+            ds = build_dataset(export_for_local_actors(config) if started_ray else config,
+                               todo)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                          prefetch_batches=2):
                 collector.consume(batch)

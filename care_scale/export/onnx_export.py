@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from care_scale.exceptions import ExportError
+from care_scale.inference.base import META_PREFIX
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
-META_PREFIX = "care_scale."
 PATCH_INPUT = "tiles"
 PATCH_OUTPUT = "features"
 

@@ -74,10 +74,9 @@ def choose_patch_kind(kind: BackendKind, *, artifacts: str | None = None,
     from care_scale.export.tensorrt import tensorrt_status
 
     wants_cpu = device is not None and str(device).startswith("cpu")
-    trt_ok, trt_reason = tensorrt_status()
-    if wants_cpu:
-        trt_reason = f"device={device}"
-    elif trt_ok and artifacts is None:
+    # device="cpu": no need to probe CUDA (which imports torch: seconds per CPU worker).
+    trt_ok, trt_reason = (False, f"device={device}") if wants_cpu else tensorrt_status()
+    if trt_ok and artifacts is None:
         trt_reason = "no artifacts directory with engines given"
     elif trt_ok:
         from care_scale.export.artifacts import read_manifest

@@ -16,6 +16,10 @@ import numpy as np
 
 from care_scale.exceptions import ModelInputError
 
+#: Prefix of care-scale's keys in an ONNX file's metadata_props (written by the exporter,
+#: read back by the runtime backends without importing torch or onnx).
+META_PREFIX = "care_scale."
+
 BackendKind = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 KINDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
 

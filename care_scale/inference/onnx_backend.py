@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from care_scale.exceptions import ExportError, ModelInputError
-from care_scale.inference.base import PatchBackend, PatchModelInfo, SlideBackend
+from care_scale.inference.base import META_PREFIX, PatchBackend, PatchModelInfo, SlideBackend
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def providers_for(device: str | None) -> list[str]:
 
 
 def _cuda_device_present() -> bool:
+    # Only reached when onnxruntime has its CUDA EP, so CPU-only workers never import torch.
     try:
         import torch
 
@@ -91,6 +92,13 @@ def create_session(path: str | os.PathLike, *, device: str | None = None,
         )
     except (RuntimeError, ValueError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
         raise ExportError(f"{path}: ONNX Runtime cannot load it: {exc}") from exc
+
+
+def session_metadata(session) -> dict[str, str]:
+    """The ``care_scale.*`` metadata of a loaded graph (prefix stripped), read through ONNX
+    Runtime so that encoder workers need neither torch nor onnx (seconds of start-up each)."""
+    props = session.get_modelmeta().custom_metadata_map
+    return {k[len(META_PREFIX):]: v for k, v in props.items() if k.startswith(META_PREFIX)}
 
 
 def info_from_metadata(meta: dict[str, str], *, source: str) -> PatchModelInfo:
@@ -119,16 +127,14 @@ class OnnxPatchBackend(PatchBackend):
     def __init__(self, path: str | os.PathLike, *, device: str | None = None,
                  threads: int | None = None, spinning: bool = False,
                  exporter: Callable[[int], Path] | None = None):
-        from care_scale.export.onnx_export import read_metadata
-
         self.path = Path(path)
         self._session_kwargs = {"device": device, "threads": threads, "spinning": spinning}
-        info = info_from_metadata(read_metadata(self.path), source=str(self.path))
+        session = create_session(self.path, **self._session_kwargs)
+        info = info_from_metadata(session_metadata(session), source=str(self.path))
         super().__init__(info)
         self._exporter = exporter
-        self._sessions: dict[int, Any] = {info.tile_size: create_session(self.path,
-                                                                         **self._session_kwargs)}
-        self.providers = self._sessions[info.tile_size].get_providers()
+        self._sessions: dict[int, Any] = {info.tile_size: session}
+        self.providers = session.get_providers()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "providers": list(self.providers), "onnx": str(self.path)}
@@ -160,16 +166,14 @@ class OnnxSlideBackend(SlideBackend):
 
     def __init__(self, path: str | os.PathLike, *, device: str | None = None,
                  threads: int | None = None, spinning: bool = False):
-        from care_scale.export.onnx_export import read_metadata
-
         self.path = Path(path)
-        meta = read_metadata(self.path)
+        self.session = create_session(self.path, device=device, threads=threads,
+                                      spinning=spinning)
+        meta = session_metadata(self.session)
         if meta.get("kind") != "slide_encoder":
             raise ExportError(f"{self.path}: not a care-scale slide-encoder export "
                               f"(kind={meta.get('kind')!r})")
         self.metadata = meta
-        self.session = create_session(self.path, device=device, threads=threads,
-                                      spinning=spinning)
         self.providers = self.session.get_providers()
         self._outputs = [o.name for o in self.session.get_outputs()]
         super().__init__(name=meta["model"], model_version=meta["model_version"],
