@@ -25,10 +25,6 @@ from care_scale.embed import EmbedConfig, run_embedding
 ROOT = Path(__file__).resolve().parents[1]
 N_SLIDES = 3
 
-# The job writes through care_scale.warehouse (helper "tables"); without it there is nothing
-# to run end to end, so say so instead of failing on an import.
-pytest.importorskip("care_scale.warehouse", reason="care_scale.warehouse is not in the tree yet")
-
 
 def _config(source, warehouse, **extra) -> EmbedConfig:
     values = {
@@ -333,3 +329,35 @@ def test_torch_and_onnxruntime_backends_agree(ray_local, cohort, tmp_path):
     assert a["model_version"] == b["model_version"]  # the backend does not change the weights
     np.testing.assert_allclose(a["slide_embedding"], b["slide_embedding"], rtol=1e-3, atol=1e-4)
     assert a["num_regions"] == b["num_regions"]
+
+
+def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, monkeypatch):
+    """On a local cluster the driver exports once; an encoder actor then starts with
+    onnxruntime alone (no torch, no onnx import) and reports the same model version."""
+    import pickle
+
+    from care_scale.embed.pipeline import (
+        export_for_local_actors,
+        patch_model_version,
+        resolve_models,
+    )
+
+    monkeypatch.setenv("CARE_SCALE_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_models(_config(cohort, tmp_path / "wh"))
+    local = export_for_local_actors(cfg)
+    assert local.artifacts and Path(local.artifacts, "manifest.json").exists()
+    assert str(tmp_path / "cache") in local.artifacts
+    code = (
+        "import pickle, sys\n"
+        "from care_scale.embed.pipeline import PatchEncoder\n"
+        "enc = PatchEncoder(pickle.loads(sys.stdin.buffer.read()))\n"
+        "print(enc.kind, enc.backend.model_version, 'torch' in sys.modules, "
+        "'onnx' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(local),
+                         capture_output=True, check=True, cwd=ROOT).stdout.decode().split()
+    assert out == ["onnxruntime", patch_model_version(cfg), "False", "False"]
+    # Choices that belong to the actors' own nodes are left alone.
+    for other in (_config(cohort, tmp_path / "wh", backend="torch"),
+                  _config(cohort, tmp_path / "wh", concurrency={"num_gpus_per_actor": 1})):
+        assert export_for_local_actors(resolve_models(other)).artifacts is None

@@ -663,9 +663,6 @@ def _procs_mentioning(needle: str) -> set[int]:
 @pytest.mark.slow
 def test_local_cluster_runs_the_embedding_job_from_s3_and_stops_cleanly(tmp_path):
     """cluster.sh up -> synthetic slides to the S3 server -> `ray job submit` -> tables -> down."""
-    # The job writes through the warehouse layer (issue 4); without it there is nothing to run.
-    pytest.importorskip("care_scale.warehouse",
-                        reason="the embedding job needs care_scale.warehouse, not in this tree")
     import boto3
     from deltalake import DeltaTable
 
