@@ -157,3 +157,17 @@ def test_progress_line_and_summary():
     text = s.format()
     assert "3 slide(s) embedded, 1 already done, 1 failed, of 5 listed" in text
     assert "30 tiles/s" in text and "FAILED x: CorruptSlideError: x.svs: damaged" in text
+
+
+def test_dicom_series_folder_is_one_slide(tmp_path):
+    """A DICOM WSI (a folder of .dcm files, one per level) is listed once, named by its folder;
+    MRXS companion data files are not slides."""
+    for level in range(3):
+        _touch(tmp_path / "case7" / f"1.2.826.0.{level}.dcm")
+    _touch(tmp_path / "other" / "level-0.dcm")
+    _touch(tmp_path / "m.mrxs")
+    _touch(tmp_path / "m" / "Data0000.dat")
+    _touch(tmp_path / "m" / "Slidedat.ini")
+    got = list_sources(str(tmp_path))
+    assert [s.slide_id for s in got] == ["case7", "m", "other"]
+    assert got[0].uri == str(tmp_path / "case7" / "1.2.826.0.0.dcm")

@@ -28,12 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from care_scale.exceptions import ConfigError
+from care_scale.slides import SLIDE_EXTENSIONS as _SLIDE_EXTENSIONS
 from care_scale.storage import is_remote, redact, strip_file_scheme, to_fsspec
 
-SLIDE_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-    ".qptiff", ".dcm",
-)
+SLIDE_EXTENSIONS = tuple(sorted(_SLIDE_EXTENSIONS))  # defined once, by the slide layer
 FEATURE_EXTENSIONS = (".h5", ".hdf5", ".parquet", ".npy")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
 # Multi-part extensions stripped whole when deriving a slide id from a file name.
@@ -141,12 +139,32 @@ def list_sources(
         raise ConfigError(
             f"slide source {redact(source)} holds no {kind} (extensions {', '.join(extensions)})"
         )
+    if not features:
+        paths = one_per_dicom_series(paths)
     uris = sorted(_full_uri(fs, p, source) for p in paths)
     rels = [posixpath.relpath(p, root.rstrip("/") or "/") for p in sorted(paths)]
-    ids = unique_ids(uris, rels)
+    # A DICOM series is named by its folder (its file names are UIDs or "level-0.dcm").
+    named = [posixpath.dirname(u) if u.lower().endswith(".dcm") else u for u in uris]
+    named_rels = [posixpath.dirname(r) if r.lower().endswith(".dcm") else r for r in rels]
+    ids = unique_ids(named, named_rels)
     return sorted(
         (SlideSource(slide_id=i, uri=u) for i, u in zip(ids, uris)), key=lambda s: s.slide_id
     )
+
+
+def one_per_dicom_series(paths: list[str]) -> list[str]:
+    """Keep one ``.dcm`` file per folder: a DICOM WSI is a folder of files (one per level or
+    optical path) that OpenSlide opens as one slide from any of them, so listing every file
+    would embed the same slide several times."""
+    out, seen = [], set()
+    for p in sorted(paths):
+        if p.lower().endswith(".dcm"):
+            folder = posixpath.dirname(p)
+            if folder in seen:
+                continue
+            seen.add(folder)
+        out.append(p)
+    return out
 
 
 def unique_ids(uris: list[str], rel_paths: list[str]) -> list[str]:

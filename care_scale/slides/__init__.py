@@ -30,7 +30,7 @@ from care_scale.slides.base import BackendCannotRead, Slide, TiffInfo, inspect_t
 from care_scale.slides.cache import SlideCache, stat_uri
 from care_scale.storage import is_remote, redact, strip_file_scheme
 
-__all__ = ["BACKENDS", "Slide", "SlideCache", "open_slide", "stat_uri"]
+__all__ = ["BACKENDS", "SLIDE_EXTENSIONS", "Slide", "SlideCache", "open_slide", "stat_uri"]
 
 BackendName = Literal["auto", "cucim", "openslide", "tifffile"]
 
@@ -62,10 +62,12 @@ BACKENDS: dict[str, Callable[[], type[Slide]]] = {
 
 # Extensions of slide formats: a file with one of these names that no backend can read is a
 # damaged slide (CorruptSlideError), anything else is a format we do not read.
-SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
-                    ".svslide", ".dcm", ".btf", ".tf2", ".tf8"}
+# The one list: the embedding job's folder listing uses it too.
+SLIDE_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu",
+                              ".bif", ".svslide", ".dcm", ".btf", ".tf2", ".tf8", ".qptiff"})
 # Formats that are TIFF containers: such a file must start with a TIFF header.
-TIFF_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".btf", ".tf2", ".tf8"}
+TIFF_EXTENSIONS = frozenset({".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".btf", ".tf2",
+                             ".tf8", ".qptiff"})
 
 
 def open_slide(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None = None,
