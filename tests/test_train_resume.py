@@ -78,8 +78,12 @@ def test_killed_run_resumes_and_continues(tmp_path, ray_local):
                             + proc.stderr.read().decode()[-2000:])
             time.sleep(0.1)
         assert killed_at is not None, "no checkpoint within the time limit"
-        # Let it log two more steps past the checkpoint: those are recomputed after resume.
+        # Let it log two more steps past its *latest* checkpoint (re-read on every poll: on a
+        # loaded machine the run may already be past the next one): those steps are
+        # recomputed after the resume. The next checkpoint is 8 steps away, so the kill lands
+        # between the two.
         while time.time() < deadline and proc.poll() is None:
+            killed_at = _latest_checkpoint_step(run_dir) or killed_at
             logged = [r["step"] for r in read_metrics(str(run_dir))]
             if logged and max(logged) >= killed_at + 2:
                 break

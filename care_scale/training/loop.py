@@ -38,7 +38,7 @@ import torch
 
 from care_scale.config import from_dict, to_dict
 from care_scale.exceptions import CareScaleError, CheckpointError, ConfigError
-from care_scale.storage import is_remote, join, redact, to_fsspec
+from care_scale.storage import is_remote, join, redact, strip_file_scheme, to_fsspec
 from care_scale.training.config import Stage1Config, Stage2Config
 
 log = logging.getLogger(__name__)
@@ -85,18 +85,28 @@ def write_metrics(history: list[dict[str, Any]], uri_dir: str,
 
     opts = to_fsspec(storage_options, uri_dir)
     if not is_remote(uri_dir):
-        os.makedirs(uri_dir, exist_ok=True)
+        os.makedirs(strip_file_scheme(uri_dir), exist_ok=True)
     keys: list[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
     keys = ["step"] + [k for k in keys if k != "step"]
-    with fsspec.open(join(uri_dir, "metrics.jsonl"), "w", **opts) as fh:
-        for row in history:
-            fh.write(json.dumps(row) + "\n")
-    with fsspec.open(join(uri_dir, "metrics.csv"), "w", **opts) as fh:
-        fh.write(",".join(keys) + "\n")
-        for row in history:
-            fh.write(",".join("" if row.get(k) is None else str(row[k]) for k in keys) + "\n")
+    jsonl = "".join(json.dumps(row) + "\n" for row in history)
+    csv = ",".join(keys) + "\n" + "".join(
+        ",".join("" if row.get(k) is None else str(row[k]) for k in keys) + "\n"
+        for row in history)
+    for name, text in (("metrics.jsonl", jsonl), ("metrics.csv", csv)):
+        uri = join(uri_dir, name)
+        if is_remote(uri):  # an object PUT replaces the whole object at once
+            with fsspec.open(uri, "w", **opts) as fh:
+                fh.write(text)
+            continue
+        # Local: write beside, then rename, so a run killed mid-write (SIGKILL, node loss)
+        # never leaves a truncated log behind; readers see the old file or the new one.
+        path = strip_file_scheme(uri)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
 
 
 def read_metrics(uri_dir: str, storage_options: dict[str, Any] | None = None
