@@ -134,7 +134,7 @@ def patch_model_version(config: EmbedConfig) -> str:
     return model_version(_patch_encoder(config))
 
 
-def export_for_local_actors(config: EmbedConfig) -> EmbedConfig:
+def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> EmbedConfig:
     """On a Ray cluster on this machine, make the ONNX export once, here, and point the
     encoder actors at it.
 
@@ -144,13 +144,15 @@ def export_for_local_actors(config: EmbedConfig) -> EmbedConfig:
     machine's disk, and the cached directory is a complete artifact directory (manifest,
     parity-checked), so actors load it with onnxruntime alone. On a remote cluster the
     driver's disk is not the workers', so actors keep exporting into their own node's cache.
+    ``encoder``: the patch encoder the driver already built (else it is built here).
     """
     if (config.features or config.artifacts or config.backend not in ("auto", "onnxruntime")
             or config.concurrency.num_gpus_per_actor > 0):
         return config  # TensorRT/GPU choices stay with the actors, on the GPU nodes
     from care_scale.export.pipeline import cached_patch_export
 
-    onnx_file = cached_patch_export(_patch_encoder(config), tile_size=config.patch_size)
+    onnx_file = cached_patch_export(encoder if encoder is not None else _patch_encoder(config),
+                                    tile_size=config.patch_size)
     # The artifact holds exactly these weights (keyed by their version), so the actors need
     # not rebuild the model from the checkpoint to check it.
     return dataclasses.replace(
@@ -501,7 +503,9 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
 
     care = create_slide_encoder(config)
     care_version = model_version(care)
-    patch_version = "precomputed" if config.features else patch_model_version(config)
+    # Built once: its version keys the rows, and on a local cluster it is exported below.
+    patch_encoder = None if config.features else _patch_encoder(config)
+    patch_version = "precomputed" if config.features else model_version(patch_encoder)
     version = job_model_version(config, care_version, patch_version)
     # The encoder actors report the backend they actually chose ("auto" resolves there).
     backend_kind = "features" if config.features else config.backend
@@ -528,8 +532,9 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     if todo:
         started_ray = _ensure_ray(config)
         try:
-            ds = build_dataset(export_for_local_actors(config) if started_ray else config,
-                               todo)
+            actor_config = (export_for_local_actors(config, patch_encoder) if started_ray
+                            else config)
+            ds = build_dataset(actor_config, todo)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                          prefetch_batches=2):
                 collector.consume(batch)
