@@ -126,3 +126,29 @@ def join(base: str, *parts: str) -> str:
     for p in parts:
         out = f"{out}/{str(p).strip('/')}"
     return out
+
+
+def write_text(uri: str | os.PathLike, text: str,
+               storage_options: dict[str, Any] | None = None) -> None:
+    """Replace the file at ``uri`` with ``text`` all at once, local or remote.
+
+    Local: written beside, then renamed, so a process killed mid-write (SIGKILL, node loss)
+    never leaves a truncated file; readers see the old content or the new. Object stores: one
+    PUT replaces the whole object, which is already all-or-nothing.
+    """
+    uri = str(uri)
+    if is_remote(uri):
+        import fsspec
+
+        with fsspec.open(uri, "w", **to_fsspec(storage_options, uri)) as fh:
+            fh.write(text)
+        return
+    path = strip_file_scheme(uri)
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from care_scale.exceptions import ExportError, StorageError
-from care_scale.storage import is_remote, join, redact, strip_file_scheme, to_fsspec
+from care_scale.storage import is_remote, join, redact, strip_file_scheme, to_fsspec, write_text
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -173,9 +173,7 @@ def read_manifest(uri: str, *, storage_options: dict[str, Any] | None = None) ->
 
 def write_manifest(local_dir: str | os.PathLike, manifest: Manifest) -> Path:
     path = Path(local_dir) / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    write_text(path, manifest.to_json())
     return path
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from care_scale.exceptions import SlideNotFoundError, StorageError
-from care_scale.storage import redact, strip_file_scheme, to_fsspec
+from care_scale.storage import redact, strip_file_scheme, to_fsspec, write_text
 
 _MIB = 1 << 20
 
@@ -278,9 +278,7 @@ class SlideCache:
 
     @staticmethod
     def _write_meta(entry_dir: Path, meta: dict) -> None:
-        tmp = entry_dir / f".meta.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, entry_dir / ".meta.json")
+        write_text(entry_dir / ".meta.json", json.dumps(meta))
 
     def _entry_size(self, entry_dir: Path) -> int:
         meta = self._read_meta(entry_dir) or {}

@@ -38,7 +38,7 @@ import torch
 
 from care_scale.config import from_dict, to_dict
 from care_scale.exceptions import CareScaleError, CheckpointError, ConfigError
-from care_scale.storage import is_remote, join, redact, strip_file_scheme, to_fsspec
+from care_scale.storage import is_remote, join, redact, strip_file_scheme, to_fsspec, write_text
 from care_scale.training.config import Stage1Config, Stage2Config
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,6 @@ def output_uri(cfg: Any) -> str:
 def write_metrics(history: list[dict[str, Any]], uri_dir: str,
                   storage_options: dict[str, Any] | None) -> None:
     """(Re)write metrics.jsonl and metrics.csv (union of keys, step first)."""
-    import fsspec
-
-    opts = to_fsspec(storage_options, uri_dir)
     if not is_remote(uri_dir):
         os.makedirs(strip_file_scheme(uri_dir), exist_ok=True)
     keys: list[str] = []
@@ -94,19 +91,9 @@ def write_metrics(history: list[dict[str, Any]], uri_dir: str,
     csv = ",".join(keys) + "\n" + "".join(
         ",".join("" if row.get(k) is None else str(row[k]) for k in keys) + "\n"
         for row in history)
+    # Whole-file replacement: a run killed mid-write never leaves a truncated log behind.
     for name, text in (("metrics.jsonl", jsonl), ("metrics.csv", csv)):
-        uri = join(uri_dir, name)
-        if is_remote(uri):  # an object PUT replaces the whole object at once
-            with fsspec.open(uri, "w", **opts) as fh:
-                fh.write(text)
-            continue
-        # Local: write beside, then rename, so a run killed mid-write (SIGKILL, node loss)
-        # never leaves a truncated log behind; readers see the old file or the new one.
-        path = strip_file_scheme(uri)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        write_text(join(uri_dir, name), text, storage_options)
 
 
 def read_metrics(uri_dir: str, storage_options: dict[str, Any] | None = None
