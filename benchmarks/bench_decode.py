@@ -44,32 +44,34 @@ def tissue_coords(path: str, target_mpp: float, patch_size: int):
     return g.coords, g.level, g.read_size
 
 
-def run_batched(jobs, num_workers: int, batch_size: int, backend: str = "cucim") -> float:
+def run_batched(jobs, num_workers: int, batch_size: int,
+                backend: str = "cucim") -> tuple[float, float]:
+    """(tiles/s, CPU-ms per tile over all threads of this process)."""
     from care_scale.slides import open_slide
 
     n = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for path, coords, level, size in jobs:
         with open_slide(path, backend=backend) as s:
             for i in range(0, len(coords), batch_size):
                 tiles = s.read_regions(coords[i : i + batch_size], (size, size), level=level,
                                        num_workers=num_workers)
                 n += len(tiles)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) * 1e3 / n
 
 
-def run_openslide(jobs) -> float:
+def run_openslide(jobs) -> tuple[float, float]:
     import openslide
 
     n = 0
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for path, coords, level, size in jobs:
         osr = openslide.OpenSlide(path)
         for x, y in coords:
             tile = np.asarray(osr.read_region((int(x), int(y)), level, (size, size)))[..., :3]
             n += tile.shape[0] > 0
         osr.close()
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), (time.process_time() - c0) * 1e3 / n
 
 
 def stored_jpeg_tiles(path: str, limit: int = 2000) -> tuple[list[bytes], bytes | None, int]:
@@ -145,7 +147,10 @@ def main() -> None:
             a_runs.append(run_batched(jobs, args.num_workers, args.batch_size))
             b_runs.append(run_openslide(jobs))
             c_runs.append(run_batched(jobs, args.num_workers, args.batch_size, "tifffile"))
-        a, b, c = (statistics.median(r) for r in (a_runs, b_runs, c_runs))
+        a, b, c = (statistics.median(r[0] for r in runs) for runs in (a_runs, b_runs, c_runs))
+        # CPU per tile is what decode leaves for the encoder when both share the cores.
+        a_cpu, b_cpu, c_cpu = (statistics.median(r[1] for r in runs)
+                               for runs in (a_runs, b_runs, c_runs))
 
         # Ceiling: each slide's stored level-0 JPEG tiles, decoded with its own JPEG tables.
         per_slide = [t for t in (stored_jpeg_tiles(p) for p in slides) if t[0]]
@@ -163,13 +168,13 @@ def main() -> None:
           f"{args.patch_size} px at {args.target_mpp} um/px, median of {args.repeats} runs")
     print(f"(a) cuCIM batched read_region, num_workers={args.num_workers}, batch {args.batch_size}: "
           f"{a:8.1f} tiles/s  "
-          f"(runs {', '.join(f'{r:.0f}' for r in a_runs)})")
+          f"(runs {', '.join(f'{r:.0f}' for r, _ in a_runs)}); {a_cpu:.2f} CPU-ms/tile")
     print(f"(b) OpenSlide sequential read_region:            {b:8.1f} tiles/s  "
-          f"(runs {', '.join(f'{r:.0f}' for r in b_runs)})")
+          f"(runs {', '.join(f'{r:.0f}' for r, _ in b_runs)}); {b_cpu:.2f} CPU-ms/tile")
     print(f"ratio (a)/(b): {a / b:.2f}x  (goal >= 2 on 2 cores)")
     print(f"(c) care-scale tifffile backend, batched (each stored tile decoded once per batch, "
           f"imagecodecs, {args.num_workers} threads): {c:8.1f} tiles/s = {c / b:.2f}x (b)  "
-          f"(runs {', '.join(f'{r:.0f}' for r in c_runs)})")
+          f"(runs {', '.join(f'{r:.0f}' for r, _ in c_runs)}); {c_cpu:.2f} CPU-ms/tile")
     if ceil1:
         for label, (tps, mpx) in (("1 thread", ceil1), (f"{args.num_workers} threads", ceil_n)):
             print(f"ceiling: raw stored JPEG tiles, imagecodecs, {label}: {tps:8.1f} stored "

@@ -332,8 +332,9 @@ def test_torch_and_onnxruntime_backends_agree(ray_local, cohort, tmp_path):
 
 
 def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, monkeypatch):
-    """On a local cluster the driver exports once; an encoder actor then starts with
-    onnxruntime alone (no torch, no onnx import) and reports the same model version."""
+    """On a one-node cluster the driver exports once; an encoder actor then starts with
+    onnxruntime alone (no torch, no onnx import) and reports the same model version. An actor
+    on a node without that directory resolves the backend itself."""
     import pickle
 
     from care_scale.embed.pipeline import (
@@ -345,19 +346,28 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     monkeypatch.setenv("CARE_SCALE_CACHE", str(tmp_path / "cache"))
     cfg = resolve_models(_config(cohort, tmp_path / "wh"))
     local = export_for_local_actors(cfg)
-    assert local.artifacts and Path(local.artifacts, "manifest.json").exists()
-    assert str(tmp_path / "cache") in local.artifacts
+    assert local and Path(local, "manifest.json").exists()
+    assert str(tmp_path / "cache") in local
     code = (
         "import pickle, sys\n"
         "from care_scale.embed.pipeline import PatchEncoder\n"
-        "enc = PatchEncoder(pickle.loads(sys.stdin.buffer.read()))\n"
+        "cfg, local = pickle.loads(sys.stdin.buffer.read())\n"
+        "enc = PatchEncoder(cfg, local_export=local)\n"
         "print(enc.kind, enc.backend.model_version, 'torch' in sys.modules, "
         "'onnx' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(local),
-                         capture_output=True, check=True, cwd=ROOT).stdout.decode().split()
-    assert out == ["onnxruntime", patch_model_version(cfg), "False", "False"]
+
+    def actor(local_export):
+        return subprocess.run([sys.executable, "-c", code],
+                              input=pickle.dumps((cfg, local_export)), capture_output=True,
+                              check=True, cwd=ROOT).stdout.decode().split()
+
+    assert actor(local) == ["onnxruntime", patch_model_version(cfg), "False", "False"]
+    # Another node: the directory is not there, so the actor builds the model (torch) to
+    # find or make its own export.
+    missing = str(tmp_path / "elsewhere" / Path(local).name)
+    assert actor(missing)[:3] == ["onnxruntime", patch_model_version(cfg), "True"]
     # Choices that belong to the actors' own nodes are left alone.
     for other in (_config(cohort, tmp_path / "wh", backend="torch"),
                   _config(cohort, tmp_path / "wh", concurrency={"num_gpus_per_actor": 1})):
-        assert export_for_local_actors(resolve_models(other)).artifacts is None
+        assert export_for_local_actors(resolve_models(other)) is None

@@ -111,6 +111,34 @@ def test_patch_parity_on_real_tiles_with_resize(shared_data, tmp_path):
     assert read_metadata(tmp_path / "model.onnx")["tile_size"] == "224"
 
 
+def test_banded_resize_is_the_dense_product():
+    """The graph's row resize reads windows of the input; it must be the same linear map."""
+    from care_scale.export.onnx_export import banded_rows, resize_matrix
+
+    for src, dst in ((224, 64), (256, 224), (100, 64), (48, 64), (512, 112)):
+        matrix = resize_matrix(src, dst)
+        banded = banded_rows(matrix)
+        if banded is None:  # no saving: the graph keeps the dense product
+            continue
+        blocks, index = banded
+        x = torch.rand(src, 5, dtype=torch.float64).float()
+        got = (blocks @ x[index].view(len(blocks), -1, 5)).reshape(-1, 5)[:dst]
+        torch.testing.assert_close(got, matrix @ x, rtol=1e-5, atol=1e-5)
+    assert banded_rows(resize_matrix(224, 64)) is not None  # the demo/benchmark case is banded
+
+
+@pytest.mark.parametrize("tile", [224, 100, 48, 64])
+def test_export_graph_resize_matches_the_encoder(micro, tile):
+    """Shrinking, enlarging and no resize: the export view equals the torch encoder."""
+    from care_scale.export.onnx_export import PatchEncoderGraph
+
+    graph = PatchEncoderGraph(micro, tile).eval()
+    tiles = torch.from_numpy(random_tiles(3, tile, seed=tile))
+    with torch.no_grad():
+        ref, got = micro(tiles), graph(tiles)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
 def test_failed_parity_raises_with_numbers(micro, micro_export, tmp_path):
     _, out = micro_export
     model = onnx.load(str(out / "model.onnx"))

@@ -59,10 +59,25 @@ def test_cmu_metadata_exact(cmu, backend):
         assert s.properties["aperio.AppMag"] == "20"
 
 
-def test_auto_backend_prefers_cucim(cmu):
+def test_auto_backend_order(cmu):
+    """Decoding on the CPU, tiled SVS / OME / generic TIFF open with tifffile first (fewer
+    CPU-ms per tile, same pixels); other TIFF flavours and GPU decoding keep cuCIM first."""
+    from care_scale.slides import _auto_order
+    from care_scale.slides.base import TiffInfo
+
     with open_slide(cmu) as s:
-        assert s.backend == "cucim"
+        assert s.backend == "tifffile" and s.vendor == "aperio"
         assert s.local_path == str(cmu)
+
+    def info(layout, tiled=True):
+        return TiffInfo(dtype="uint8", channels=3, axes="YXS", shape=(8, 8, 3),
+                        layout=layout, tiled=tiled)
+
+    assert _auto_order(info("svs"), "cpu") == ["tifffile", "cucim", "openslide"]
+    assert _auto_order(info("generic"), "cpu")[0] == "tifffile"
+    assert _auto_order(info("svs"), "cuda") == ["cucim", "openslide", "tifffile"]
+    for other in (info("ndpi"), info("bif"), info("philips"), info("generic", tiled=False), None):
+        assert _auto_order(other, "cpu") == ["cucim", "openslide", "tifffile"]
 
 
 def test_cmu_pixels_equal_between_backends(cmu):
@@ -282,11 +297,12 @@ def test_truncated_slide_is_corrupt(tmp_path, pyramid):
     assert "truncated" in err.reason
 
 
-@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+@pytest.mark.parametrize("backend", ["auto", "openslide", "tifffile"])
 def test_damaged_tile_data_is_corrupt(tmp_path, pyramid, backend):
     # Level-0 JPEG tiles overwritten with zeros (header intact, sizes right, not truncated).
     # cuCIM's CPU decoder only logs such errors and returns filler pixels, so it is not
-    # parametrized here; OpenSlide and tifffile raise, and we turn that into the slide error.
+    # parametrized here; OpenSlide and tifffile (what "auto" opens a tiled TIFF with on the
+    # CPU) raise, and we turn that into the slide error.
     with tifffile.TiffFile(pyramid) as tif:
         page = tif.pages[0]
         spans = list(zip(page.dataoffsets, page.databytecounts))
@@ -376,7 +392,7 @@ def test_cli_inspect_json(cmu, tmp_path, capsys):
     assert (info["width"], info["height"], info["level_count"]) == (2220, 2967, 1)
     assert info["mpp_x"] == pytest.approx(0.499) and info["mpp_y"] == pytest.approx(0.499)
     assert info["objective_power"] == 20 and info["vendor"] == "aperio"
-    assert info["backend"] == "cucim" and info["tile_count"] > 20
+    assert info["backend"] == "tifffile" and info["tile_count"] > 20
     import cv2
 
     thumb = cv2.imread(str(png))

@@ -134,30 +134,34 @@ def patch_model_version(config: EmbedConfig) -> str:
     return model_version(_patch_encoder(config))
 
 
-def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> EmbedConfig:
-    """On a Ray cluster on this machine, make the ONNX export once, here, and point the
-    encoder actors at it.
+def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | None:
+    """Make the ONNX export once, in the driver, for encoder actors on this machine; returns
+    its directory, or None where the actors should resolve their backend themselves.
 
-    Without ``artifacts`` every ONNX Runtime actor would build the torch model to find (or
-    make) the cached export: importing torch and onnx costs each actor ~3 s of start-up on
-    2 cores, before its first batch. The driver already has the model, the cache is on this
-    machine's disk, and the cached directory is a complete artifact directory (manifest,
-    parity-checked), so actors load it with onnxruntime alone. On a remote cluster the
-    driver's disk is not the workers', so actors keep exporting into their own node's cache.
-    ``encoder``: the patch encoder the driver already built (else it is built here).
+    Without it every ONNX Runtime actor builds the torch model to find (or make) the cached
+    export: importing torch and onnx costs each actor ~3 s of start-up on 2 cores, before its
+    first batch. The driver already has the model, and the cached directory is a complete
+    artifact directory (manifest, parity-checked, keyed by the weights' version), so an actor
+    that can see it loads it with onnxruntime alone (:class:`PatchEncoder` checks it exists on
+    its node and otherwise falls back). ``encoder``: the patch encoder the driver already built.
     """
     if (config.features or config.artifacts or config.backend not in ("auto", "onnxruntime")
             or config.concurrency.num_gpus_per_actor > 0):
-        return config  # TensorRT/GPU choices stay with the actors, on the GPU nodes
+        return None  # TensorRT/GPU choices stay with the actors, on the GPU nodes
     from care_scale.export.pipeline import cached_patch_export
 
     onnx_file = cached_patch_export(encoder if encoder is not None else _patch_encoder(config),
                                     tile_size=config.patch_size)
-    # The artifact holds exactly these weights (keyed by their version), so the actors need
-    # not rebuild the model from the checkpoint to check it.
-    return dataclasses.replace(
-        config, artifacts=str(onnx_file.parent),
-        patch_encoder=dataclasses.replace(config.patch_encoder, checkpoint=None))
+    return str(onnx_file.parent)
+
+
+def _cluster_is_this_node() -> bool:
+    """True when every alive Ray node is the driver's own node (a local cluster, or a
+    one-node cluster the job was submitted to), so the driver's disk is the actors' disk."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")] == [here]
 
 
 def job_model_version(config: EmbedConfig, care_version: str, patch_version: str) -> str:
@@ -358,9 +362,19 @@ def _slide_cache(cfg: EmbedConfig) -> Any:
 
 
 class PatchEncoder:
-    """Holds one patch backend per actor; encodes fixed-size tile batches."""
+    """Holds one patch backend per actor; encodes fixed-size tile batches.
 
-    def __init__(self, config: EmbedConfig):
+    ``local_export``: the driver's ONNX export of exactly these weights
+    (:func:`export_for_local_actors`); used when this actor's node has it, which spares the
+    actor importing torch to build the model. A node that joined later does not have it and
+    resolves the backend from the config as usual.
+    """
+
+    def __init__(self, config: EmbedConfig, local_export: str | None = None):
+        if local_export and os.path.isfile(os.path.join(local_export, "manifest.json")):
+            config = dataclasses.replace(
+                config, artifacts=local_export,
+                patch_encoder=dataclasses.replace(config.patch_encoder, checkpoint=None))
         # An actor without a reserved GPU cannot use one (Ray hides the devices from it).
         device = "cuda" if config.concurrency.num_gpus_per_actor > 0 else "cpu"
         self.backend = create_patch_backend(config, device=device)
@@ -445,8 +459,10 @@ def _ensure_ray(config: EmbedConfig) -> bool:
     return True
 
 
-def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
-    """The Ray Data pipeline (lazy): decode/encode stages, or the feature-file reader."""
+def build_dataset(config: EmbedConfig, todo: list[SlideSource], *,
+                  local_export: str | None = None) -> Any:
+    """The Ray Data pipeline (lazy): decode/encode stages, or the feature-file reader.
+    ``local_export``: see :class:`PatchEncoder`."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -476,7 +492,7 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource]) -> Any:
     )
     return ds.map_batches(
         PatchEncoder,
-        fn_constructor_kwargs={"config": config},
+        fn_constructor_kwargs={"config": config, "local_export": local_export},
         batch_size=config.encode_batch_size,
         compute=ray.data.ActorPoolStrategy(size=c.encoder_actors),
         num_cpus=c.num_cpus_per_actor,
@@ -532,9 +548,9 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     if todo:
         started_ray = _ensure_ray(config)
         try:
-            actor_config = (export_for_local_actors(config, patch_encoder) if started_ray
-                            else config)
-            ds = build_dataset(actor_config, todo)
+            local_export = (export_for_local_actors(config, patch_encoder)
+                            if _cluster_is_this_node() else None)
+            ds = build_dataset(config, todo, local_export=local_export)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                          prefetch_batches=2):
                 collector.consume(batch)

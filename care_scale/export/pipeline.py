@@ -33,6 +33,7 @@ from care_scale.export.artifacts import (
 from care_scale.export.onnx_export import (
     DEFAULT_OPSET,
     INT8_FILE,
+    PATCH_GRAPH_REVISION,
     export_patch_encoder_onnx,
     export_slide_encoder_onnx,
     quantize_patch_onnx,
@@ -299,7 +300,10 @@ def cached_patch_export(encoder: nn.Module, *, tile_size: int | None = None,
     version = _model_version(encoder)
     tile = int(tile_size or encoder.spec.input_size)
     root = Path(cache_dir or default_cache_dir()) / "onnx"
-    target = root / (f"{version}-t{tile}" + ("" if variant is None else f"-{variant}"))
+    # The graph layout's revision is part of the key: a cache written by an older exporter
+    # holds a graph that is correct but slower, and is simply not picked up.
+    target = root / (f"{version}-t{tile}-g{PATCH_GRAPH_REVISION}"
+                     + ("" if variant is None else f"-{variant}"))
     file = ONNX_FILE if variant is None else INT8_FILE
     if variant not in (None, "int8"):
         raise ConfigError(f"unknown ONNX variant {variant!r}; known: int8")

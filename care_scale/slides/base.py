@@ -49,6 +49,14 @@ class TiffInfo:
     axes: str
     shape: tuple[int, ...]
     properties: dict[str, str] = field(default_factory=dict)
+    # tifffile's reading of the container: "svs", "ome", "ndpi", "scn", "bif", "philips",
+    # "qpi" or "generic"; and whether the full-resolution level is stored in tiles.
+    layout: str = "generic"
+    tiled: bool = False
+
+
+# TIFF flavours tifffile recognises (``TiffFile.is_<name>``), in the order they are tested.
+_VENDOR_LAYOUTS = ("svs", "ome", "ndpi", "scn", "bif", "philips", "qpi")
 
 
 def inspect_tiff(uri: str, path: str) -> TiffInfo:
@@ -78,6 +86,9 @@ def inspect_tiff(uri: str, path: str) -> TiffInfo:
                 props.update(aperio_properties(desc or ""))
             if tif.is_ome and tif.ome_metadata:
                 props.update(_ome_properties(tif.ome_metadata))
+            layout = next((name for name in _VENDOR_LAYOUTS if getattr(tif, f"is_{name}", False)),
+                          "generic")
+            tiled = bool(page.is_tiled)
             axes = series.axes
             shape = tuple(int(s) for s in series.shape)
             dtype = str(series.dtype)
@@ -103,7 +114,8 @@ def inspect_tiff(uri: str, path: str) -> TiffInfo:
     # Channel-like axes: C (channel), S (sample), Q/I (unknown / page sequence). Z and T are
     # focal planes and time points of the same image, not channels.
     channels = int(np.prod([s for a, s in zip(axes, shape) if a in "CSQI"] or [1]))
-    info = TiffInfo(dtype=dtype, channels=channels, axes=axes, shape=shape, properties=props)
+    info = TiffInfo(dtype=dtype, channels=channels, axes=axes, shape=shape, properties=props,
+                    layout=layout, tiled=tiled)
     check_brightfield(uri, dtype=info.dtype, channels=info.channels, axes=info.axes)
     return info
 
