@@ -1,15 +1,21 @@
 """End-to-end throughput and memory of the embedding job, side by side with a plain baseline.
 
-    python benchmarks/bench_embed.py [--slides 4] [--side 3072] [--out /tmp/bench_embed]
+    python benchmarks/bench_embed.py [--slides 4] [--side 3072] [--repeats 3] [--out DIR]
+    python benchmarks/bench_embed.py --slides 32 --side 8192     # the figures in the README
 
 (a) this job: ``run_embedding`` on a local Ray cluster (decode tasks + encoder actor pool +
-    per-slide CARE + Delta commits), timed from the call to the returned summary.
+    per-slide CARE + Delta commits), timed from the call to the returned summary, each run
+    started on an idle cluster (after a warm-up job, as on a long-running cluster).
 (b) a CLAM-style baseline in one process: OpenSlide ``read_region`` tile by tile at level 0 on
     the same tile grid, torch eager patch encoder on batches of 32, CARE per slide, no tables.
 
 Both use the same generated slides, the same tiny patch encoder and the same CARE model. The
 regime is "tiny encoder", i.e. what a GPU node looks like where decode and I/O dominate; with a
-real-size encoder on this CPU both are compute-bound and the ratio tends to 1.
+real-size encoder on this CPU both are compute-bound and the ratio tends to 1. Each side runs
+on the first slide and on the cohort, alternating, ``--repeats`` times; the medians of the end
+to end rates and of the marginal rates (extra tiles / extra seconds) are compared. The job has
+~3 s of fixed cost per run (Ray Data start-up, the encoder actor's worker process importing
+ray.data), so its end-to-end ratio grows with the cohort towards the marginal one.
 
 Memory: peak PSS (proportional set size, so shared object-store pages are not counted twice)
 summed over the driver and every process below it (raylet, workers), sampled every 0.2 s, for a

@@ -57,9 +57,12 @@ class TissueMask:
         coords = np.asarray(coords, np.float64).reshape(-1, 2)
         if len(coords) == 0:
             return np.zeros(0, np.float32)
+        import cv2
+
         h, w = self.mask.shape
-        integral = np.zeros((h + 1, w + 1), np.float64)
-        integral[1:, 1:] = np.cumsum(np.cumsum(self.mask, axis=0), axis=1)
+        # Summed-area table, (h+1, w+1) with a zero first row/column; exact integer counts
+        # (OpenCV's is ~30x faster than two numpy cumsums over a 1024 px mask).
+        integral = cv2.integral(self.mask.astype(np.uint8), sdepth=cv2.CV_32S)
         dx, dy = self.downsample
         x0 = np.clip(np.floor(coords[:, 0] / dx).astype(np.int64), 0, w - 1)
         y0 = np.clip(np.floor(coords[:, 1] / dy).astype(np.int64), 0, h - 1)
@@ -75,11 +78,23 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2HSV)[..., 1]
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` (background 4-connected to the border stays, the
+    rest becomes foreground), as one OpenCV flood fill from a 1 px border (~10x faster)."""
+    import cv2
+
+    h, w = mask.shape
+    outside = np.zeros((h + 2, w + 2), np.uint8)
+    outside[1:-1, 1:-1] = mask
+    flood_mask = np.zeros((h + 4, w + 4), np.uint8)
+    cv2.floodFill(outside, flood_mask, (0, 0), 2, flags=4)
+    return outside[1:-1, 1:-1] != 2
+
+
 def mask_from_rgb(rgb: np.ndarray, params: TissueParams | None = None
                   ) -> tuple[np.ndarray, float]:
     """Tissue mask (bool) of an RGB image and the saturation threshold used."""
     import cv2
-    from scipy import ndimage
 
     p = params or TissueParams()
     p.validate()
@@ -97,10 +112,12 @@ def mask_from_rgb(rgb: np.ndarray, params: TissueParams | None = None
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
         mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel) > 0
     if p.fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+        mask = fill_holes(mask)
     if p.min_area_fraction > 0 and mask.any():
-        labels, n = ndimage.label(mask)
-        areas = np.bincount(labels.ravel(), minlength=n + 1)
+        # 4-connected components, as scipy.ndimage.label's default; label 0 is background.
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8),
+                                                               connectivity=4)
+        areas = stats[:, cv2.CC_STAT_AREA]
         keep = areas >= p.min_area_fraction * mask.size
         keep[0] = False
         mask = keep[labels]

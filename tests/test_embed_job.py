@@ -371,3 +371,13 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     for other in (_config(cohort, tmp_path / "wh", backend="torch"),
                   _config(cohort, tmp_path / "wh", concurrency={"num_gpus_per_actor": 1})):
         assert export_for_local_actors(resolve_models(other)) is None
+
+
+def test_driver_export_only_where_actors_share_its_node(ray_local, cohort, tmp_path):
+    """The local cluster is one node that can host the actor; a node too small for it (a
+    CPU-less head whose workers are still to come) is not used for the driver's export."""
+    from care_scale.embed.pipeline import _actors_run_on_this_node
+
+    assert _actors_run_on_this_node(_config(cohort, tmp_path / "wh"))
+    assert not _actors_run_on_this_node(
+        _config(cohort, tmp_path / "wh", concurrency={"num_cpus_per_actor": 64}))

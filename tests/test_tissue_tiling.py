@@ -162,3 +162,40 @@ def test_synthetic_writer_memory_does_not_grow_with_slide_size(tmp_path):
     assert peaks[6144] < 3 * peaks[1024] + (8 << 20)
     with open_slide(syn.path) as s:
         assert s.dimensions == (6144, 6144) and s.level_count == 3
+
+
+def test_mask_morphology_equals_scipy():
+    """The OpenCV hole filling and small-component removal give scipy.ndimage's results (4-
+    connected background and components), and the summed-area tissue fractions are exact."""
+    from scipy import ndimage
+
+    from care_scale.tissue import TissueMask, fill_holes, mask_from_rgb
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        h, w = rng.integers(1, 60, 2)
+        m = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+        np.testing.assert_array_equal(fill_holes(m), ndimage.binary_fill_holes(m))
+    # min_area_fraction: a ring with a hole, a big blob and specks on a white thumbnail.
+    rgb = np.full((120, 160, 3), 240, np.uint8)
+    pink = (200, 80, 160)
+    cv2.circle(rgb, (40, 60), 30, pink, -1)
+    cv2.circle(rgb, (40, 60), 8, (240, 240, 240), -1)  # a hole: filled
+    cv2.rectangle(rgb, (100, 20), (150, 100), pink, -1)
+    for x, y in ((90, 110), (5, 5), (150, 5)):
+        rgb[y : y + 2, x : x + 2] = pink  # specks below min_area_fraction: dropped
+    params = TissueParams(median_kernel=0, close_radius=0)
+    mask, _ = mask_from_rgb(rgb, params)
+    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1] > 50
+    ref = ndimage.binary_fill_holes(sat)
+    labels, n = ndimage.label(ref)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = areas >= params.min_area_fraction * ref.size
+    keep[0] = False
+    np.testing.assert_array_equal(mask, keep[labels])
+    assert mask[60, 40] and not mask[111, 91]
+    # Tissue fraction per square: exact counts.
+    tm = TissueMask(mask=mask, contours=[], downsample=(8.0, 8.0), threshold=0.0)
+    frac = tm.fraction_in(np.array([[0, 0], [800, 160], [320 - 112, 480 - 112]]), 224)
+    squares = [mask[0:28, 0:28], mask[20:48, 100:128], mask[46:74, 26:54]]
+    np.testing.assert_allclose(frac, [s.mean() for s in squares], rtol=1e-6)

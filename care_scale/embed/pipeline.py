@@ -155,13 +155,17 @@ def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | N
     return str(onnx_file.parent)
 
 
-def _cluster_is_this_node() -> bool:
-    """True when every alive Ray node is the driver's own node (a local cluster, or a
-    one-node cluster the job was submitted to), so the driver's disk is the actors' disk."""
+def _actors_run_on_this_node(config: EmbedConfig) -> bool:
+    """True when the only alive Ray node is the driver's own and it can host an encoder actor
+    (a local cluster, or a one-node cluster the job was submitted to): the driver's disk is
+    then the actors' disk. Not for a head node without CPUs whose workers are still to come."""
     import ray
 
     here = ray.get_runtime_context().get_node_id()
-    return [n["NodeID"] for n in ray.nodes() if n.get("Alive")] == [here]
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return (len(alive) == 1 and alive[0]["NodeID"] == here
+            and alive[0].get("Resources", {}).get("CPU", 0)
+            >= config.concurrency.num_cpus_per_actor)
 
 
 def job_model_version(config: EmbedConfig, care_version: str, patch_version: str) -> str:
@@ -549,7 +553,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
         started_ray = _ensure_ray(config)
         try:
             local_export = (export_for_local_actors(config, patch_encoder)
-                            if _cluster_is_this_node() else None)
+                            if _actors_run_on_this_node(config) else None)
             ds = build_dataset(config, todo, local_export=local_export)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                          prefetch_batches=2):

@@ -30,6 +30,8 @@ class TiffFileSlide(Slide):
         except (tifffile.TiffFileError, ValueError, OSError, IndexError) as exc:
             raise BackendCannotRead(f"tifffile: {exc}") from None
         self._fd = os.open(self.local_path, os.O_RDONLY)
+        self._previous: dict[int, np.ndarray] = {}  # stored tiles decoded by the last batch
+        self._previous_level = -1
         self._pages = []
         for page in pages:
             if page.planarconfig != 1 and page.samplesperpixel > 1:  # 1 = CONTIG
@@ -109,11 +111,18 @@ class TiffFileSlide(Slide):
                 for i in range(0, len(locations), self.group)])
         page = self._pages[level]
         needed = sorted({i for x, y in locations for i in self._chunks_of(level, x, y, w, h)})
-        if num_workers > 1 and len(needed) > 1:
+        # Grid batches come in row-major order, so a batch shares its first rows of stored
+        # tiles with the previous batch's last: those are kept from the previous call (one
+        # batch's worth of decoded tiles) instead of decoded again (~1/3 of the decodes).
+        previous = self._previous if self._previous_level == level else {}
+        decoded = {i: previous[i] for i in needed if i in previous}
+        todo = [i for i in needed if i not in decoded]
+        if num_workers > 1 and len(todo) > 1:
             pool = self._thread_pool(num_workers)
-            decoded = dict(zip(needed, pool.map(lambda i: self._segment(page, i), needed)))
+            decoded.update(zip(todo, pool.map(lambda i: self._segment(page, i), todo)))
         else:
-            decoded = {i: self._segment(page, i) for i in needed}
+            decoded.update((i, self._segment(page, i)) for i in todo)
+        self._previous, self._previous_level = decoded, level
         out = np.empty((len(locations), h, w, 3), np.uint8)
         for k, (x, y) in enumerate(locations):
             self._assemble(level, int(x), int(y), w, h, decoded.__getitem__, out=out[k])
@@ -146,6 +155,7 @@ class TiffFileSlide(Slide):
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown()
             self._pool = None
+        self._previous = {}
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
