@@ -19,7 +19,10 @@ tissue tiles, three runs of the script on 2026-12-01: (a)/(b) = 2.64x, 2.40x, 2.
 about 1,200-1,360 tiles/s, OpenSlide about 500-520); (c)/(b) about 2.5x; the JPEG ceiling
 about 3,700 224-px tiles/s on one thread. On the same machine shared with other jobs (load
 average 4-10) (a)/(b) fell to 0.5-2.7x: cuCIM's worker threads need free cores, so re-measure
-on a quiet node.
+on a quiet node. CPU per tile (all threads, later run the same day): cuCIM 1.62 ms, OpenSlide
+2.15 ms, tifffile 0.97 ms ((a)/(b) 2.54x, (c)/(b) 2.92x); inside the embedding job, where
+decode and the encoder share the cores, CPU per tile is what counts, which is why ``auto``
+opens these files with tifffile on CPU workers.
 """
 
 from __future__ import annotations

@@ -64,9 +64,10 @@ BACKENDS: dict[str, Callable[[], type[Slide]]] = {
 # Tiled TIFF flavours whose geometry tifffile reads exactly (no vendor XML, no overlapping or
 # JPEG-restart-marker tiles). Decoding on the CPU, ``auto`` opens them with tifffile first: it
 # decodes each stored tile a batch needs once, on its own threads, and cuts the regions out;
-# on 224 px tiles of 256 px JPEG tiles that is 0.64 CPU-ms per tile against cuCIM's 1.68 and
-# OpenSlide's 3.1 (same pixels, benchmarks/bench_decode.py), and a damaged tile raises where
-# cuCIM's CPU path fills it with blank pixels. cuCIM keeps GPU decoding (``device="cuda"``).
+# on 224 px tiles of 256 px JPEG tiles that is 0.97 CPU-ms per tile against cuCIM's 1.62 and
+# OpenSlide's 2.15 (same pixels, benchmarks/bench_decode.py), CPU that the patch encoder gets
+# instead when both share a node's cores; and a damaged tile raises where cuCIM's CPU path
+# fills it with blank pixels. cuCIM keeps GPU decoding (``device="cuda"``).
 TIFFFILE_FIRST = frozenset({"svs", "ome", "generic"})
 
 # Extensions of slide formats: a file with one of these names that no backend can read is a
