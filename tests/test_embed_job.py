@@ -337,15 +337,13 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     on a node without that directory resolves the backend itself."""
     import pickle
 
-    from care_scale.embed.pipeline import (
-        export_for_local_actors,
-        patch_model_version,
-        resolve_models,
-    )
+    from care_scale.embed.pipeline import export_for_local_actors, resolve_models
+    from care_scale.models import create_patch_encoder, model_version
 
     monkeypatch.setenv("CARE_SCALE_CACHE", str(tmp_path / "cache"))
     cfg = resolve_models(_config(cohort, tmp_path / "wh"))
     local = export_for_local_actors(cfg)
+    version = model_version(create_patch_encoder(cfg.patch_encoder.name))
     assert local and Path(local, "manifest.json").exists()
     assert str(tmp_path / "cache") in local
     code = (
@@ -362,11 +360,11 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
                               input=pickle.dumps((cfg, local_export)), capture_output=True,
                               check=True, cwd=ROOT).stdout.decode().split()
 
-    assert actor(local) == ["onnxruntime", patch_model_version(cfg), "False", "False"]
+    assert actor(local) == ["onnxruntime", version, "False", "False"]
     # Another node: the directory is not there, so the actor builds the model (torch) to
     # find or make its own export.
     missing = str(tmp_path / "elsewhere" / Path(local).name)
-    assert actor(missing)[:3] == ["onnxruntime", patch_model_version(cfg), "True"]
+    assert actor(missing)[:3] == ["onnxruntime", version, "True"]
     # Choices that belong to the actors' own nodes are left alone.
     for other in (_config(cohort, tmp_path / "wh", backend="torch"),
                   _config(cohort, tmp_path / "wh", concurrency={"num_gpus_per_actor": 1})):

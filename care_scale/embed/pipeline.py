@@ -127,13 +127,6 @@ def _patch_encoder(config: EmbedConfig) -> Any:
     )
 
 
-def patch_model_version(config: EmbedConfig) -> str:
-    """Version of the patch encoder's weights+config (independent of the backend)."""
-    from care_scale.models import model_version
-
-    return model_version(_patch_encoder(config))
-
-
 def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | None:
     """Make the ONNX export once, in the driver, for encoder actors on this machine; returns
     its directory, or None where the actors should resolve their backend themselves.
