@@ -5,6 +5,7 @@ never contain credentials: URIs are passed through :func:`care_scale.storage.red
 
     CareScaleError
     ├── ConfigError                  bad job / training / export configuration
+    │   └── BackendUnavailableError  an optional backend (cuCIM) asked for, not installed
     ├── StorageError                 object storage, staging cache
     ├── SlideError                   one slide cannot be used (carries ``uri``)
     │   ├── SlideNotFoundError
@@ -34,6 +35,10 @@ class CareScaleError(Exception):
 
 class ConfigError(CareScaleError, ValueError):
     """A configuration value is missing, unknown or invalid."""
+
+
+class BackendUnavailableError(ConfigError):
+    """A backend was asked for by name, but its optional package is not installed."""
 
 
 class StorageError(CareScaleError, OSError):

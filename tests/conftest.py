@@ -3,13 +3,18 @@
 - ``s3_server``: a real S3 protocol server (moto's server mode) on loopback, in its own process.
 - ``s3_bucket`` / ``s3_options``: a fresh bucket on it and care-scale storage options for it.
 - ``ray_local``: a real local Ray cluster (one per test session).
-- ``shared_data``: the read-only real slides in ../shared/data.
-Tests marked ``gpu`` skip with the reason when no CUDA device exists.
+- ``shared_data``: a folder with the real slides of tests/data (copied) and a generated
+  damaged upload, ``broken.svs``; extra local slides from ``CARE_SCALE_TEST_DATA``.
+Tests marked ``gpu`` skip with the reason when no CUDA device exists; tests that use
+``ray_local`` are marked ``slow``.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,9 +25,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The real slides sit beside the checkout (../shared/data); CARE_SCALE_TEST_DATA points
-# elsewhere when the checkout lives somewhere else.
-SHARED_DATA = Path(os.environ.get("CARE_SCALE_TEST_DATA") or ROOT.parent / "shared" / "data")
+# Real slides kept in the repository (origin and licence: tests/data/README.md).
+TEST_DATA = Path(__file__).resolve().parent / "data"
 
 # Keep test processes from fighting over the 2 cores with oversubscribed thread pools.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -39,7 +43,13 @@ def _cuda_available() -> bool:
         return False
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the slow marks below must be there
 def pytest_collection_modifyitems(config, items):
+    # Every test that starts the local Ray cluster takes tens of seconds (a Ray Data or Ray
+    # Train run): it counts as slow, so `pytest -m "not slow"` is the quick subset.
+    for item in items:
+        if "ray_local" in item.fixturenames and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.slow)
     if _cuda_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")
@@ -48,12 +58,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def write_broken_svs(path: Path) -> Path:
+    """A corrupt upload: 1,001 bytes of base64 text with an .svs name, no TIFF header at all
+    (what histolab's broken.svs fixture is). Every backend must reject it as CorruptSlideError."""
+    text = base64.b64encode(random.Random(1001).randbytes(750))  # 1,000 characters
+    path.write_bytes(text + b"\n")
+    return path
+
+
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not (SHARED_DATA / "CMU-1-Small-Region.svs").exists():
-        pytest.fail(f"real test slides missing: {SHARED_DATA} (expected ../shared/data, or "
-                    "set CARE_SCALE_TEST_DATA)")
-    return SHARED_DATA
+def shared_data(tmp_path_factory) -> Path:
+    """One folder of slides: copies of tests/data, the generated ``broken.svs``, and links to
+    any extra local slides in the folder ``CARE_SCALE_TEST_DATA`` names (optional)."""
+    out = tmp_path_factory.mktemp("slides")
+    for src in sorted(TEST_DATA.iterdir()):
+        if src.is_file() and src.name != "README.md":
+            shutil.copyfile(src, out / src.name)
+    if not (out / "CMU-1-Small-Region.svs").exists():
+        pytest.fail(f"real test slide missing: {TEST_DATA / 'CMU-1-Small-Region.svs'}")
+    write_broken_svs(out / "broken.svs")
+    extra = os.environ.get("CARE_SCALE_TEST_DATA")
+    if extra and Path(extra).is_dir():
+        for src in sorted(Path(extra).iterdir()):
+            if src.is_file() and not (out / src.name).exists():
+                (out / src.name).symlink_to(src.resolve())
+    return out
 
 
 def free_port() -> int:

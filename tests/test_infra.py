@@ -492,8 +492,13 @@ def test_dockerfile_is_pinned_non_root_and_names_real_paths(name):
     assert _torch_pin(name).split("+")[0] == _installed("torch").split("+")[0]
     if name == "Dockerfile.gpu":
         assert "'.[gpu]'" in runs and "requirements-gpu.txt" in runs
+        # requirements-gpu.txt pulls in requirements-cucim.txt: the COPY must bring it along.
+        assert "cucim-cu12" in _pins(DOCKER / "requirements-gpu.txt")
+        assert any("requirements-cucim.txt" in a for k, a in instructions if k == "COPY")
     else:
         assert _torch_pin(name) == _installed("torch")  # 2.13.0+cpu, as on this machine
+        # The CPU image needs no cuCIM (the optional extra, CuPy and CUDA wheels with it).
+        assert "cucim" not in runs and "[gpu]" not in runs
 
 
 def test_dockerignore_keeps_history_and_secrets_out():
@@ -512,6 +517,20 @@ def test_requirement_pins_cover_pyproject():
     project = _pyproject()
     common = _pins(DOCKER / "requirements.txt")
     gpu = _pins(DOCKER / "requirements-gpu.txt")
+    extras = project["optional-dependencies"]
+    # cuCIM is an optional extra, pinned in its own file; the GPU image carries it.
+    assert not any(canonicalize_name(Requirement(d).name) == "cucim-cu12"
+                   for d in project["dependencies"])
+    assert "cucim-cu12" not in common
+    cucim_deps = [Requirement(d) for d in extras["cucim"]]
+    assert {canonicalize_name(r.name) for r in cucim_deps} == {"cucim-cu12"}
+    assert set(map(str, cucim_deps)) <= {str(Requirement(d)) for d in extras["gpu"]}
+    for pins_file, extra in (("requirements-cucim.txt", "cucim"), ("requirements-gpu.txt", "gpu")):
+        pins = _pins(DOCKER / pins_file)
+        for dep in extras[extra]:
+            req = Requirement(dep)
+            name = canonicalize_name(req.name)
+            assert name in pins and req.specifier.contains(pins[name]), (pins_file, dep)
     for dep in project["dependencies"]:
         req = Requirement(dep)
         name = canonicalize_name(req.name)
@@ -521,10 +540,6 @@ def test_requirement_pins_cover_pyproject():
             continue
         assert name in common, f"{dep} (pyproject) has no pin in requirements.txt"
         assert req.specifier.contains(common[name]), f"pin {name}=={common[name]} vs {dep}"
-    for dep in project["optional-dependencies"]["gpu"]:
-        req = Requirement(dep)
-        name = canonicalize_name(req.name)
-        assert name in gpu and req.specifier.contains(gpu[name]), dep
     # The ray pin carries the extras pyproject asks for.
     ray_line = next(ln for ln in (DOCKER / "requirements.txt").read_text().splitlines()
                 if ln.startswith("ray["))
@@ -534,12 +549,36 @@ def test_requirement_pins_cover_pyproject():
     assert len({v for n, v in gpu.items() if n.startswith("tensorrt")}) == 1
 
 
+def _readme_command(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- {marker} -->\n```bash\n(.*?)\n```", text, re.DOTALL)
+    assert match, marker
+    return match.group(1)
+
+
+def test_readme_installs_cucim_for_the_tests_not_for_the_quick_start():
+    quick, tests = _readme_command("quickstart-command"), _readme_command("test-command")
+    assert "cucim" not in quick and "requirements" not in quick
+    # .ci/run executes exactly this one line.
+    assert "\n" not in tests
+    assert "-r infra/docker/requirements.txt -r infra/docker/requirements-cucim.txt" in tests
+    assert re.search(r"'\.\[[\w,]*\bcucim\b[\w,]*\]'", tests)
+
+
 def test_common_pins_are_the_tested_versions():
     """The CPU image reproduces this machine's environment (same Python minor, same pins)."""
     from packaging.utils import canonicalize_name
 
     for name, version in _pins(DOCKER / "requirements.txt").items():
         assert _installed(canonicalize_name(name)) == version, name
+    # The README's test command installs the cucim pin as well (the suite tests that backend);
+    # the quick start does not, and its tests skip then.
+    for name, version in _pins(DOCKER / "requirements-cucim.txt").items():
+        try:
+            installed = _installed(canonicalize_name(name))
+        except metadata.PackageNotFoundError:
+            continue
+        assert installed == version, name
     (base,) = [a for k, a in _dockerfile("Dockerfile.cpu") if k == "FROM"]
     assert f"python:{sys.version_info.major}.{sys.version_info.minor}." in base
 

@@ -13,6 +13,8 @@ import tifffile
 
 from care_scale.cli import main as cli_main
 from care_scale.exceptions import (
+    BackendUnavailableError,
+    CareScaleError,
     CorruptSlideError,
     MissingMPPError,
     NotBrightfieldError,
@@ -20,12 +22,20 @@ from care_scale.exceptions import (
     SlideNotFoundError,
     UnsupportedFormatError,
 )
-from care_scale.slides import BACKENDS, open_slide
+from care_scale.slides import BACKENDS, backend_available, open_slide
 from care_scale.synthetic import write_synthetic_slide
 from care_scale.tiling import iter_tile_batches, tile_grid
 from care_scale.tissue import saturation
 
-ALL_BACKENDS = list(BACKENDS)
+NO_CUCIM = "cuCIM is not installed (optional extra: pip install 'care-scale[cucim]')"
+# Loops run over the installed backends; parametrized tests skip cuCIM, with the reason, without it.
+ALL_BACKENDS = [name for name in BACKENDS if backend_available(name)]
+BACKEND_PARAMS = [pytest.param(name, marks=pytest.mark.skipif(
+    not backend_available(name), reason=NO_CUCIM)) for name in BACKENDS]
+
+
+def _need_cucim() -> None:
+    pytest.importorskip("cucim", reason=NO_CUCIM)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +54,7 @@ def pyramid(tmp_path_factory) -> Path:
 # ---- the real Aperio slide ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_cmu_metadata_exact(cmu, backend):
     with open_slide(cmu, backend=backend) as s:
         assert s.backend == backend
@@ -96,9 +106,10 @@ def test_cmu_pixels_equal_between_backends(cmu):
             assert a.shape == (h, w, 3) and a.dtype == np.uint8
             np.testing.assert_array_equal(a, b, err_msg=backend)
     # Outside the image is white for every backend (OpenSlide gives transparent, cuCIM black).
-    corner = reads["cucim"][3]
-    assert (corner[67:, :] == 255).all() and (corner[:, 120:] == 255).all()
-    assert corner[:60, :100].std() > 0
+    for backend in ALL_BACKENDS:
+        corner = reads[backend][3]
+        assert (corner[67:, :] == 255).all() and (corner[:, 120:] == 255).all(), backend
+        assert corner[:60, :100].std() > 0
 
 
 def test_cmu_tile_grid_at_half_micron(cmu):
@@ -132,6 +143,7 @@ def test_cmu_tile_grid_at_half_micron(cmu):
 
 @pytest.mark.gpu
 def test_cucim_gpu_decode_matches_cpu(cmu):
+    _need_cucim()
     coords = [(0, 0), (700, 900), (1500, 2000)]
     with open_slide(cmu, device="cuda") as gpu, open_slide(cmu, backend="cucim") as cpu:
         assert gpu.backend == "cucim" and gpu.device == "cuda"
@@ -145,6 +157,7 @@ def test_cuda_device_without_gpu_is_a_config_error(cmu):
     from care_scale.exceptions import ConfigError
     from care_scale.slides import _cuda_available
 
+    _need_cucim()  # without it the refusal names the missing extra (tested below)
     if _cuda_available():
         pytest.skip("a CUDA device is present; the refusal path does not apply")
     with pytest.raises(ConfigError, match="no CUDA device"):
@@ -154,7 +167,7 @@ def test_cuda_device_without_gpu_is_a_config_error(cmu):
 # ---- generated TIFFs ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_synthetic_pyramid_metadata_every_backend(pyramid, backend):
     with open_slide(pyramid, backend=backend) as s:
         assert s.dimensions == (3072, 2304)
@@ -267,6 +280,46 @@ def test_falls_through_to_a_backend_that_decodes(tmp_path):
     with pytest.raises(UnsupportedFormatError) as info:
         open_slide(path, backend="openslide")
     assert "34712" in str(info.value)
+
+
+# ---- cuCIM is an optional extra ------------------------------------------------------------
+
+
+def test_without_cucim_auto_reads_and_asking_for_it_says_how_to_install(
+        monkeypatch, tmp_path, cmu, capsys):
+    monkeypatch.setitem(sys.modules, "cucim", None)  # import fails, as without the extra
+    assert not backend_available("cucim")
+    # A strip (untiled) TIFF: auto would try cuCIM first; without it the next backend reads it.
+    img = _he_like(512)
+    path = tmp_path / "strips.tif"
+    tifffile.imwrite(path, img, photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER", metadata=None)
+    for slide in (path, cmu):
+        with open_slide(slide) as s:
+            assert s.backend != "cucim"
+            assert s.read_region(0, 0, 0, 64, 64).shape == (64, 64, 3)
+    for kw in ({"backend": "cucim"}, {"device": "cuda"}):
+        with pytest.raises(BackendUnavailableError) as info:
+            open_slide(cmu, **kw)
+        assert isinstance(info.value, CareScaleError)
+        assert "pip install 'care-scale[cucim]'" in str(info.value)
+    assert cli_main(["inspect", str(cmu), "--backend", "cucim"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("BackendUnavailableError:"), err
+    assert "care-scale[cucim]" in err[0]
+
+
+def test_no_module_imports_cucim_at_import_time():
+    code = (
+        "import importlib, pkgutil, sys, care_scale\n"
+        "for m in pkgutil.walk_packages(care_scale.__path__, 'care_scale.'):\n"
+        "    if not m.name.endswith('__main__'):\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted({k.split('.')[0] for k in sys.modules} & {'cucim', 'cupy'}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 # ---- bad input: each gets its own exception naming the file --------------------------------
@@ -426,6 +479,7 @@ def test_cli_bad_input_exit_code_and_one_line(shared_data):
 
 def test_cli_one_line_even_when_decoders_print(tmp_path):
     # cuCIM prints its own complaints about JPEG 2000 TIFF tiles to the stderr descriptor.
+    _need_cucim()
     path = tmp_path / "j2k.tif"
     tifffile.imwrite(path, _he_like(512), tile=(256, 256), photometric="rgb",
                      compression="jpeg2000", metadata=None)

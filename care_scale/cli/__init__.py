@@ -15,6 +15,16 @@ import sys
 COMMANDS = ("inspect", "embed", "tables", "sql", "train", "export")
 
 
+def package_version() -> str:
+    """The installed care-scale distribution's version (importlib.metadata)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("care-scale")
+    except PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="care-scale",
@@ -22,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Delta Lake, query them, pretrain and export the encoders.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         try:

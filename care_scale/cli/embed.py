@@ -1,7 +1,8 @@
 """``care-scale embed``: embed a cohort of slides (or patch-feature files) into Delta tables.
 
     care-scale embed SOURCE --warehouse URI [--config job.yaml] [--keep-patches] [--features]
-                     [--backend auto|tensorrt|onnxruntime|torch] [--set key=value ...]
+                     [--backend auto|tensorrt|onnxruntime|torch] [--mpp-override MPP]
+                     [--storage-option KEY=VALUE ...] [--set key=value ...]
     care-scale embed --demo [--out DIR]
 
 Exit status: 0 when every slide was embedded (or was already done), 3 when the job finished
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from care_scale.cli.options import add_mpp_override_arg, add_storage_option_arg, storage_options
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -31,6 +34,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="SOURCE holds patch-feature files (.h5, .parquet, CARE .npy)")
     p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"),
                    help="patch-encoder inference backend")
+    add_mpp_override_arg(p)  # config field mpp_override (a manifest's mpp column wins)
+    add_storage_option_arg(p)  # entries of the config field storage_options
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field (repeatable), e.g. --set target_mpp=1.0")
     p.add_argument("--demo", action="store_true",
@@ -59,8 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The typed EmbedConfig: YAML file, then named flags, then ``--set`` overrides."""
-    from care_scale.config import load_config, parse_overrides
+    """The typed EmbedConfig: YAML file, then named flags, then ``--set`` overrides.
+
+    ``--storage-option`` entries are added to the file's ``storage_options`` and also used to
+    read a ``--config`` in object storage.
+    """
+    from care_scale.config import _merge, load_config, parse_overrides
     from care_scale.embed.config import EmbedConfig
 
     flags: dict = {}
@@ -74,9 +83,13 @@ def config_from_args(args: argparse.Namespace):
         flags["features"] = True
     if args.backend:
         flags["backend"] = args.backend
-    tree = parse_overrides(args.overrides)
-    flags.update(tree)
-    return load_config(EmbedConfig, args.config, flags)
+    if args.mpp_override is not None:
+        flags["mpp_override"] = args.mpp_override
+    options = storage_options(args.storage_option)
+    if options:
+        flags["storage_options"] = options
+    flags = _merge(flags, parse_overrides(args.overrides))
+    return load_config(EmbedConfig, args.config, flags, storage_options=options)
 
 
 def handle(args: argparse.Namespace) -> int:

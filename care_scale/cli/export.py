@@ -12,17 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from care_scale.cli.options import add_storage_option_arg, storage_options
 from care_scale.exceptions import ConfigError
-
-
-def parse_storage_options(pairs: list[str] | None) -> dict[str, str] | None:
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option expects key=value, got {pair!r}")
-        out[key.strip()] = value
-    return out or None
 
 
 def _common(p: argparse.ArgumentParser, default_model: str | None) -> None:
@@ -34,8 +25,7 @@ def _common(p: argparse.ArgumentParser, default_model: str | None) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17; default 17)")
     p.add_argument("--tensorrt", action="store_true",
                    help="also build a TensorRT engine for this machine's GPU")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="object-store option (aws_endpoint_url=..., aws_region=...); repeatable")
+    add_storage_option_arg(p)
     p.add_argument("--tol", type=float, default=1e-4, help="parity tolerance (relative)")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
@@ -82,7 +72,7 @@ def _print(result, as_json: bool) -> None:
 def run_patch(args: argparse.Namespace) -> int:
     from care_scale.export import export_patch_encoder
 
-    options = parse_storage_options(args.storage_option)
+    options = storage_options(args.storage_option)
     trt_options = None
     if args.tensorrt:
         from care_scale.export.tensorrt import EngineOptions, require_tensorrt
@@ -123,7 +113,7 @@ def run_slide(args: argparse.Namespace) -> int:
         require_tensorrt()
     result = export_slide_encoder(
         args.model, out=args.out, checkpoint=args.checkpoint,
-        storage_options=parse_storage_options(args.storage_option), opset=args.opset,
+        storage_options=storage_options(args.storage_option), opset=args.opset,
         tensorrt=args.tensorrt, parity_sizes=sizes, tol=args.tol,
     )
     _print(result, args.json)

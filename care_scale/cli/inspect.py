@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from care_scale.cli.options import add_mpp_override_arg, add_storage_option_arg, storage_options
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -22,8 +24,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("slide_uri", nargs="?", help="slide path or URI (s3://, gs://, https://)")
     p.add_argument("--demo", action="store_true",
                    help="generate a small synthetic slide in a temporary folder and inspect it")
-    p.add_argument("--mpp-override", type=float, default=None,
-                   help="microns per pixel to use instead of the slide's metadata")
+    add_mpp_override_arg(p)
     p.add_argument("--target-mpp", type=float, default=0.5, help="tiling MPP (default 0.5)")
     p.add_argument("--patch-size", type=int, default=224, help="tile size in px (default 224)")
     p.add_argument("--min-tissue-fraction", type=float, default=0.5)
@@ -31,21 +32,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--thumbnail", metavar="OUT.png", default=None,
                    help="write a thumbnail PNG with the tissue contour drawn")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="storage option (object_store spelling), repeatable")
+    add_storage_option_arg(p)
     p.set_defaults(func=run)
-
-
-def _storage_options(pairs: list[str]) -> dict[str, str]:
-    from care_scale.exceptions import ConfigError
-
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--storage-option expects KEY=VALUE, got {pair.split('=')[0]!r}")
-        k, v = pair.split("=", 1)
-        out[k.strip()] = v
-    return out
 
 
 def inspect_slide(uri: str, *, storage_options: dict | None = None,
@@ -142,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
             write_synthetic_slide(uri, width=4096, height=3072, mpp=0.5, seed=0)
         with _native_stderr_hidden(not getattr(args, "debug", False)):
             info = inspect_slide(
-                uri, storage_options=_storage_options(args.storage_option) or None,
+                uri, storage_options=storage_options(args.storage_option),
                 mpp_override=args.mpp_override, target_mpp=args.target_mpp,
                 patch_size=args.patch_size, min_tissue_fraction=args.min_tissue_fraction,
                 backend=args.backend, thumbnail=args.thumbnail,

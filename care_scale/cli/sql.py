@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from care_scale.cli.options import add_storage_option_arg, storage_options
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -18,24 +20,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON array of row objects")
     add_storage_option_arg(p)
     p.set_defaults(func=run)
-
-
-def add_storage_option_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="storage option (object_store spelling, e.g. aws_endpoint_url), "
-                   "repeatable")
-
-
-def storage_options(pairs: list[str]) -> dict[str, str] | None:
-    from care_scale.exceptions import ConfigError
-
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--storage-option {pair.split('=')[0]!r}: expected KEY=VALUE")
-        out[key.strip()] = value
-    return out or None
 
 
 def _cell(v: Any) -> str:

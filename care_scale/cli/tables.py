@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from care_scale.cli.sql import add_storage_option_arg, storage_options
+from care_scale.cli.options import add_storage_option_arg, storage_options
 
 
 def add_parser(subparsers: Any) -> None:

@@ -7,13 +7,15 @@
 
 Backends are tried in ``BACKENDS`` order (cuCIM, OpenSlide, tifffile); a backend that cannot
 read a format (MRXS, NDPI, DICOM are OpenSlide's; stripped TIFF is tifffile's) hands over to
-the next. One exception, measured: decoding on the CPU, tiled SVS, OME-TIFF and generic
+the next. cuCIM is an optional extra (``pip install 'care-scale[cucim]'``): without it ``auto``
+simply leaves it out, and asking for it by name raises BackendUnavailableError. One exception, measured: decoding on the CPU, tiled SVS, OME-TIFF and generic
 pyramidal TIFF go to tifffile first (see ``TIFFFILE_FIRST``). Bad input raises the specific
 :mod:`care_scale.exceptions` class, never a backend's own traceback.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from care_scale.exceptions import (
+    BackendUnavailableError,
     ConfigError,
     CorruptSlideError,
     SlideNotFoundError,
@@ -31,7 +34,8 @@ from care_scale.slides.base import BackendCannotRead, Slide, TiffInfo, inspect_t
 from care_scale.slides.cache import SlideCache, stat_uri
 from care_scale.storage import is_remote, redact, strip_file_scheme
 
-__all__ = ["BACKENDS", "SLIDE_EXTENSIONS", "Slide", "SlideCache", "open_slide", "stat_uri"]
+__all__ = ["BACKENDS", "SLIDE_EXTENSIONS", "Slide", "SlideCache", "backend_available",
+           "open_slide", "require_backend", "stat_uri"]
 
 BackendName = Literal["auto", "cucim", "openslide", "tifffile"]
 
@@ -60,6 +64,28 @@ BACKENDS: dict[str, Callable[[], type[Slide]]] = {
     "openslide": _openslide,
     "tifffile": _tifffile,
 }
+
+# Backends whose library is an optional extra: name -> (module to import, pip extra). Checked
+# with importlib.util.find_spec, which does not import the (heavy, CuPy-pulling) module.
+OPTIONAL_BACKENDS: dict[str, tuple[str, str]] = {"cucim": ("cucim", "cucim")}
+
+
+def backend_available(name: str) -> bool:
+    """Whether the backend's library is installed (always true for the required ones)."""
+    if name not in OPTIONAL_BACKENDS:
+        return name in BACKENDS
+    return importlib.util.find_spec(OPTIONAL_BACKENDS[name][0]) is not None
+
+
+def require_backend(name: str) -> None:
+    """Raise BackendUnavailableError, with the install command, when ``name`` is missing."""
+    if name in OPTIONAL_BACKENDS and not backend_available(name):
+        module, extra = OPTIONAL_BACKENDS[name]
+        raise BackendUnavailableError(
+            f"slide backend {name!r} needs the {module!r} package, which is not installed: "
+            f"pip install 'care-scale[{extra}]' (or use slide backend auto, which reads "
+            "slides without it)")
+
 
 # Tiled TIFF flavours whose geometry tifffile reads exactly (no vendor XML, no overlapping or
 # JPEG-restart-marker tiles). Decoding on the CPU, ``auto`` opens them with tifffile first: it
@@ -90,7 +116,9 @@ def open_slide(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None
     when none is given). ``device="cuda"`` decodes with cuCIM on the GPU (nvJPEG) and returns
     host arrays; it needs a CUDA device and the cuCIM backend. Raises SlideNotFoundError,
     CorruptSlideError, UnsupportedFormatError, NotBrightfieldError or StorageError, each naming
-    the slide (credentials redacted); ConfigError for invalid arguments.
+    the slide (credentials redacted); ConfigError for invalid arguments, its subclass
+    BackendUnavailableError when the backend asked for (or ``device="cuda"``) needs cuCIM and
+    cuCIM is not installed.
     """
     uri = str(uri)
     if backend != "auto" and backend not in BACKENDS:
@@ -101,9 +129,12 @@ def open_slide(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None
     if device == "cuda":
         if backend not in ("auto", "cucim"):
             raise ConfigError(f"GPU decoding is cuCIM's; backend={backend!r} decodes on the CPU")
+        require_backend("cucim")
         if not _cuda_available():
             raise ConfigError("device='cuda' asked for, but no CUDA device is present")
         backend = "cucim"
+    elif backend != "auto":
+        require_backend(backend)
     if mpp_override is not None and not mpp_override > 0:
         raise ConfigError(f"mpp_override must be > 0, got {mpp_override}")
     on_close: Callable[[], None] | None = None
@@ -156,7 +187,10 @@ def _open_local(uri: str, path: str, *, backend: BackendName, mpp_override: floa
         # Header checks first: truncation and non-brightfield data are reported as such, not
         # as whatever a C decoder happens to say about them.
         tiff_info = inspect_tiff(uri, path)
-    names = _auto_order(tiff_info, device) if backend == "auto" else [backend]
+    if backend == "auto":
+        names = [n for n in _auto_order(tiff_info, device) if backend_available(n)]
+    else:
+        names = [backend]
     reasons: list[str] = []
     decode_failed = False
     for name in names:

@@ -2,7 +2,8 @@
 
 cuCIM decodes SVS and generic tiled TIFF itself (libjpeg-turbo on CPU, nvJPEG on GPU) and, given
 a list of locations, fans the tile decodes out over ``num_workers`` threads in C++ without the
-GIL. That batched call is why it comes first in the backend order.
+GIL. That batched call is why it comes first in the backend order. cuCIM (with CuPy, ~5 GB) is
+the optional extra ``care-scale[cucim]``; it is imported only when a slide is opened with it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class CuCIMSlide(Slide):
     def _open(self) -> None:
         try:
             from cucim import CuImage
-        except ImportError as exc:  # the wheel is optional on some platforms
-            raise BackendCannotRead(f"cucim not installed ({exc})") from None
+        except ImportError as exc:  # installed, but e.g. its CUDA libraries are missing
+            raise BackendCannotRead(f"cucim cannot be imported ({exc})") from None
         _configure_cache(CuImage)
         try:
             self._img = CuImage(self.local_path)

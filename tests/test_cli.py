@@ -1,0 +1,133 @@
+"""The command line's own promises: flags that error messages recommend exist, shared options
+are spelt and explained the same everywhere, ``--version`` and the embed flags work."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import re
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from care_scale.cli import build_parser, main
+from care_scale.cli import embed as embed_cli
+from care_scale.exceptions import ConfigError
+
+PACKAGE = Path(__file__).resolve().parents[1] / "care_scale"
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
+
+
+def _parsers(parser: argparse.ArgumentParser, name: str = "") -> dict[str, argparse.ArgumentParser]:
+    """``{"": top level, "embed": ..., "export patch-encoder": ...}`` for every (sub-)command."""
+    out = {name: parser}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                out.update(_parsers(p, f"{name} {sub}".strip()))
+    return out
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {opt: a for a in parser._actions for opt in a.option_strings}
+
+
+COMMANDS = {name: _options(p) for name, p in _parsers(build_parser()).items()}
+
+
+def _raised_flags() -> dict[str, set[str]]:
+    """``{exception class name: flags}`` from the string literals (f-string parts included)
+    of every ``raise SomeError(...)`` in care_scale/."""
+    out: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
+                continue
+            func = node.exc.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "?")
+            for sub in ast.walk(node.exc):
+                if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                    for flag in FLAG.findall(sub.value):
+                        out.setdefault(name, set()).add(flag)
+    return out
+
+
+def test_the_scan_finds_the_flags_errors_recommend():
+    flags = _raised_flags()
+    assert "--mpp-override" in flags["MissingMPPError"]
+    assert "--storage-option" in set().union(*flags.values())
+
+
+def test_every_flag_an_error_recommends_exists_on_some_command():
+    known = set().union(*(set(opts) for opts in COMMANDS.values()))
+    missing = {(exc, flag) for exc, flags in _raised_flags().items() for flag in flags
+               if flag not in known}
+    assert not missing, f"error messages recommend flags no command has: {sorted(missing)}"
+
+
+def test_missing_mpp_error_flags_exist_on_embed_and_inspect():
+    # Both commands open slides, so both can print MissingMPPError.
+    for flag in _raised_flags()["MissingMPPError"]:
+        for command in ("embed", "inspect"):
+            assert flag in COMMANDS[command], f"care-scale {command} has no {flag}"
+
+
+def test_shared_options_have_one_spelling_and_help():
+    for flag in ("--storage-option", "--mpp-override"):
+        actions = [opts[flag] for opts in COMMANDS.values() if flag in opts]
+        assert len(actions) >= 2, flag
+        assert len({(a.dest, a.help, a.metavar, type(a)) for a in actions}) == 1, flag
+    users = {name for name, opts in COMMANDS.items() if "--storage-option" in opts}
+    assert users >= {"embed", "inspect", "sql", "tables", "export patch-encoder",
+                     "export slide-encoder"}
+
+
+def test_embed_help_lists_storage_option_and_mpp_override(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["embed", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--storage-option KEY=VALUE" in out and "--mpp-override MPP" in out
+    # jobs/embed_cohort.py parses with the same arguments.
+    job = _options(embed_cli.build_parser())
+    assert {"--storage-option", "--mpp-override"} <= set(job)
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"care-scale {metadata.version('care-scale')}"
+
+
+def _embed_config(*argv: str):
+    return embed_cli.config_from_args(embed_cli.build_parser().parse_args(list(argv)))
+
+
+def test_embed_flags_map_to_config_fields(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text("storage_options:\n  aws_region: us-east-1\n  aws_allow_http: 'false'\n")
+    cfg = _embed_config(
+        "s3://b/cohort/", "--warehouse", "s3://b/wh", "--config", str(job),
+        "--mpp-override", "0.25", "--storage-option", "aws_allow_http=true",
+        "--storage-option", "aws_endpoint_url=http://127.0.0.1:9000",
+        "--set", "storage_options.aws_conditional_put=etag")
+    assert cfg.mpp_override == 0.25
+    assert cfg.storage_options == {
+        "aws_region": "us-east-1",  # from the file
+        "aws_allow_http": "true",  # the flag wins over the file
+        "aws_endpoint_url": "http://127.0.0.1:9000",
+        "aws_conditional_put": "etag",  # --set merges, not replaces
+    }
+    assert _embed_config("x", "--warehouse", "y").mpp_override is None
+
+
+def test_bad_storage_option_does_not_echo_the_value():
+    with pytest.raises(ConfigError) as info:
+        _embed_config("x", "--warehouse", "y", "--storage-option",
+                      "aws_secret_access_key:s3cr3t")
+    assert "--storage-option 'aws_secret_access_key'" in str(info.value)
+    assert "KEY=VALUE" in str(info.value) and "s3cr3t" not in str(info.value)
+    with pytest.raises(ConfigError, match="mpp_override must be > 0"):
+        _embed_config("x", "--warehouse", "y", "--mpp-override", "0")
