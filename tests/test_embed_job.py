@@ -7,6 +7,7 @@ few seconds once Ray is up.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -350,7 +351,7 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
         "import pickle, sys\n"
         "from care_scale.embed.pipeline import PatchEncoder\n"
         "cfg, local = pickle.loads(sys.stdin.buffer.read())\n"
-        "enc = PatchEncoder(cfg, local_export=local)\n"
+        "enc = PatchEncoder(cfg, staging='', local_export=local)\n"
         "print(enc.kind, enc.backend.model_version, 'torch' in sys.modules, "
         "'onnx' in sys.modules)\n"
     )
@@ -379,3 +380,112 @@ def test_driver_export_only_where_actors_share_its_node(ray_local, cohort, tmp_p
     assert _actors_run_on_this_node(_config(cohort, tmp_path / "wh"))
     assert not _actors_run_on_this_node(
         _config(cohort, tmp_path / "wh", concurrency={"num_cpus_per_actor": 64}))
+
+
+# Head (where the driver attaches) decodes; one worker node encodes patches; one runs CARE.
+# Each node has a custom resource and each stage asks for its own, so a stage can only run
+# on its node; every node listens on loopback only.
+_SCRIPT = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from care_scale.config import load_config
+from care_scale.embed import EmbedConfig, run_embedding
+
+node = {"node_ip_address": "127.0.0.1", "object_store_memory": 150 * 2**20}
+cluster = Cluster(initialize_head=True, head_node_args={
+    **node, "num_cpus": 1, "resources": {"decode_node": 1}, "include_dashboard": False})
+cluster.add_node(**node, num_cpus=1, resources={"encoder_node": 1})
+cluster.add_node(**node, num_cpus=1, resources={"care_node": 1})
+ray.init(address=cluster.address, log_to_driver=False)
+try:
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    summary = run_embedding(load_config(EmbedConfig, None, json.loads(sys.argv[1])))
+    print("RESULT " + json.dumps({
+        "nodes": len(nodes), "ips": sorted({n["NodeManagerAddress"] for n in nodes}),
+        "done": summary.done, "failed": summary.failed, "tiles": summary.tiles}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_three_nodes_s3_equal_one_node(ray_local, cohort, tmp_path, s3_options, s3_bucket):
+    import fsspec
+
+    from care_scale.storage import to_fsspec
+
+    fs = fsspec.filesystem("s3", **to_fsspec(s3_options))
+    for p in sorted(cohort.glob("*.tiff")):
+        fs.put(str(p), f"{s3_bucket}/cohort/{p.name}")
+    wh = f"s3://{s3_bucket}/wh"
+    cfg = {
+        "source": f"s3://{s3_bucket}/cohort/", "warehouse": wh, "progress": "none",
+        "commit_every": 2, "keep_patches": True, "decode_batch_size": 16,
+        "encode_batch_size": 16, "storage_options": s3_options,
+        "cache_dir": str(tmp_path / "slide-cache"),
+        "concurrency": {"decode_tasks": 1, "encoder_actors": 1, "torch_threads": 1,
+                        "decode_resources": {"decode_node": 0.1},
+                        "encoder_resources": {"encoder_node": 0.1},
+                        "slide_encoder_resources": {"care_node": 0.1}},
+    }
+    # Ray resolves "127.0.0.1" in ray.init to the machine's routable address unless told
+    # that this "cluster" is one machine: loopback only, for every node and the driver.
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "CARE_SCALE_CACHE": str(tmp_path / "export-cache")}
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(cfg)], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-2000:] + proc.stderr[-4000:]
+    res = json.loads(lines[0][len("RESULT "):])
+    assert res["nodes"] == 3 and res["ips"] == ["127.0.0.1"]
+    assert (res["done"], res["failed"]) == (N_SLIDES, 0)
+
+    one = tmp_path / "one-node"
+    run_embedding(_config(cohort, one, keep_patches=True))
+    for name, keys, drop in (("slides", ["slide_id"], ("run_id", "source_uri", "source_etag")),
+                             ("regions", ["slide_id", "region_id"], ("run_id",)),
+                             ("patches", ["slide_id", "x", "y"], ("run_id",))):
+        _assert_rows_equal(_rows(wh, name, keys, drop=drop, storage_options=s3_options),
+                           _rows(one, name, keys, drop=drop))
+    # Nothing of the run's scratch space is left behind.
+    assert not fs.exists(f"{s3_bucket}/wh/_staging") or not fs.find(f"{s3_bucket}/wh/_staging")
+
+
+def test_driver_receives_no_features_or_rows(ray_local, cohort, tmp_path, monkeypatch):
+    """Every block the driver iterates is shard descriptions (a few per encoder batch), and
+    every slide-encoder outcome is file metadata: the driver's bytes grow with slides and
+    batches, not with tiles times feature width."""
+    import pickle
+
+    from care_scale.embed import pipeline, slide_stage
+
+    seen: list[dict] = []
+    outcomes: list[int] = []
+    consume, poll = pipeline._Collector.consume, slide_stage.SlideStage.poll
+
+    def spy_consume(self, batch):
+        seen.append({k: np.asarray(v) for k, v in batch.items()})
+        return consume(self, batch)
+
+    def spy_poll(self):
+        out = poll(self)
+        outcomes.extend(len(pickle.dumps(o)) for o in out)
+        return out
+
+    monkeypatch.setattr(pipeline._Collector, "consume", spy_consume)
+    monkeypatch.setattr(slide_stage.SlideStage, "poll", spy_poll)
+    summary = run_embedding(_config(cohort, tmp_path / "wh", keep_patches=True))
+    assert summary.done == N_SLIDES and summary.tiles > 0
+    cols = set().union(*(b.keys() for b in seen))
+    assert cols == {"slide_id", "n_tiles", "count", "shard", "meta", "backend", "error_stage",
+                    "error_type", "error_message"}
+    rows = sum(len(b["slide_id"]) for b in seen)
+    assert rows <= summary.tiles / 16 + 2 * N_SLIDES  # one per slide per encoder batch
+    assert sum(int(b["count"].sum()) for b in seen) == summary.tiles
+    assert all(size < 8192 for size in outcomes)  # a handful of file descriptions each
+    # The slides' metadata is sent once per slide, with its first shard.
+    assert sum(1 for b in seen for m in b["meta"] if m) == N_SLIDES
+    assert json.loads(next(m for b in seen for m in b["meta"] if m))["step_level0"] > 0

@@ -57,24 +57,37 @@ class ModelRef:
 
 @dataclass
 class Concurrency:
-    """How many Ray workers each stage gets.
+    """How many Ray workers each stage gets, and where they may run.
 
     ``decode_tasks`` CPU tasks open, tile and decode slides in parallel; ``encoder_actors``
     actors each hold one patch-encoder copy (``num_gpus_per_actor`` GPUs each on a GPU
-    cluster, 0 on CPU). ``decode_num_workers`` threads decode tiles inside one task.
+    cluster, 0 on CPU); ``slide_encoder_actors`` actors each hold CARE and write the slides'
+    rows (``num_gpus_per_slide_actor`` puts them on GPUs). ``decode_num_workers`` threads
+    decode tiles inside one task. ``*_resources``: custom Ray resources a stage's workers
+    need (``{decode: 1}``), to pin stages to node groups.
     """
 
     decode_tasks: int = 2
     decode_num_workers: int = 2
-    decode_num_cpus: float = 1.0  # logical CPUs reserved per decode task
+    # Logical CPUs reserved per decode task. With the encoder actor's 1 and a slide-encoder
+    # actor's 0.5, one decode task still fits on a 2-CPU machine.
+    decode_num_cpus: float = 0.5
     # Logical memory reserved per decode task (scheduling only). It also differs from the
     # encoder actors' remote args, which keeps Ray Data from fusing decode into the actors.
     decode_memory_bytes: int = 1 << 30
+    decode_resources: dict[str, float] = field(default_factory=dict)
     encoder_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
+    encoder_resources: dict[str, float] = field(default_factory=dict)
     # Intra-op threads of one encoder actor (torch or ONNX Runtime).
     torch_threads: int = 1
+    slide_encoder_actors: int = 1
+    num_cpus_per_slide_actor: float = 0.5
+    num_gpus_per_slide_actor: float = 0.0
+    slide_encoder_resources: dict[str, float] = field(default_factory=dict)
+    # torch intra-op threads of one slide-encoder actor.
+    slide_encoder_threads: int = 1
 
 
 @dataclass
@@ -132,12 +145,14 @@ class EmbedConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         c = self.concurrency
-        if c.decode_tasks < 1 or c.encoder_actors < 1 or c.decode_num_workers < 1:
-            raise ConfigError(
-                "concurrency.decode_tasks, encoder_actors and decode_num_workers must be >= 1"
-            )
-        if c.num_gpus_per_actor < 0 or c.num_cpus_per_actor < 0:
-            raise ConfigError("concurrency.num_gpus_per_actor/num_cpus_per_actor must be >= 0")
+        for name in ("decode_tasks", "encoder_actors", "decode_num_workers",
+                     "slide_encoder_actors", "slide_encoder_threads"):
+            if getattr(c, name) < 1:
+                raise ConfigError(f"concurrency.{name} must be >= 1, got {getattr(c, name)}")
+        for name in ("num_gpus_per_actor", "num_cpus_per_actor", "num_cpus_per_slide_actor",
+                     "num_gpus_per_slide_actor", "decode_num_cpus"):
+            if getattr(c, name) < 0:
+                raise ConfigError(f"concurrency.{name} must be >= 0, got {getattr(c, name)}")
 
     def require_io(self) -> None:
         """Source and warehouse are required to run (not to build a config object)."""

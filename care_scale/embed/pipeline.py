@@ -1,11 +1,11 @@
-"""The embedding job: slides -> tiles -> patch features -> CARE -> Delta tables, on Ray Data.
+"""The embedding job: slides -> tiles -> patch features -> CARE -> Delta tables, on Ray.
 
 Design (why it looks like this)
 -------------------------------
 ::
 
     driver: list sources, anti-join with warehouse.completed_slide_ids(model_version)
-      |  ray.data.from_items(one row per slide, one block per slide)
+      |  ray.data.from_items(one row per slide)
       v
     map_batches(decode_slides)       CPU tasks (concurrency.decode_tasks): stage, open, tissue
       |                              mask, tile grid, batched decode; a generator yielding
@@ -13,29 +13,37 @@ Design (why it looks like this)
       v
     map_batches(PatchEncoder)        actor pool (concurrency.encoder_actors, num_gpus per actor
       |                              on GPU clusters): the backend is loaded once in __init__;
-      |                              fixed-size batches mix tiles of several slides
+      |                              fixed-size batches mix tiles of several slides; the
+      |                              features go to staging shards, one row per shard goes on
       v
-    driver: iter_batches             accumulate features per slide until its known tile count
-                                     is reached -> CARE on that slide -> SlideResult; buffer
-                                     and write ``commit_every`` slides per warehouse commit
+    driver: iter_batches             shard rows only: count tiles per slide; a complete slide
+      |                              -> one call to the slide-encoder pool
+      v
+    SlideEncoderActor                Ray actors (concurrency.slide_encoder_actors, GPUs with
+      |                              num_gpus_per_slide_actor): read the shards, CARE, write
+      |                              the slide's rows as Parquet data files (slide_stage.py)
+      v
+    driver: Warehouse.commit         every ``commit_every`` slides: patches, regions, then
+                                     slides, one Delta transaction each, from file metadata
 
-- Streaming and bounded memory: Ray Data's streaming executor back-pressures every stage, so
-  at any time only a few tile batches per decode task exist (pixels never accumulate). The
-  driver holds, per slide in flight, only its patch *features* (N x D float32, ~1000x smaller
-  than the pixels); CARE needs exactly those features for the whole slide anyway. Slides in
-  flight are bounded by the decode concurrency (one block per slide, tasks finish in order).
-- Decode and inference overlap: decode tasks and encoder actors are separate Ray workers that
-  run concurrently; the encoder pulls fixed-size batches as soon as they exist.
-- CARE runs per slide in the driver: it is light next to the patch encoder (one forward over
-  N features), and running it where the features are assembled avoids shipping them again.
+- The driver coordinates, workers move data: per slide the driver sees shard descriptions
+  (a few hundred bytes per encoder batch), one actor call and the data files' metadata; no
+  pixel, patch feature or table row passes through it (``slide_stage`` says why this design).
+- Streaming and bounded memory: Ray Data's streaming executor back-pressures decode and
+  encoder, so only a few tile batches per decode task exist (pixels never accumulate); the
+  slide-encoder pool has a bounded queue, and a full queue stops the driver pulling from the
+  stream. Slides in flight are bounded by the decode concurrency.
+- Decode and inference overlap: decode tasks, encoder actors and slide-encoder actors are
+  separate Ray workers running concurrently.
 - Exactly once: the driver skips slides already complete for this model version; each commit
-  goes through ``Warehouse.write_results`` (patches, then regions, then the slides row last,
-  idempotent on the keys), so a killed run leaves at most uncommitted work that a re-run redoes.
+  goes through ``Warehouse.commit`` (patches, then regions, then the slides row last; each
+  commit replaces the files of earlier attempts at the same slides), so a killed run leaves
+  at most data files in no commit, which a re-run redoes and ``tables vacuum`` deletes.
 - A bad slide (missing, corrupt, unsupported, no MPP, no tissue) becomes one "failure row" in
   the stream (``error_type`` set, no tiles); the driver turns it into a ``failures`` table row
   with the stage, the exception class and the message, and the job goes on.
-- Precomputed features (``features=True``): a reader task replaces decode + encoder and yields
-  feature rows in the same shape, so the driver path is the same.
+- Precomputed features (``features=True``): nothing to decode or encode; the slide-encoder
+  actors read the feature files themselves and Ray Data is not involved.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import logging
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,19 +65,13 @@ import numpy as np
 from care_scale.config import to_dict
 from care_scale.embed.config import EmbedConfig
 from care_scale.embed.progress import Progress, RunSummary
+from care_scale.embed.results import STAGE_DECODE, STAGE_ENCODE, STAGE_OPEN, STAGE_TILE, RowContext
+from care_scale.embed.slide_stage import create_slide_encoder, shard_batch
 from care_scale.embed.sources import SlideSource, list_sources
 from care_scale.exceptions import CareScaleError
 from care_scale.storage import redact, redact_options
 
 log = logging.getLogger(__name__)
-
-# Stages named in the failures table.
-STAGE_OPEN = "open"
-STAGE_TILE = "tile"
-STAGE_DECODE = "decode"
-STAGE_ENCODE = "encode"
-STAGE_FEATURES = "features"
-STAGE_SLIDE_ENCODER = "slide_encoder"
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,18 +94,6 @@ def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> A
         tile_size=config.patch_size,
         threads=config.concurrency.torch_threads,
     )
-
-
-def create_slide_encoder(config: EmbedConfig) -> Any:
-    from care_scale.models import create_slide_encoder as _create
-
-    model = _create(
-        config.slide_encoder.name,
-        config.slide_encoder.checkpoint,
-        storage_options=config.storage_options or None,
-        **config.slide_encoder.overrides,
-    )
-    return model.eval()
 
 
 def resolve_models(config: EmbedConfig) -> EmbedConfig:
@@ -278,8 +269,11 @@ def decode_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> It
                     slide, grid, batch_size=cfg.decode_batch_size,
                     num_workers=cfg.concurrency.decode_num_workers,
                 ):
+                    # The metadata rides on the slide's first batch only (the shard of
+                    # tile 0 hands it to the driver).
                     out = _columns(slide_id=row["slide_id"], n_tiles=n, start=start,
-                                   coords=tb.coords, tissue=tb.tissue_fraction, meta=meta)
+                                   coords=tb.coords, tissue=tb.tissue_fraction,
+                                   meta=meta if start == 0 else "")
                     out["tiles"] = np.ascontiguousarray(tb.tiles)
                     start += len(tb.coords)
                     yield out
@@ -287,56 +281,6 @@ def decode_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> It
             # A bad slide must not stop the job: it becomes a failure row. Tiles already
             # yielded for it are dropped by the driver when the failure row arrives.
             yield _failure_batch(row, stage, exc, cfg.patch_size)
-
-
-def read_feature_files(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Iterator[dict]:
-    """Ray Data UDF for precomputed features: one file -> feature rows (no decode, no encoder)."""
-    from care_scale.models import coords_to_grid, read_patch_features
-
-    cfg: EmbedConfig = params["config"]
-    chunk = max(cfg.encode_batch_size, 256)
-    for raw in batch["source"]:
-        row = json.loads(raw)
-        try:
-            pf = read_patch_features(row["uri"], storage_options=cfg.storage_options or None)
-            n = len(pf.features)
-            if n == 0:
-                from care_scale.exceptions import FeatureFileError
-
-                raise FeatureFileError(f"{redact(row['uri'])}: holds no patch features")
-            _, step = coords_to_grid(pf.coords, pf.patch_size_level0)
-            coords = np.asarray(pf.coords, np.int64)
-            meta = json.dumps(
-                {
-                    "uri": row["uri"],
-                    "source_size": None,
-                    "source_etag": None,
-                    "width": int(coords[:, 0].max() + step),
-                    "height": int(coords[:, 1].max() + step),
-                    "mpp": row.get("mpp"),
-                    "mpp_source": "override" if row.get("mpp") else None,
-                    "target_mpp": cfg.target_mpp,
-                    "level": 0,
-                    "patch_size": int(pf.patch_size_level0 or step),
-                    "patch_size_level0": int(pf.patch_size_level0 or step),
-                    "step_level0": int(step),
-                    "slide_backend": "features",
-                    "vendor": None,
-                    "objective_power": None,
-                }
-            )
-            feats = np.asarray(pf.features, np.float32)
-            for s in range(0, n, chunk):
-                out = _columns(slide_id=row["slide_id"], n_tiles=n, start=s,
-                               coords=coords[s : s + chunk],
-                               tissue=np.ones(len(coords[s : s + chunk]), np.float32),
-                               meta=meta)
-                out["features"] = feats[s : s + chunk]
-                yield out
-        except (CareScaleError, OSError, ValueError, KeyError) as exc:
-            fail = _failure_batch(row, STAGE_FEATURES, exc, 0, pixels=False)
-            fail["features"] = np.zeros((1, 1), np.float32)
-            yield fail
 
 
 _CACHES: dict[str, Any] = {}
@@ -367,7 +311,9 @@ class PatchEncoder:
     resolves the backend from the config as usual.
     """
 
-    def __init__(self, config: EmbedConfig, local_export: str | None = None):
+    def __init__(self, config: EmbedConfig, staging: str, local_export: str | None = None):
+        self.staging = staging
+        self.storage_options = config.storage_options or None
         if local_export and os.path.isfile(os.path.join(local_export, "manifest.json")):
             config = dataclasses.replace(
                 config, artifacts=local_export,
@@ -398,7 +344,14 @@ class PatchEncoder:
                 batch["n_tiles"] = np.where(ok, 0, batch["n_tiles"])
         batch["features"] = feats
         batch["backend"] = np.array([self.kind] * len(feats), dtype=object)
-        return batch
+        try:
+            return shard_batch(batch, self.staging, self.storage_options)
+        except OSError as exc:  # staging storage unreachable: these slides fail, not the job
+            batch["error_stage"] = np.where(ok, STAGE_ENCODE, batch["error_stage"])
+            batch["error_type"] = np.where(ok, type(exc).__name__, batch["error_type"])
+            batch["error_message"] = np.where(ok, f"staging features: {redact(exc)[:1900]}",
+                                              batch["error_message"])
+            return shard_batch(batch, self.staging, self.storage_options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,28 +361,13 @@ class PatchEncoder:
 
 @dataclass
 class _Pending:
+    """A slide whose shards are arriving: what the driver keeps of it (no data)."""
+
     n_tiles: int
-    meta: dict[str, Any]
-    index: list[np.ndarray] = field(default_factory=list)
-    coords: list[np.ndarray] = field(default_factory=list)
-    tissue: list[np.ndarray] = field(default_factory=list)
-    features: list[np.ndarray] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    meta: str = ""
+    backend: str = ""
     seen: int = 0
-
-    def add(self, index, coords, tissue, features) -> None:
-        self.index.append(index)
-        self.coords.append(coords)
-        self.tissue.append(tissue)
-        self.features.append(features)
-        self.seen += len(index)
-
-    def assemble(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        order = np.argsort(np.concatenate(self.index), kind="stable")
-        return (
-            np.concatenate(self.coords)[order],
-            np.concatenate(self.tissue)[order],
-            np.concatenate(self.features)[order].astype(np.float32, copy=False),
-        )
 
 
 def _ensure_ray(config: EmbedConfig) -> bool:
@@ -456,10 +394,11 @@ def _ensure_ray(config: EmbedConfig) -> bool:
     return True
 
 
-def build_dataset(config: EmbedConfig, todo: list[SlideSource], *,
+def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
                   local_export: str | None = None) -> Any:
-    """The Ray Data pipeline (lazy): decode/encode stages, or the feature-file reader.
-    ``local_export``: see :class:`PatchEncoder`."""
+    """The Ray Data pipeline (lazy): decode tasks, then the encoder actors, whose output is one
+    row per feature shard written under ``staging``. ``local_export``: see
+    :class:`PatchEncoder`."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -470,15 +409,19 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *,
     # A decode task that dies (a native reader crashing on a damaged file) loses only its
     # slide's block; the driver reports that slide as failed instead of aborting the cohort.
     ctx.max_errored_blocks = max(1, len(todo))
+    c = config.concurrency
+    # The slide-encoder actors are not Ray Data's: keep their reservation out of its budget,
+    # or it would plan decode tasks on CPUs they hold and wait for them forever.
+    # (Ray 2.60 marks the option deprecated in favour of node labels, which cannot express
+    # "part of this node"; it still applies.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.execution_options.exclude_resources = ray.data.ExecutionResources(
+            cpu=c.slide_encoder_actors * c.num_cpus_per_slide_actor,
+            gpu=c.slide_encoder_actors * c.num_gpus_per_slide_actor)
     rows = [{"source": json.dumps(s.to_row())} for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
     params = {"config": config}
-    c = config.concurrency
-    if config.features:
-        return ds.map_batches(
-            read_feature_files, batch_size=1, fn_kwargs={"params": params},
-            compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=1,
-        )
     ds = ds.map_batches(
         decode_slides, batch_size=1, fn_kwargs={"params": params},
         compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=c.decode_num_cpus,
@@ -486,14 +429,17 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *,
         # map when sizes and remote args match, and fused, decode would run inside the
         # encoder actor and never overlap inference. The memory reservation differs.
         memory=c.decode_memory_bytes or None,
+        resources=dict(c.decode_resources) or None,
     )
     return ds.map_batches(
         PatchEncoder,
-        fn_constructor_kwargs={"config": config, "local_export": local_export},
+        fn_constructor_kwargs={"config": config, "staging": staging,
+                               "local_export": local_export},
         batch_size=config.encode_batch_size,
         compute=ray.data.ActorPoolStrategy(size=c.encoder_actors),
         num_cpus=c.num_cpus_per_actor,
         num_gpus=c.num_gpus_per_actor,
+        resources=dict(c.encoder_resources) or None,
     )
 
 
@@ -502,7 +448,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     config.require_io()
     config.validate()
 
-    from care_scale.embed.results import build_failure, build_result
+    from care_scale.embed.results import build_failure
     from care_scale.models import model_version
     from care_scale.warehouse import Warehouse
 
@@ -514,9 +460,9 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                            storage_options=config.storage_options or None)
     by_id = {s.slide_id: s for s in sources}
 
-    care = create_slide_encoder(config)
-    care_version = model_version(care)
-    # Built once: its version keys the rows, and on a local cluster it is exported below.
+    # Built here only for their versions (and, on a local cluster, the patch encoder's
+    # export); the actors load their own copies.
+    care_version = model_version(create_slide_encoder(config))
     patch_encoder = None if config.features else _patch_encoder(config)
     patch_version = "precomputed" if config.features else model_version(patch_encoder)
     version = job_model_version(config, care_version, patch_version)
@@ -536,31 +482,44 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                       patch_version=patch_version, backend_kind=backend_kind)
     wh.start_run(run_id, run_config)
     progress = Progress(len(sources), skipped=summary.skipped, mode=config.progress)
-    ctx = _Context(config=config, run_id=run_id, version=version, care=care,
-                   care_version=care_version, patch_version=patch_version,
-                   backend_kind=backend_kind)
+    ctx = RowContext(run_id=run_id, version=version, care_version=care_version,
+                     patch_version=patch_version, keep_patches=config.keep_patches)
 
-    collector = _Collector(ctx, by_id, wh, progress, summary, build_result, build_failure)
-    started_ray = False
     if todo:
         started_ray = _ensure_ray(config)
+        staging = wh.staging_uri(run_id)
+        stage = None
         try:
-            local_export = (export_for_local_actors(config, patch_encoder)
-                            if _actors_run_on_this_node(config) else None)
-            ds = build_dataset(config, todo, local_export=local_export)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
-                                         prefetch_batches=2):
-                collector.consume(batch)
-                collector.commit()
+            from care_scale.embed.slide_stage import SlideStage
+
+            stage = SlideStage(config, ctx)
+            collector = _Collector(config, ctx, by_id, wh, stage, progress, summary,
+                                   build_failure)
+            if config.features:
+                for src in todo:
+                    collector.submit_feature_file(src)
+                    collector.collect()
+            else:
+                local_export = (export_for_local_actors(config, patch_encoder)
+                                if _actors_run_on_this_node(config) else None)
+                ds = build_dataset(config, todo, staging=staging, local_export=local_export)
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
+                                             prefetch_batches=2):
+                    collector.consume(batch)
+                    collector.collect()
             collector.close(todo)
-            collector.commit(force=True)
+            if collector.backend_kind:
+                backend_kind = collector.backend_kind
         finally:
+            if stage is not None:
+                stage.shutdown()
+            _remove_staging(staging, config)
             if started_ray:
                 import ray
 
                 ray.shutdown()
     progress.close()
-    summary.backend = ctx.backend_kind
+    summary.backend = backend_kind
     summary.tiles = progress.tiles
     summary.seconds = time.monotonic() - t0
     wh.finish_run(run_id, {"total": summary.total, "skipped": summary.skipped,
@@ -569,38 +528,93 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     return summary
 
 
-@dataclass
-class _Context:
-    """What every result row of one run shares."""
+def _remove_staging(staging: str, config: EmbedConfig) -> None:
+    """The run's own scratch folder: shards of slides that failed mid-way (the rest were
+    removed as they were read). A killed run leaves it for ``tables vacuum``."""
+    import fsspec
 
-    config: EmbedConfig
-    run_id: str
-    version: str
-    care: Any
-    care_version: str
-    patch_version: str
-    backend_kind: str
+    from care_scale.storage import to_fsspec
+
+    try:
+        fs, _, (path,) = fsspec.get_fs_token_paths(
+            staging, storage_options=to_fsspec(config.storage_options or None, staging))
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except OSError as exc:
+        log.warning("could not remove the staging folder %s: %s", redact(staging), redact(exc))
 
 
 class _Collector:
-    """Driver side of the stream: per-slide accumulation, CARE, buffered commits."""
+    """Driver side of the stream: per-slide shard bookkeeping, slide-encoder calls, commits."""
 
-    def __init__(self, ctx, by_id, wh, progress, summary, build_result, build_failure):
-        self.ctx, self.by_id, self.wh = ctx, by_id, wh
+    def __init__(self, config, ctx, by_id, wh, stage, progress, summary, build_failure):
+        self.config, self.ctx, self.by_id, self.wh, self.stage = config, ctx, by_id, wh, stage
         self.progress, self.summary = progress, summary
-        self.build_result, self.build_failure = build_result, build_failure
+        self.build_failure = build_failure
         self.pending: dict[str, _Pending] = {}
+        self.submitted: set[str] = set()
         self.failed: set[str] = set()
         self.completed: set[str] = set()
-        self.results: list[Any] = []
+        self.files: list[Any] = []  # DataFile of finished slides, not yet committed
+        self.dims: dict[str, int] = {}
+        self.n_results = 0
         self.failures: list[Any] = []
+        self.backend_kind = ""
+
+    # -- stream in ------------------------------------------------------------------------
+    def consume(self, batch: dict[str, np.ndarray]) -> None:
+        """Fold one block of shard rows into the per-slide counts; submit complete slides."""
+        for i, sid in enumerate(batch["slide_id"].tolist()):
+            if sid in self.failed:
+                continue  # shards that were in flight when the slide failed
+            etype = str(batch["error_type"][i])
+            if etype:
+                self.fail(sid, str(batch["error_stage"][i]), etype,
+                          str(batch["error_message"][i]))
+                continue
+            p = self.pending.get(sid)
+            if p is None:
+                p = self.pending[sid] = _Pending(n_tiles=int(batch["n_tiles"][i]))
+            p.shards.append(str(batch["shard"][i]))
+            p.meta = p.meta or str(batch["meta"][i])
+            p.backend = self.backend_kind = str(batch["backend"][i])
+            n = int(batch["count"][i])
+            p.seen += n
+            self.progress.add_tiles(n)
+            if p.seen >= p.n_tiles:
+                del self.pending[sid]
+                self.submitted.add(sid)
+                self.stage.submit("encode_shards", sid, self.by_id[sid].to_row(),
+                                  json.loads(p.meta), p.shards, p.backend)
+
+    def submit_feature_file(self, src: SlideSource) -> None:
+        self.submitted.add(src.slide_id)
+        self.stage.submit("encode_feature_file", src.slide_id, src.to_row())
+
+    # -- outcomes -------------------------------------------------------------------------
+    def collect(self, *, wait: bool = False) -> None:
+        for out in (self.stage.drain() if wait else self.stage.poll()):
+            self.submitted.discard(out.slide_id)
+            if out.error is not None:
+                self.fail(out.slide_id, *out.error)
+                continue
+            self.files.extend(out.files)
+            self.dims.update(out.dims)
+            self.n_results += 1
+            self.completed.add(out.slide_id)
+            self.summary.done += 1
+            if self.config.features:
+                self.progress.add_tiles(out.tiles)
+            self.progress.slide_done()
+        self.commit(force=wait)
 
     def commit(self, force: bool = False) -> None:
-        """Write buffered slides every ``commit_every`` slides (few, large commits)."""
-        every = self.ctx.config.commit_every
-        if self.results and (force or len(self.results) >= every):
-            self.wh.write_results(list(self.results))
-            self.results.clear()
+        """Commit finished slides every ``commit_every`` slides (few, large commits)."""
+        every = self.config.commit_every
+        if self.n_results and (force or self.n_results >= every):
+            self.wh.commit(list(self.files), dims=self.dims)
+            self.files.clear()
+            self.n_results = 0
         if self.failures and (force or len(self.failures) >= every):
             self.wh.record_failures(list(self.failures))
             self.failures.clear()
@@ -614,46 +628,9 @@ class _Collector:
         self.summary.failures.append((slide_id, etype, message))
         self.progress.slide_failed()
 
-    def consume(self, batch: dict[str, np.ndarray]) -> None:
-        """Fold one encoded block into the per-slide accumulators; finish complete slides."""
-        sids = batch["slide_id"]
-        for sid in dict.fromkeys(sids.tolist()):
-            if sid in self.failed:
-                continue  # tiles that were in flight when the slide failed
-            sel = sids == sid
-            err = batch["error_type"][sel]
-            if (err != "").any():
-                i = int(np.flatnonzero(err != "")[0])
-                self.fail(sid, str(batch["error_stage"][sel][i]), str(err[i]),
-                          str(batch["error_message"][sel][i]))
-                continue
-            if "backend" in batch:
-                self.ctx.backend_kind = str(batch["backend"][sel][0])
-            p = self.pending.get(sid)
-            if p is None:
-                meta = json.loads(batch["meta"][sel][0])
-                p = self.pending[sid] = _Pending(n_tiles=int(batch["n_tiles"][sel][0]),
-                                                 meta=meta)
-            p.add(batch["tile_index"][sel], batch["coords"][sel],
-                  batch["tissue_fraction"][sel], batch["features"][sel])
-            self.progress.add_tiles(int(sel.sum()))
-            if p.seen >= p.n_tiles:
-                self._finish(sid, self.pending.pop(sid))
-
-    def _finish(self, sid: str, p: _Pending) -> None:
-        coords, tissue, feats = p.assemble()
-        try:
-            result = self.build_result(self.ctx, self.by_id[sid], p.meta, coords, tissue, feats)
-        except CareScaleError as exc:
-            self.fail(sid, STAGE_SLIDE_ENCODER, type(exc).__name__, redact(exc)[:2000])
-            return
-        self.results.append(result)
-        self.completed.add(sid)
-        self.summary.done += 1
-        self.progress.slide_done()
-
     def close(self, todo: list[SlideSource]) -> None:
-        """Slides the stream never finished: a worker died under them."""
+        """Wait for the slide encoders; slides the stream never finished: a worker died."""
+        self.collect(wait=True)
         for sid, p in list(self.pending.items()):
             self.fail(sid, STAGE_DECODE, "IncompleteSlideError",
                       f"{redact(self.by_id[sid].uri)}: received {p.seen} of {p.n_tiles} "
@@ -662,6 +639,7 @@ class _Collector:
             if src.slide_id not in self.completed and src.slide_id not in self.failed:
                 self.fail(src.slide_id, STAGE_DECODE, "WorkerCrashedError",
                           f"{redact(src.uri)}: its decode task produced no output (crashed)")
+        self.commit(force=True)
 
 
 __all__ = [
@@ -669,6 +647,5 @@ __all__ = [
     "build_dataset",
     "decode_slides",
     "job_model_version",
-    "read_feature_files",
     "run_embedding",
 ]

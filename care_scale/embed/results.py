@@ -1,19 +1,41 @@
 """One slide's CARE output -> the rows the warehouse stores (slides, regions, patches).
 
-The pipeline hands a slide's assembled patch features here once all its tiles are encoded;
-CARE runs on them and the result becomes a :class:`care_scale.warehouse.SlideResult`.
+The slide-encoder actor (``slide_stage``) hands a slide's assembled patch features here once
+all its tiles are encoded; CARE runs on them and the result becomes a
+:class:`care_scale.warehouse.SlideResult`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from care_scale.embed.geometry import region_wkt
 from care_scale.embed.sources import SlideSource
+
+# Stages named in the failures table.
+STAGE_OPEN = "open"
+STAGE_TILE = "tile"
+STAGE_DECODE = "decode"
+STAGE_ENCODE = "encode"
+STAGE_FEATURES = "features"
+STAGE_SLIDE_ENCODER = "slide_encoder"
+
+
+@dataclass(frozen=True)
+class RowContext:
+    """What every row of one run shares; small and picklable (it travels to the actors)."""
+
+    run_id: str
+    version: str
+    care_version: str
+    patch_version: str
+    keep_patches: bool
+
 
 
 def region_rows(encoding: Any, coords: np.ndarray, patch_size_level0: int,
@@ -51,8 +73,8 @@ def encode_slide(care: Any, coords: np.ndarray, features: np.ndarray, step: int)
         return care.encode(features, coords, patch_step=int(step))
 
 
-def slide_row(ctx: Any, src: SlideSource, meta: dict[str, Any], encoding: Any,
-              n_patches: int) -> dict[str, Any]:
+def slide_row(ctx: RowContext, src: SlideSource, meta: dict[str, Any], encoding: Any,
+              n_patches: int, backend: str) -> dict[str, Any]:
     return {
         "slide_id": src.slide_id,
         "source_uri": src.uri,
@@ -73,7 +95,7 @@ def slide_row(ctx: Any, src: SlideSource, meta: dict[str, Any], encoding: Any,
         "model_version": ctx.version,
         "slide_encoder_version": ctx.care_version,
         "patch_encoder_version": ctx.patch_version,
-        "backend": ctx.backend_kind,
+        "backend": backend,
         "slide_backend": meta.get("slide_backend"),
         "run_id": ctx.run_id,
         "cohort": src.cohort,
@@ -97,22 +119,46 @@ def patch_columns(src: SlideSource, coords: np.ndarray, tissue: np.ndarray, feat
     }
 
 
-def build_result(ctx: Any, src: SlideSource, meta: dict[str, Any], coords: np.ndarray,
-                 tissue: np.ndarray, feats: np.ndarray) -> Any:
-    """CARE on one slide's features -> a ``SlideResult`` for ``Warehouse.write_results``."""
+def build_result(care: Any, ctx: RowContext, src: SlideSource, meta: dict[str, Any],
+                 coords: np.ndarray, tissue: np.ndarray, feats: np.ndarray, *,
+                 backend: str) -> Any:
+    """CARE on one slide's features -> a ``SlideResult`` for ``Warehouse.write_files``.
+    ``backend``: the patch-encoder backend that made the features."""
     from care_scale.warehouse import SlideResult
 
     step = int(meta["step_level0"])
     psl0 = int(meta["patch_size_level0"])
-    enc = encode_slide(ctx.care, coords, feats, step)
-    slide = slide_row(ctx, src, meta, enc, len(coords))
+    enc = encode_slide(care, coords, feats, step)
+    slide = slide_row(ctx, src, meta, enc, len(coords), backend)
     regions = region_rows(enc, coords, psl0, step)
     patches = (patch_columns(src, coords, tissue, feats, enc, psl0)
-               if ctx.config.keep_patches else None)
+               if ctx.keep_patches else None)
     return SlideResult(slide=slide, regions=regions, patches=patches)
 
 
-def build_failure(ctx: Any, src: SlideSource, stage: str, error_type: str, message: str) -> Any:
+def feature_file_meta(row: dict[str, Any], coords: np.ndarray, patch_size_level0: int | None,
+                      step: int, target_mpp: float) -> dict[str, Any]:
+    """The per-slide metadata a precomputed feature file gives (no slide was opened)."""
+    return {
+        "uri": row["uri"],
+        "source_size": None,
+        "source_etag": None,
+        "width": int(coords[:, 0].max() + step),
+        "height": int(coords[:, 1].max() + step),
+        "mpp": row.get("mpp"),
+        "mpp_source": "override" if row.get("mpp") else None,
+        "target_mpp": target_mpp,
+        "level": 0,
+        "patch_size": int(patch_size_level0 or step),
+        "patch_size_level0": int(patch_size_level0 or step),
+        "step_level0": int(step),
+        "slide_backend": "features",
+        "vendor": None,
+        "objective_power": None,
+    }
+
+
+def build_failure(ctx: RowContext, src: SlideSource, stage: str, error_type: str, message: str) -> Any:
     from care_scale.warehouse import FailureRow
 
     return FailureRow(slide_id=src.slide_id, uri=src.uri, run_id=ctx.run_id, stage=stage,

@@ -1,19 +1,30 @@
 """The Delta Lake warehouse: slides, regions, patches, failures, runs under one URI.
 
-Exactly once per (slide_id, model_version): every write is a MERGE on the table's keys
-(``schemas.KEYS``) with ``when_matched_update_all`` + ``when_not_matched_insert_all`` and, for
-the slides being written, ``when_not_matched_by_source_delete`` (rows of those slides that a
-crashed earlier attempt left and this attempt does not produce). Re-writing a slide therefore
-converges to one clean write, whatever was committed before. We chose MERGE over
-``app_transactions`` because transaction ids dedupe whole commits, while a re-run batches
-different slides per commit; MERGE dedupes per row.
+Who writes what. The embedding tables (slides, regions, patches) are written as data files by
+the workers that compute the rows (``write_files``: one Parquet file per table per slide, see
+``files``); the driver only commits them (``commit``), from the files' metadata. ``failures``
+and ``runs`` hold one small row per slide or run and are MERGEd by the driver.
+
+Exactly once per (slide_id, model_version). A commit of a table is one transaction that adds
+the new files and removes every active file holding rows of the same (slide_id,
+model_version): files of a crashed attempt that got as far as this table, or of a concurrent
+job that embedded the same slide. Re-writing a slide therefore converges to one clean write,
+whatever was committed before. Each file holds one slide, so its statistics say exactly which
+key it holds and the removal is part of the same atomic commit. A file holding several slides
+(``optimize`` compacts them; tables written by care-scale before data files) is rewritten
+without those slides by a ``delete`` first. We chose replacing files over ``app_transactions``
+because transaction ids dedupe whole commits, while a re-run batches different slides per
+commit.
 
 Order: patches, then regions, then slides LAST; a slide is visible (and counted as done by
 ``completed_slide_ids``) only when its other rows are committed. One commit per table per call.
 
-Concurrency: deltalake detects conflicts and retries itself; when it gives up
-(``CommitFailedError``) we reload the table and redo the whole MERGE with jittered
-exponential back-off, so no rows are lost.
+Concurrency: every data-file commit is made at exactly the version it was planned on
+(``max_commit_retries=0``), so a concurrent writer's commit in between fails it with
+``CommitFailedError``; we then reload the table, plan the removals again (now seeing the other
+writer's files) and retry with jittered exponential back-off. Without that, deltalake would
+rebase a blind append over a concurrent append of the same slide and keep both. MERGEs
+(failures, runs) keep deltalake's own conflict resolution, retried the same way.
 
 S3: deltalake commits with conditional PUT. On AWS nothing is needed beyond credentials.
 S3-compatible servers (MinIO, moto, Ceph) need ``aws_conditional_put=etag`` (and
@@ -36,9 +47,14 @@ import pyarrow as pa
 from care_scale.exceptions import SchemaVersionError, TableError
 from care_scale.storage import join, redact, to_delta
 from care_scale.warehouse import schemas as S
+from care_scale.warehouse.files import DataFile, write_data_file
 from care_scale.warehouse.rows import FailureRow, SlideResult
 
 MAX_ATTEMPTS = 30
+# The tables whose rows workers write as data files, in commit order (slides last).
+FILE_TABLES = ("patches", "regions", "slides")
+_FILE_SCHEMAS = {"slides": S.slides_schema, "regions": S.regions_schema,
+                 "patches": S.patches_schema}
 
 
 def _ts(value: Any) -> datetime | None:
@@ -51,6 +67,56 @@ def _ts(value: Any) -> datetime | None:
 
 def _sql_str(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
+
+
+def _keys_predicate(keys: set[tuple[str, str]]) -> str:
+    by_version: dict[str, list[str]] = {}
+    for sid, mv in sorted(keys):
+        by_version.setdefault(mv, []).append(sid)
+    return " OR ".join(f"(model_version = {_sql_str(mv)} AND slide_id IN "
+                       f"({', '.join(map(_sql_str, ids))}))" for mv, ids in by_version.items())
+
+
+def result_dims(result: SlideResult) -> dict[str, int]:
+    """Embedding width of each table one slide's rows go to."""
+    dim = len(np.asarray(result.slide["slide_embedding"]).ravel())
+    dims = {"slides": dim, "regions": dim}
+    if result.patches is not None:
+        dims["patches"] = int(np.asarray(result.patches["feature"]).shape[1])
+    return dims
+
+
+def replaced_files(dt: Any, keys: set[tuple[str, str]]
+                   ) -> tuple[list[tuple[str, int]], list[str]]:
+    """Active files holding rows of ``keys`` ((slide_id, model_version) pairs), from their
+    statistics: ``exact`` files hold one of the keys and nothing else (path, size); ``loose``
+    files may hold one of them among other slides, or have no statistics."""
+    acts = pa.table(dt.get_add_actions(flatten=True))
+    if acts.num_rows == 0:
+        return [], []
+    cols = set(acts.column_names)
+
+    def col(name: str) -> list[Any]:
+        return acts.column(name).to_pylist() if name in cols else [None] * acts.num_rows
+
+    sids = sorted({s for s, _ in keys})
+    versions = {v for _, v in keys}
+    exact: list[tuple[str, int]] = []
+    loose: list[str] = []
+    for path, size, s0, s1, v0, v1 in zip(col("path"), col("size_bytes"), col("min.slide_id"),
+                                         col("max.slide_id"), col("min.model_version"),
+                                         col("max.model_version")):
+        if v0 is not None and v0 == v1 and v0 not in versions:
+            continue  # another model version's rows only
+        if s0 is not None and s0 == s1 and v0 is not None and v0 == v1:
+            if (s0, v0) in keys:
+                exact.append((path, int(size)))
+            continue
+        # A range (or no statistics): may hold one of the keys. Prefix comparison, because
+        # writers may truncate long string statistics.
+        if s0 is None or s1 is None or any(s0 <= s and s[:len(s1)] <= s1 for s in sids):
+            loose.append(path)
+    return exact, loose
 
 
 class Warehouse:
@@ -104,10 +170,10 @@ class Warehouse:
             self.open(name)
 
     def ensure_embedding_tables(self, dim: int, feature_dim: int | None = None) -> None:
-        self._create("slides", S.slides_schema(dim))
-        self._create("regions", S.regions_schema(dim))
+        for name in ("slides", "regions"):
+            self._create(name, _FILE_SCHEMAS[name](dim))
         if feature_dim is not None:
-            self._create("patches", S.patches_schema(feature_dim))
+            self._create("patches", _FILE_SCHEMAS["patches"](feature_dim))
 
     def read(self, name: str) -> pa.Table:
         dt = self.open(name)
@@ -213,32 +279,90 @@ class Warehouse:
             parts.append(pa.table(cols, schema=schema))
         return pa.concat_tables(parts) if parts else schema.empty_table()
 
-    # -- public writes --------------------------------------------------------------------
-    def write_results(self, results: list[SlideResult]) -> None:
-        """Commit patches (if kept), then regions, then slides last: one MERGE per table."""
-        if not results:
+    # -- data files (workers) ---------------------------------------------------------------
+    def _table_for(self, name: str, result: SlideResult, dim: int) -> pa.Table:
+        build = getattr(self, f"_{name}_table")  # _slides_table, _regions_table, ...
+        return build([result], dim)
+
+    def write_files(self, results: list[SlideResult]) -> list[DataFile]:
+        """Write each slide's rows as new data files (one per table; patches only if kept);
+        nothing is visible until ``commit``. Runs wherever the rows are (a worker)."""
+        files = []
+        for r in results:
+            dims = result_dims(r)
+            for name in FILE_TABLES:
+                if name == "patches" and r.patches is None:
+                    continue
+                files.append(self._write_file(name, r, dims[name]))
+        return files
+
+    def _write_file(self, name: str, result: SlideResult, dim: int) -> DataFile:
+        return write_data_file(self.table_uri(name), name, self._table_for(name, result, dim),
+                               slide_id=result.slide_id, model_version=result.model_version,
+                               storage_options=self.storage_options)
+
+    # -- commits (driver) -----------------------------------------------------------------
+    def commit(self, files: list[DataFile], *, dims: dict[str, int] | None = None) -> None:
+        """Commit data files: patches, then regions, then slides last, one commit per table.
+
+        ``dims``: embedding width per table, to create tables that do not exist yet (the
+        first write fixes a table's width).
+        """
+        by_table: dict[str, list[DataFile]] = {n: [] for n in FILE_TABLES}
+        for f in files:
+            by_table[f.table].append(f)
+        for name in FILE_TABLES:
+            if by_table[name]:
+                self._ensure_file_table(name, (dims or {}).get(name))
+                self.commit_files(name, by_table[name])
+
+    def _ensure_file_table(self, name: str, dim: int | None) -> None:
+        if self.open(name) is not None:
             return
-        dim = len(np.asarray(results[0].slide["slide_embedding"]).ravel())
-        with_patches = [r for r in results if r.patches is not None]
-        fdim = (np.asarray(with_patches[0].patches["feature"]).shape[1]
-                if with_patches else None)
-        self.ensure_embedding_tables(dim, fdim)
-        if with_patches:
-            self.write_patches(with_patches, fdim)
-        self.write_regions(results, dim)
-        self.write_slides(results, dim)
+        if dim is None:
+            raise TableError(name, f"no table at {redact(self.table_uri(name))} and no "
+                                   "embedding width to create it with")
+        self._create(name, _FILE_SCHEMAS[name](dim))
+
+    def commit_files(self, name: str, files: list[DataFile]) -> None:
+        """One transaction: add ``files`` and remove the active files they replace."""
+        from deltalake.transaction import CommitProperties, RemoveAction
+
+        keys = {(f.slide_id, f.model_version) for f in files}
+
+        def op() -> None:
+            dt = self.open(name)
+            exact, loose = replaced_files(dt, keys)
+            if loose:
+                # Files holding several slides: drop these slides' rows from them first (a
+                # separate commit; none of these slides is complete until its slides row).
+                dt.delete(_keys_predicate(keys))
+                dt = self.open(name)
+                exact, _ = replaced_files(dt, keys)
+            now = int(time.time() * 1000)
+            actions = [RemoveAction(p, True, now, size=size) for p, size in exact]
+            actions += [f.add_action() for f in files]
+            dt.create_write_transaction(
+                actions, "append", dt.schema(),
+                commit_properties=CommitProperties(max_commit_retries=0))
+
+        self._retry(name, op)
+
+    # -- in-process writes (tests, small tools): files and commit in one call ------------
+    def write_results(self, results: list[SlideResult]) -> None:
+        """Write and commit patches (if kept), then regions, then slides last."""
+        if results:
+            self.commit(self.write_files(results), dims=result_dims(results[0]))
 
     # The three steps are public so tests can simulate a crash between them.
     def write_patches(self, results: list[SlideResult], dim: int) -> None:
-        self._merge("patches", self._patches_table(results, dim),
-                    replace_slides=[(r.slide_id, r.model_version) for r in results])
+        self.commit_files("patches", [self._write_file("patches", r, dim) for r in results])
 
     def write_regions(self, results: list[SlideResult], dim: int) -> None:
-        self._merge("regions", self._regions_table(results, dim),
-                    replace_slides=[(r.slide_id, r.model_version) for r in results])
+        self.commit_files("regions", [self._write_file("regions", r, dim) for r in results])
 
     def write_slides(self, results: list[SlideResult], dim: int) -> None:
-        self._merge("slides", self._slides_table(results, dim))
+        self.commit_files("slides", [self._write_file("slides", r, dim) for r in results])
 
     def record_failures(self, failures: list[FailureRow]) -> None:
         if not failures:
@@ -280,9 +404,45 @@ class Warehouse:
 
     def vacuum(self, table: str | None = None, *, retention_hours: int = 168,
                dry_run: bool = False) -> dict[str, list[str]]:
-        return {n: self.open(n).vacuum(retention_hours=retention_hours, dry_run=dry_run,
-                                       enforce_retention_duration=retention_hours >= 168)
-                for n in self._existing(table)}
+        """Delete files no table version references and older than ``retention_hours``: files
+        replaced or compacted away, and data files of killed runs that never reached a commit
+        (``full``: the table folder is listed, not only the log). With ``table=None`` also the
+        job's feature shards under ``_staging`` that a killed run left behind (key
+        ``_staging``). Never vacuum with a short retention while a job writes: its files
+        wait for the next commit."""
+        out = {n: self.open(n).vacuum(retention_hours=retention_hours, dry_run=dry_run,
+                                      enforce_retention_duration=retention_hours >= 168,
+                                      full=True)
+               for n in self._existing(table)}
+        if table is None:
+            out["_staging"] = self._vacuum_staging(retention_hours, dry_run)
+        return out
+
+    def staging_uri(self, run_id: str) -> str:
+        """Scratch space of one run (patch-feature shards between the stages): under the
+        warehouse, so every node of a cluster reaches it; ``_`` keeps it out of the tables."""
+        return join(self.uri, "_staging", run_id)
+
+    def _vacuum_staging(self, retention_hours: int, dry_run: bool) -> list[str]:
+        import fsspec
+
+        from care_scale.storage import to_fsspec
+
+        root = join(self.uri, "_staging")
+        fs, _, (path,) = fsspec.get_fs_token_paths(
+            root, storage_options=to_fsspec(self.storage_options, root))
+        if not fs.exists(path):
+            return []
+        cutoff = time.time() - retention_hours * 3600
+        old = []
+        for f, info in fs.find(path, detail=True).items():
+            mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
+            ts = mtime.timestamp() if isinstance(mtime, datetime) else float(mtime or 0)
+            if ts <= cutoff:
+                old.append(f)
+        if old and not dry_run:
+            fs.rm(old)
+        return old
 
     def history(self, table: str | None = None, limit: int | None = None
                 ) -> dict[str, list[dict[str, Any]]]:

@@ -1,0 +1,234 @@
+"""What the job's driver costs per tile, before and after CARE and the table writes moved
+into Ray workers (issue 11), side by side in one run.
+
+    python benchmarks/bench_driver.py [--files 3 6] [--patches 10000] [--slides 8 16]
+                                      [--side 8192] [--before b3c9837] [--out DIR]
+
+Two workloads, each run by both designs, each run in a fresh driver process:
+
+- features: CONCH-sized patch features (768-d, ``--patches`` per file, written as CLAM/TRIDENT
+  .h5) into the paper-size CARE (``care``), ``--features``: the issue's measurement.
+- pixels: generated slides (``--side`` px squared) through decode, the tiny patch encoder and
+  ``care_tiny``: the regime of a GPU node, where decode and I/O dominate.
+
+"Before" is the code at ``--before`` (the last commit with CARE in the driver), checked out
+with ``git worktree`` and put first on ``PYTHONPATH`` of its runs; "after" is this checkout.
+
+Per run, in the driver process only (Ray's own processes are not the driver): CPU seconds
+(``time.process_time``, all threads) from the first block or slide the driver handles to the
+end of ``run_embedding``, i.e. the streaming phase plus the commits; the bytes it receives
+(block columns as the driver iterates them; for the new design also the pickled outcomes of
+the slide-encoder actors); end-to-end tiles/s. Each design runs two cohort sizes; the slope
+between them is the marginal driver CPU per tile, which excludes fixed costs (Ray start-up,
+model build). The projected ceiling of one driver is 1 / (marginal driver CPU per tile).
+Prints; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The last commit whose driver assembled features and ran CARE itself.
+BEFORE_REV = "b3c9837"
+
+CHILD = r"""
+import json, pickle, sys, time
+import numpy as np
+from care_scale.config import load_config
+from care_scale.embed import EmbedConfig, run_embedding
+from care_scale.embed import pipeline
+
+state = {"t0": None, "bytes": 0}
+
+def nbytes(batch):
+    n = 0
+    for v in batch.values():
+        v = np.asarray(v)
+        n += sum(len(str(x)) for x in v.ravel()) if v.dtype == object else v.nbytes
+    return n
+
+def mark():
+    if state["t0"] is None:
+        state["t0"] = time.process_time()
+
+C = pipeline._Collector
+orig_consume = C.consume
+def consume(self, batch):
+    mark()
+    state["bytes"] += nbytes(batch)
+    return orig_consume(self, batch)
+C.consume = consume
+if hasattr(C, "submit_feature_file"):
+    orig_submit = C.submit_feature_file
+    def submit_feature_file(self, src):
+        mark()
+        return orig_submit(self, src)
+    C.submit_feature_file = submit_feature_file
+try:
+    from care_scale.embed import slide_stage
+except ImportError:
+    slide_stage = None
+if slide_stage is not None:
+    S = slide_stage.SlideStage
+    for name in ("poll", "drain"):
+        def wrap(f):
+            def g(self):
+                out = f(self)
+                state["bytes"] += sum(len(pickle.dumps(o)) for o in out)
+                return out
+            return g
+        setattr(S, name, wrap(getattr(S, name)))
+
+cfg = load_config(EmbedConfig, None, json.loads(sys.argv[1]))
+w0 = time.perf_counter()
+summary = run_embedding(cfg)
+wall = time.perf_counter() - w0
+cpu = time.process_time() - (state["t0"] or 0.0)
+print("RESULT " + json.dumps({"tiles": summary.tiles, "done": summary.done,
+                              "failed": summary.failed, "cpu": cpu, "bytes": state["bytes"],
+                              "wall": wall}))
+"""
+
+
+def cpu_info() -> str:
+    flags = set()
+    model = "?"
+    with open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(wanted)}"
+
+
+def make_feature_files(out: Path, n: int, patches: int) -> Path:
+    import h5py
+    import numpy as np
+
+    d = out / f"features_{patches}"
+    d.mkdir(parents=True, exist_ok=True)
+    side = int(np.ceil(np.sqrt(patches)))
+    for i in range(n):
+        p = d / f"feat_{i}.h5"
+        if p.exists():
+            continue
+        rng = np.random.default_rng(i)
+        gy, gx = np.divmod(np.arange(patches), side)
+        coords = np.stack([gx, gy], 1).astype(np.int64) * 512
+        with h5py.File(p, "w") as fh:
+            fh["features"] = rng.standard_normal((patches, 768)).astype(np.float32)
+            fh["coords"] = coords
+            fh["coords"].attrs["patch_size_level0"] = 512
+    return d
+
+
+def subset(folder: Path, n: int, pattern: str) -> Path:
+    """A folder of symlinks to the first ``n`` files (each cohort size is its own source)."""
+    files = sorted(folder.glob(pattern))[:n]
+    d = folder.parent / f"{folder.name}_first{n}"
+    d.mkdir(exist_ok=True)
+    for f in files:
+        if not (d / f.name).exists():
+            os.symlink(f, d / f.name)
+    return d
+
+
+def run(code_root: Path, values: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code_root), "RAY_ADDRESS": "",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(values)], env=env,
+                          capture_output=True, text=True, cwd=str(code_root), check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def before_tree(rev: str, out: Path) -> Path:
+    tree = out / f"before-{rev}"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+                       check=True, capture_output=True)
+    return tree
+
+
+def report(name: str, design: str, runs: list[dict]) -> dict:
+    small, big = runs
+    dt = big["tiles"] - small["tiles"]
+    marginal = (big["cpu"] - small["cpu"]) / max(dt, 1)
+    per_tile = big["cpu"] / max(big["tiles"], 1)
+    line = {
+        "workload": name, "design": design, "tiles": big["tiles"],
+        "driver_cpu_s": round(big["cpu"], 2),
+        "driver_cpu_ms_per_1k_tiles": round(per_tile * 1e6, 1),
+        "marginal_cpu_ms_per_1k_tiles": round(marginal * 1e6, 1),
+        "bytes_per_tile": round(big["bytes"] / max(big["tiles"], 1), 1),
+        "tiles_per_s": round(big["tiles"] / big["wall"], 1),
+        "driver_ceiling_tiles_per_s": round(1 / marginal) if marginal > 0 else float("inf"),
+    }
+    print(f"  {name:8s} {design:6s}: {line['tiles']} tiles, driver {line['driver_cpu_s']} "
+          f"CPU-s = {line['driver_cpu_ms_per_1k_tiles']} CPU-ms per 1k tiles (marginal "
+          f"{line['marginal_cpu_ms_per_1k_tiles']}), {line['bytes_per_tile']} B/tile "
+          f"received, {line['tiles_per_s']} tiles/s end to end, one driver keeps up with "
+          f"~{line['driver_ceiling_tiles_per_s']} tiles/s", flush=True)
+    return line
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--files", type=int, nargs=2, default=[3, 6])
+    ap.add_argument("--patches", type=int, default=10_000)
+    ap.add_argument("--slides", type=int, nargs=2, default=[8, 16])
+    ap.add_argument("--side", type=int, default=8192)
+    ap.add_argument("--before", default=BEFORE_REV)
+    ap.add_argument("--skip-before", action="store_true")
+    ap.add_argument("--workloads", nargs="+", default=["features", "pixels"])
+    ap.add_argument("--out", default="/tmp/care-bench-driver")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {cpu_info()}; date {time.strftime('%Y-%m-%d')}")
+    designs = {"after": ROOT}
+    if not args.skip_before:
+        designs = {"before": before_tree(args.before, out), **designs}
+
+    common = {"progress": "none", "commit_every": 16, "num_cpus": 2,
+              "concurrency": {"decode_tasks": 1, "encoder_actors": 1, "torch_threads": 1}}
+    workloads = {}
+    if "features" in args.workloads:
+        feats = make_feature_files(out, max(args.files), args.patches)
+        workloads["features"] = ([subset(feats, n, "*.h5") for n in args.files],
+                                 {"features": True, "slide_encoder": {"name": "care"}})
+    if "pixels" in args.workloads:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from bench_embed import TINY_PATCH_ENCODER, make_slides
+
+        slides = make_slides(out / f"slides_{args.side}", max(args.slides), args.side)
+        workloads["pixels"] = ([subset(slides[0].parent, n, "*.tiff") for n in args.slides],
+                               {"patch_encoder": {"name": TINY_PATCH_ENCODER},
+                                "slide_encoder": {"name": "care_tiny",
+                                                  "overrides": {"in_dim": 64}}})
+    lines = []
+    for name, (sources, extra) in workloads.items():
+        print(f"{name}: cohorts of {[len(list(s.iterdir())) for s in sources]}")
+        for design, code in designs.items():
+            runs = []
+            for src in sources:
+                wh = out / f"wh-{name}-{design}-{src.name}-{time.time_ns()}"
+                runs.append(run(code, {**common, **extra, "source": str(src),
+                                       "warehouse": str(wh)}))
+            lines.append(report(name, design, runs))
+    print(json.dumps(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""The CARE stage of the embedding job: one slide's features reach one actor whole.
+
+How the features of a slide get there (the choice)
+--------------------------------------------------
+Patch-encoder batches mix tiles of several slides and run on any encoder actor, so a slide's
+features end up spread over many actors, while CARE needs all of them at once. The encoder
+actor therefore writes each batch's features as **shards**, one small Arrow IPC file per slide
+and batch under the run's staging folder in the warehouse (``<wh>/_staging/<run_id>/``, so
+every node of a cluster reaches it, local or ``s3://``), and passes on only a one-row
+description of each shard (slide, tile count, URI). The driver counts tiles per slide; when
+a slide's count is complete it hands the shard URIs to a :class:`SlideEncoderActor`, which
+reads them, runs CARE, writes the slide's rows as Parquet data files into the tables and
+returns their metadata (:class:`care_scale.warehouse.DataFile`). The driver commits.
+
+What the driver handles per slide: a few hundred bytes of shard descriptions per encoder
+batch, one actor call, the files' metadata. It receives no feature, no pixel, no row.
+
+Alternatives rejected:
+
+- CARE in the driver (before): 0.30 CPU-ms per tile with the paper-size CARE, the driver
+  received N x 768 float32 per slide and wrote every row: one driver capped a cluster near
+  3,000 tiles/s (issue 11's measurement; ``benchmarks/bench_driver.py`` now measures it again).
+- Grouping in Ray Data (``groupby("slide_id").map_groups``): an all-to-all exchange that
+  waits for the whole dataset, so nothing would stream, and memory would grow with the cohort.
+- Routing object references (the encoder ``ray.put``s features, the driver forwards refs):
+  the objects belong to the encoder actors, which Ray Data tears down as soon as the last
+  batch is encoded, taking the not-yet-read features with them; and a driver that only wants
+  to route a block must fetch it to learn which slides it holds.
+- Shards cost one small write per slide and batch and one read per slide (768 float32 per
+  tile: 3 KB, against 150 KB of pixels per 224 px tile that the encoder already read), and
+  they make the CARE stage independent of where the encoder ran.
+
+With precomputed features (``--features``) there is nothing to decode or encode: the actor
+reads the user's feature file itself, so Ray Data is not involved at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from care_scale.embed.config import EmbedConfig
+from care_scale.embed.results import (
+    STAGE_FEATURES,
+    STAGE_SLIDE_ENCODER,
+    RowContext,
+    build_result,
+    feature_file_meta,
+)
+from care_scale.exceptions import CareScaleError
+from care_scale.storage import join, redact
+
+# --------------------------------------------------------------------------------------------
+# Shards: written by the encoder actor, read by the slide-encoder actor
+# --------------------------------------------------------------------------------------------
+
+
+def shard_uri(staging: str, slide_id: str, start: int) -> str:
+    """Where the features of ``slide_id`` from tile ``start`` on are staged (ids hashed: a
+    slide id may hold characters a path must not)."""
+    key = hashlib.sha1(slide_id.encode()).hexdigest()[:16]
+    return join(staging, key, f"{start:09d}-{os.urandom(4).hex()}.arrow")
+
+
+def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    import fsspec
+
+    from care_scale.storage import to_fsspec
+
+    fs, _, (path,) = fsspec.get_fs_token_paths(uri, storage_options=to_fsspec(
+        storage_options, uri))
+    return fs, path
+
+
+def write_shard(uri: str, index: np.ndarray, coords: np.ndarray, tissue: np.ndarray,
+                features: np.ndarray, storage_options: dict[str, Any] | None) -> None:
+    import pyarrow as pa
+
+    feats = np.ascontiguousarray(features, np.float32)
+    table = pa.table({
+        "tile_index": pa.array(np.asarray(index, np.int64)),
+        "x": pa.array(np.asarray(coords[:, 0], np.int64)),
+        "y": pa.array(np.asarray(coords[:, 1], np.int64)),
+        "tissue_fraction": pa.array(np.asarray(tissue, np.float32)),
+        "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), feats.shape[1]),
+    })
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table)
+    fs, path = _fs(uri, storage_options)
+    if not fs.exists(os.path.dirname(path)):
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.pipe_file(path, sink.getvalue().to_pybytes())  # one PUT; local: one write
+
+
+def read_shards(uris: list[str], storage_options: dict[str, Any] | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coordinates, tissue fractions and features of one slide, in tile order."""
+    import pyarrow as pa
+
+    parts = []
+    for uri in uris:
+        fs, path = _fs(uri, storage_options)
+        parts.append(pa.ipc.open_file(pa.py_buffer(fs.cat_file(path))).read_all())
+    t = pa.concat_tables(parts)
+    order = np.argsort(t.column("tile_index").to_numpy(), kind="stable")
+    coords = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], 1)[order]
+    tissue = t.column("tissue_fraction").to_numpy()[order]
+    feat = t.column("feature").combine_chunks()
+    feats = feat.values.to_numpy().reshape(len(feat), -1)[order]
+    return coords, tissue, np.ascontiguousarray(feats, np.float32)
+
+
+def remove_uris(uris: list[str], storage_options: dict[str, Any] | None) -> None:
+    if not uris:
+        return
+    fs, _ = _fs(uris[0], storage_options)
+    fs.rm([_fs(u, storage_options)[1] for u in uris])
+
+
+def shard_batch(batch: dict[str, np.ndarray], staging: str,
+                storage_options: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """An encoded batch -> one shard file per slide in it, and one row per shard.
+
+    Rows with an error pass on as they are (no shard). Output columns: slide_id, n_tiles,
+    count, shard, meta (first shard of a slide only), backend, error_stage, error_type,
+    error_message.
+    """
+    sids = batch["slide_id"]
+    feats = batch["features"]
+    out: dict[str, list] = {k: [] for k in ("slide_id", "n_tiles", "count", "shard", "meta",
+                                            "backend", "error_stage", "error_type",
+                                            "error_message")}
+    for sid in dict.fromkeys(sids.tolist()):
+        sel = np.flatnonzero(sids == sid)
+        i = int(sel[0])
+        err = batch["error_type"][sel]
+        uri = ""
+        if (err == "").all():
+            start = int(batch["tile_index"][sel].min())
+            uri = shard_uri(staging, sid, start)
+            write_shard(uri, batch["tile_index"][sel], batch["coords"][sel],
+                        batch["tissue_fraction"][sel], feats[sel], storage_options)
+        else:
+            i = int(sel[np.flatnonzero(err != "")[0]])
+        out["slide_id"].append(sid)
+        out["n_tiles"].append(int(batch["n_tiles"][i]))
+        out["count"].append(len(sel) if uri else 0)
+        out["shard"].append(uri)
+        # The slide's metadata travels with its first shard only.
+        first = uri and int(batch["tile_index"][sel].min()) == 0
+        out["meta"].append(str(batch["meta"][i]) if first or not uri else "")
+        for k in ("backend", "error_stage", "error_type", "error_message"):
+            out[k].append(str(batch[k][i]))
+    cols = {k: np.array(v, dtype=object) for k, v in out.items()}
+    cols["n_tiles"] = np.asarray(out["n_tiles"], np.int64)
+    cols["count"] = np.asarray(out["count"], np.int64)
+    return cols
+
+
+# --------------------------------------------------------------------------------------------
+# The actor
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """What a slide-encoder actor returns for one slide (all of it small)."""
+
+    slide_id: str
+    files: list[Any] = field(default_factory=list)  # DataFile
+    dims: dict[str, int] = field(default_factory=dict)
+    tiles: int = 0
+    error: tuple[str, str, str] | None = None  # stage, exception class, message
+
+
+def create_slide_encoder(config: EmbedConfig) -> Any:
+    """CARE as the config names it (checkpoint or seeded random weights), in eval mode."""
+    from care_scale.models import create_slide_encoder as _create
+
+    model = _create(
+        config.slide_encoder.name,
+        config.slide_encoder.checkpoint,
+        storage_options=config.storage_options or None,
+        **config.slide_encoder.overrides,
+    )
+    return model.eval()
+
+
+class SlideEncoderActor:
+    """Holds CARE (loaded once) and writes each slide's rows as data files."""
+
+    def __init__(self, config: EmbedConfig, ctx: RowContext):
+        import torch
+
+        from care_scale.warehouse import Warehouse
+
+        torch.set_num_threads(max(1, config.concurrency.slide_encoder_threads))
+        self.config, self.ctx = config, ctx
+        self.care = create_slide_encoder(config)
+        self.opts = config.storage_options or None
+        self.wh = Warehouse(config.warehouse, storage_options=self.opts)
+
+    def encode_shards(self, src_row: dict[str, Any], meta: dict[str, Any], shards: list[str],
+                      backend: str) -> Outcome:
+        """CARE on one slide whose features lie in ``shards``; the shards are removed."""
+        try:
+            coords, tissue, feats = read_shards(shards, self.opts)
+        except (OSError, ValueError) as exc:
+            msg = f"reading staged features: {redact(exc)[:2000]}"
+            return Outcome(src_row["slide_id"],
+                           error=(STAGE_SLIDE_ENCODER, type(exc).__name__, msg))
+        out = self._encode(src_row, meta, coords, tissue, feats, backend, STAGE_SLIDE_ENCODER)
+        try:
+            remove_uris(shards, self.opts)
+        except OSError:
+            pass  # left for `care-scale tables vacuum` (staging)
+        return out
+
+    def encode_feature_file(self, src_row: dict[str, Any]) -> Outcome:
+        """CARE on a precomputed patch-feature file (.h5 / .parquet / CARE .npy)."""
+        from care_scale.models import coords_to_grid, read_patch_features
+
+        try:
+            pf = read_patch_features(src_row["uri"], storage_options=self.opts)
+            if len(pf.features) == 0:
+                from care_scale.exceptions import FeatureFileError
+
+                raise FeatureFileError(f"{redact(src_row['uri'])}: holds no patch features")
+            _, step = coords_to_grid(pf.coords, pf.patch_size_level0)
+            coords = np.asarray(pf.coords, np.int64)
+            meta = feature_file_meta(src_row, coords, pf.patch_size_level0, step,
+                                     self.config.target_mpp)
+            feats = np.asarray(pf.features, np.float32)
+        except (CareScaleError, OSError, ValueError, KeyError) as exc:
+            return Outcome(src_row["slide_id"], error=(STAGE_FEATURES, type(exc).__name__,
+                                                       redact(exc)[:2000]))
+        return self._encode(src_row, meta, coords, np.ones(len(coords), np.float32), feats,
+                            "features", STAGE_SLIDE_ENCODER)
+
+    def _encode(self, src_row, meta, coords, tissue, feats, backend, stage) -> Outcome:
+        from care_scale.embed.sources import SlideSource
+        from care_scale.warehouse.writer import result_dims
+
+        sid = src_row["slide_id"]
+        try:
+            result = build_result(self.care, self.ctx, SlideSource.from_row(src_row), meta,
+                                  coords, tissue, feats, backend=backend)
+            files = self.wh.write_files([result])
+        except (CareScaleError, OSError) as exc:
+            return Outcome(sid, error=(stage, type(exc).__name__, redact(exc)[:2000]))
+        return Outcome(sid, files=files, dims=result_dims(result), tiles=len(coords))
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side: the actor pool
+# --------------------------------------------------------------------------------------------
+
+
+class SlideStage:
+    """A fixed pool of :class:`SlideEncoderActor` with a bounded queue per actor.
+
+    ``submit`` blocks while every actor has ``max_in_flight`` slides queued, which
+    back-pressures the driver's pull from Ray Data (and so the whole stream) when CARE is
+    the slowest stage. Outcomes come back from :meth:`poll` in completion order.
+    """
+
+    def __init__(self, config: EmbedConfig, ctx: RowContext, *, max_in_flight: int = 2):
+        import ray
+
+        c = config.concurrency
+        opts: dict[str, Any] = {"num_cpus": c.num_cpus_per_slide_actor,
+                                "num_gpus": c.num_gpus_per_slide_actor,
+                                # A crashed actor restarts; the slide it held is retried once.
+                                "max_restarts": 2, "max_task_retries": 1}
+        if c.slide_encoder_resources:
+            opts["resources"] = dict(c.slide_encoder_resources)
+        cls = ray.remote(SlideEncoderActor).options(**opts)
+        self.actors = [cls.remote(config, ctx) for _ in range(c.slide_encoder_actors)]
+        self.max_in_flight = max_in_flight
+        self.in_flight: dict[Any, tuple[str, int]] = {}  # ref -> (slide_id, actor index)
+        self.load = [0] * len(self.actors)
+        self.done: deque[Outcome] = deque()
+
+    def submit(self, method: str, slide_id: str, *args: Any) -> None:
+        while min(self.load) >= self.max_in_flight:
+            self._wait(timeout=None)
+        i = int(np.argmin(self.load))
+        ref = getattr(self.actors[i], method).remote(*args)
+        self.in_flight[ref] = (slide_id, i)
+        self.load[i] += 1
+
+    def _wait(self, timeout: float | None) -> None:
+        """Collect finished calls: at least one (``timeout=None``), or whatever is ready."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        if not self.in_flight:
+            return
+        refs = list(self.in_flight)
+        ready, _ = ray.wait(refs, num_returns=1 if timeout is None else len(refs),
+                            timeout=timeout)
+        for ref in ready:
+            sid, i = self.in_flight.pop(ref)
+            self.load[i] -= 1
+            try:
+                self.done.append(ray.get(ref))
+            except (RayActorError, RayTaskError) as exc:
+                self.done.append(Outcome(sid, error=(
+                    STAGE_SLIDE_ENCODER, "WorkerCrashedError",
+                    f"the slide-encoder actor failed on this slide: {redact(exc)[:1500]}")))
+
+    def poll(self) -> list[Outcome]:
+        """Outcomes finished so far (does not wait)."""
+        self._wait(timeout=0)
+        out = list(self.done)
+        self.done.clear()
+        return out
+
+    def drain(self) -> list[Outcome]:
+        """Wait for every submitted slide."""
+        while self.in_flight:
+            self._wait(timeout=None)
+        out = list(self.done)
+        self.done.clear()
+        return out
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+
+def parse_meta(raw: str) -> dict[str, Any]:
+    return json.loads(raw) if raw else {}
+
+
+__all__ = ["Outcome", "SlideEncoderActor", "SlideStage", "read_shards", "shard_batch",
+           "write_shard"]
