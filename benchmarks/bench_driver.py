@@ -97,6 +97,32 @@ print("RESULT " + json.dumps({"tiles": summary.tiles, "done": summary.done,
 """
 
 
+# Cohort size: a manifest of N rows (all pointing at one small real slide, under N ids) is
+# listed, anti-joined and planned; the run stops when the first block reaches the driver.
+CHILD_PLAN = r"""
+import json, resource, sys, time
+from care_scale.config import load_config
+from care_scale.embed import EmbedConfig, run_embedding
+from care_scale.embed import pipeline
+
+class FirstBlock(Exception):
+    pass
+
+t0 = time.perf_counter()
+def consume(self, batch):
+    raise FirstBlock(time.perf_counter() - t0)
+pipeline._Collector.consume = consume
+cfg = load_config(EmbedConfig, None, json.loads(sys.argv[1]))
+try:
+    run_embedding(cfg)
+    first = None
+except FirstBlock as exc:
+    first = exc.args[0]
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("RESULT " + json.dumps({"first_block_s": first, "peak_rss_mib": rss}))
+"""
+
+
 def cpu_info() -> str:
     flags = set()
     model = "?"
@@ -142,10 +168,10 @@ def subset(folder: Path, n: int, pattern: str) -> Path:
     return d
 
 
-def run(code_root: Path, values: dict) -> dict:
+def run(code_root: Path, values: dict, child: str = CHILD) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code_root), "RAY_ADDRESS": "",
            "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(values)], env=env,
+    proc = subprocess.run([sys.executable, "-c", child, json.dumps(values)], env=env,
                           capture_output=True, text=True, cwd=str(code_root), check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -191,7 +217,10 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=8192)
     ap.add_argument("--before", default=BEFORE_REV)
     ap.add_argument("--skip-before", action="store_true")
-    ap.add_argument("--workloads", nargs="+", default=["features", "pixels"])
+    ap.add_argument("--workloads", nargs="+", default=["features", "pixels", "manifest"])
+    ap.add_argument("--manifest-rows", type=int, nargs="+", default=[1000, 10_000, 100_000])
+    ap.add_argument("--encode-batch-size", type=int, default=64)
+    ap.add_argument("--decode-batch-size", type=int, default=64)
     ap.add_argument("--out", default="/tmp/care-bench-driver")
     args = ap.parse_args()
     out = Path(args.out)
@@ -202,6 +231,8 @@ def main() -> None:
         designs = {"before": before_tree(args.before, out), **designs}
 
     common = {"progress": "none", "commit_every": 16, "num_cpus": 2,
+              "encode_batch_size": args.encode_batch_size,
+              "decode_batch_size": args.decode_batch_size,
               "concurrency": {"decode_tasks": 1, "encoder_actors": 1, "torch_threads": 1}}
     workloads = {}
     if "features" in args.workloads:
@@ -227,7 +258,33 @@ def main() -> None:
                 runs.append(run(code, {**common, **extra, "source": str(src),
                                        "warehouse": str(wh)}))
             lines.append(report(name, design, runs))
+    if "manifest" in args.workloads:
+        lines += manifest_sizes(designs, out, args.manifest_rows, common)
     print(json.dumps(lines))
+
+
+def manifest_sizes(designs: dict, out: Path, sizes: list[int], common: dict) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_embed import TINY_PATCH_ENCODER, make_slides
+
+    slide = make_slides(out / "slides_manifest", 1, 2048)[0]
+    lines = []
+    for n in sizes:
+        manifest = out / f"manifest_{n}.csv"
+        if not manifest.exists():
+            manifest.write_text("uri,slide_id,site\n" + "".join(
+                f"{slide},s{i:07d},site{i % 7}\n" for i in range(n)))
+        for design, code in designs.items():
+            res = run(code, {**common, "source": str(manifest), "patch_encoder": {
+                "name": TINY_PATCH_ENCODER}, "slide_encoder": {
+                "name": "care_tiny", "overrides": {"in_dim": 64}},
+                "warehouse": str(out / f"wh-manifest-{design}-{n}-{time.time_ns()}")},
+                child=CHILD_PLAN)
+            print(f"  manifest {n:>7} rows {design:6s}: first block at the driver after "
+                  f"{res['first_block_s']:.1f} s, driver peak RSS {res['peak_rss_mib']:.0f} MiB",
+                  flush=True)
+            lines.append({"workload": "manifest", "rows": n, "design": design, **res})
+    return lines
 
 
 if __name__ == "__main__":

@@ -100,3 +100,30 @@ def test_s3_roundtrip_and_concurrent_writers(s3_options, s3_bucket):
     ids = wh.completed_slide_ids("care_tiny-abc")
     assert ids == {"first"} | {f"w{p}_{i}" for p in range(4) for i in range(2)}
     assert wh.read("regions").num_rows == 3 * 9
+
+
+def test_uncommitted_files_invisible_and_vacuumed(tmp_path):
+    """Data files a killed run wrote but never committed are in no table version: readers
+    never see them, a re-run replaces nothing of them, and vacuum (full listing) deletes them,
+    as it deletes the run's leftover staging shards."""
+    import os
+
+    wh = Warehouse(str(tmp_path / "wh"))
+    wh.write_results([fake_result("s0", seed=0)])
+    before = {n: _sorted(wh, n) for n in ("slides", "regions", "patches")}
+    orphans = wh.write_files([fake_result("s1", seed=1)])  # the driver died before commit
+    assert all(os.path.exists(tmp_path / "wh" / f.table / f.path) for f in orphans)
+    assert {n: _sorted(wh, n) for n in before} == before
+    assert wh.completed_slide_ids("care_tiny-abc") == {"s0"}
+    staging = tmp_path / "wh" / "_staging" / "run-killed" / "abc"
+    staging.mkdir(parents=True)
+    (staging / "000000000-0000.arrow").write_bytes(b"shard")
+
+    kept = wh.vacuum(retention_hours=168)  # young files are kept
+    assert set(kept) == {*before, "_staging"} and not any(kept.values())
+    removed = wh.vacuum(retention_hours=0)
+    assert sorted(removed["patches"] + removed["regions"] + removed["slides"]) == sorted(
+        f.path for f in orphans)
+    assert len(removed["_staging"]) == 1 and not any(staging.iterdir())
+    assert not any(os.path.exists(tmp_path / "wh" / f.table / f.path) for f in orphans)
+    assert {n: _sorted(wh, n) for n in before} == before

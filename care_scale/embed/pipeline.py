@@ -394,6 +394,25 @@ def _ensure_ray(config: EmbedConfig) -> bool:
     return True
 
 
+# At most this many slides share one input block (one decode task handles them in turn).
+MAX_SLIDES_PER_BLOCK = 16
+
+
+def _source_blocks(todo: list[SlideSource], decode_tasks: int) -> list[Any]:
+    """The job's input as Arrow blocks of a few slides each.
+
+    One block per slide would mean one object-store put and one block of scheduler state
+    per slide up front (minutes and GBs for 100,000 slides); one block for all would mean
+    one decode task. Small cohorts keep one slide per block (full decode parallelism);
+    large ones group up to ``MAX_SLIDES_PER_BLOCK`` slides, still >= 4 blocks per task.
+    """
+    import pyarrow as pa
+
+    per = max(1, min(MAX_SLIDES_PER_BLOCK, len(todo) // (4 * max(1, decode_tasks))))
+    return [pa.table({"source": [json.dumps(s.to_row()) for s in todo[i:i + per]]})
+            for i in range(0, len(todo), per)]
+
+
 def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
                   local_export: str | None = None) -> Any:
     """The Ray Data pipeline (lazy): decode tasks, then the encoder actors, whose output is one
@@ -419,8 +438,7 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
         ctx.execution_options.exclude_resources = ray.data.ExecutionResources(
             cpu=c.slide_encoder_actors * c.num_cpus_per_slide_actor,
             gpu=c.slide_encoder_actors * c.num_gpus_per_slide_actor)
-    rows = [{"source": json.dumps(s.to_row())} for s in todo]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, len(rows)))
+    ds = ray.data.from_arrow(_source_blocks(todo, c.decode_tasks))
     params = {"config": config}
     ds = ds.map_batches(
         decode_slides, batch_size=1, fn_kwargs={"params": params},
