@@ -177,8 +177,8 @@ def job_model_version(config: EmbedConfig, care_version: str, patch_version: str
 # --------------------------------------------------------------------------------------------
 
 
-def _failure_batch(row: dict[str, Any], stage: str, exc: BaseException, patch_size: int,
-                   *, pixels: bool = True) -> dict[str, np.ndarray]:
+def _failure_batch(row: dict[str, Any], stage: str, exc: BaseException,
+                   patch_size: int) -> dict[str, np.ndarray]:
     """One stream row saying "this slide failed at ``stage``" (no tiles)."""
     out = _columns(
         slide_id=row["slide_id"], n_tiles=0, start=0, coords=np.zeros((1, 2), np.int64),
@@ -187,8 +187,7 @@ def _failure_batch(row: dict[str, Any], stage: str, exc: BaseException, patch_si
     out["error_stage"] = np.array([stage], dtype=object)
     out["error_type"] = np.array([type(exc).__name__], dtype=object)
     out["error_message"] = np.array([redact(exc)[:2000]], dtype=object)
-    if pixels:
-        out["tiles"] = np.zeros((1, patch_size, patch_size, 3), np.uint8)
+    out["tiles"] = np.zeros((1, patch_size, patch_size, 3), np.uint8)
     return out
 
 
