@@ -5,7 +5,7 @@ Design (why it looks like this)
 ::
 
     driver: list sources, anti-join with warehouse.completed_slide_ids(model_version)
-      |  ray.data.from_items(one row per slide)
+      |  ray.data.from_arrow(blocks of up to 16 slide rows)
       v
     map_batches(decode_slides)       CPU tasks (concurrency.decode_tasks): stage, open, tissue
       |                              mask, tile grid, batched decode; a generator yielding
@@ -336,21 +336,23 @@ class PatchEncoder:
                 feats[ok] = self.backend(np.ascontiguousarray(tiles[ok]))
             except (CareScaleError, RuntimeError, ValueError) as exc:
                 # The batch mixes slides; fail each of them rather than the job.
-                msg = redact(exc)[:2000]
-                batch["error_stage"] = np.where(ok, STAGE_ENCODE, batch["error_stage"])
-                batch["error_type"] = np.where(ok, type(exc).__name__, batch["error_type"])
-                batch["error_message"] = np.where(ok, msg, batch["error_message"])
-                batch["n_tiles"] = np.where(ok, 0, batch["n_tiles"])
+                _fail_rows(batch, ok, exc)
         batch["features"] = feats
         batch["backend"] = np.array([self.kind] * len(feats), dtype=object)
         try:
             return shard_batch(batch, self.staging, self.storage_options)
         except OSError as exc:  # staging storage unreachable: these slides fail, not the job
-            batch["error_stage"] = np.where(ok, STAGE_ENCODE, batch["error_stage"])
-            batch["error_type"] = np.where(ok, type(exc).__name__, batch["error_type"])
-            batch["error_message"] = np.where(ok, f"staging features: {redact(exc)[:1900]}",
-                                              batch["error_message"])
+            _fail_rows(batch, ok, exc, "staging features: ")
             return shard_batch(batch, self.staging, self.storage_options)
+
+
+def _fail_rows(batch: dict[str, np.ndarray], ok: np.ndarray, exc: BaseException,
+               prefix: str = "") -> None:
+    """Mark the ``ok`` rows of an encoder batch as failed at the encode stage."""
+    batch["error_stage"] = np.where(ok, STAGE_ENCODE, batch["error_stage"])
+    batch["error_type"] = np.where(ok, type(exc).__name__, batch["error_type"])
+    batch["error_message"] = np.where(ok, prefix + redact(exc)[:2000], batch["error_message"])
+    batch["n_tiles"] = np.where(ok, 0, batch["n_tiles"])
 
 
 # --------------------------------------------------------------------------------------------
