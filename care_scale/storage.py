@@ -120,6 +120,15 @@ def to_delta(options: dict[str, Any] | None, uri: str | None = None) -> dict[str
     return out
 
 
+def url_to_fs(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """The fsspec filesystem and path of ``uri`` (local path, ``file://`` or a remote URI),
+    with the user's storage options translated for it."""
+    import fsspec
+
+    uri = strip_file_scheme(str(uri))
+    return fsspec.core.url_to_fs(uri, **to_fsspec(storage_options, uri))
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI/path segments with ``/`` (works for local paths and fsspec URIs)."""
     out = str(base).rstrip("/")

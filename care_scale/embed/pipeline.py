@@ -550,13 +550,10 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
 def _remove_staging(staging: str, config: EmbedConfig) -> None:
     """The run's own scratch folder: shards of slides that failed mid-way (the rest were
     removed as they were read). A killed run leaves it for ``tables vacuum``."""
-    import fsspec
-
-    from care_scale.storage import to_fsspec
+    from care_scale.storage import url_to_fs
 
     try:
-        fs, _, (path,) = fsspec.get_fs_token_paths(
-            staging, storage_options=to_fsspec(config.storage_options or None, staging))
+        fs, path = url_to_fs(staging, config.storage_options or None)
         if fs.exists(path):
             fs.rm(path, recursive=True)
     except OSError as exc:

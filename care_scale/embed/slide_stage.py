@@ -37,7 +37,6 @@ reads the user's feature file itself, so Ray Data is not involved at all.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,7 +53,7 @@ from care_scale.embed.results import (
     feature_file_meta,
 )
 from care_scale.exceptions import CareScaleError
-from care_scale.storage import join, redact
+from care_scale.storage import is_remote, join, redact, url_to_fs
 
 # --------------------------------------------------------------------------------------------
 # Shards: written by the encoder actor, read by the slide-encoder actor
@@ -66,16 +65,6 @@ def shard_uri(staging: str, slide_id: str, start: int) -> str:
     slide id may hold characters a path must not)."""
     key = hashlib.sha1(slide_id.encode()).hexdigest()[:16]
     return join(staging, key, f"{start:09d}-{os.urandom(4).hex()}.arrow")
-
-
-def _fs(uri: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
-    import fsspec
-
-    from care_scale.storage import to_fsspec
-
-    fs, _, (path,) = fsspec.get_fs_token_paths(uri, storage_options=to_fsspec(
-        storage_options, uri))
-    return fs, path
 
 
 def write_shard(uri: str, index: np.ndarray, coords: np.ndarray, tissue: np.ndarray,
@@ -93,9 +82,9 @@ def write_shard(uri: str, index: np.ndarray, coords: np.ndarray, tissue: np.ndar
     sink = pa.BufferOutputStream()
     with pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
-    fs, path = _fs(uri, storage_options)
-    if not fs.exists(os.path.dirname(path)):
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs, path = url_to_fs(uri, storage_options)
+    if not is_remote(uri):  # object stores have no folders to make
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     fs.pipe_file(path, sink.getvalue().to_pybytes())  # one PUT; local: one write
 
 
@@ -106,7 +95,7 @@ def read_shards(uris: list[str], storage_options: dict[str, Any] | None
 
     parts = []
     for uri in uris:
-        fs, path = _fs(uri, storage_options)
+        fs, path = url_to_fs(uri, storage_options)
         parts.append(pa.ipc.open_file(pa.py_buffer(fs.cat_file(path))).read_all())
     t = pa.concat_tables(parts)
     order = np.argsort(t.column("tile_index").to_numpy(), kind="stable")
@@ -120,8 +109,8 @@ def read_shards(uris: list[str], storage_options: dict[str, Any] | None
 def remove_uris(uris: list[str], storage_options: dict[str, Any] | None) -> None:
     if not uris:
         return
-    fs, _ = _fs(uris[0], storage_options)
-    fs.rm([_fs(u, storage_options)[1] for u in uris])
+    fs, _ = url_to_fs(uris[0], storage_options)
+    fs.rm([url_to_fs(u, storage_options)[1] for u in uris])
 
 
 def shard_batch(batch: dict[str, np.ndarray], staging: str,
@@ -336,10 +325,6 @@ class SlideStage:
 
         for a in self.actors:
             ray.kill(a)
-
-
-def parse_meta(raw: str) -> dict[str, Any]:
-    return json.loads(raw) if raw else {}
 
 
 __all__ = ["Outcome", "SlideEncoderActor", "SlideStage", "read_shards", "shard_batch",

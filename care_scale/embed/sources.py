@@ -29,7 +29,7 @@ from typing import Any
 
 from care_scale.exceptions import ConfigError
 from care_scale.slides import SLIDE_EXTENSIONS as _SLIDE_EXTENSIONS
-from care_scale.storage import is_remote, redact, strip_file_scheme, to_fsspec
+from care_scale.storage import is_remote, redact, strip_file_scheme, url_to_fs
 
 SLIDE_EXTENSIONS = tuple(sorted(_SLIDE_EXTENSIONS))  # defined once, by the slide layer
 FEATURE_EXTENSIONS = (".h5", ".hdf5", ".parquet", ".npy")
@@ -81,13 +81,6 @@ def stem(uri: str) -> str:
     return root or name
 
 
-def _fs(uri: str, storage_options: dict[str, Any] | None):
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(strip_file_scheme(uri), **to_fsspec(storage_options, uri))
-    return fs, path
-
-
 def _full_uri(fs: Any, path: str, like: str) -> str:
     """Give a listed path back its scheme (fsspec strips ``s3://``)."""
     if is_remote(like):
@@ -121,7 +114,7 @@ def list_sources(
     extensions = FEATURE_EXTENSIONS if features else SLIDE_EXTENSIONS
     if is_manifest(source) and (not features or _looks_like_manifest(source, storage_options)):
         return read_manifest(source, features=features, storage_options=storage_options)
-    fs, path = _fs(source, storage_options)
+    fs, path = url_to_fs(source, storage_options)
     if any(c in source for c in _GLOB_CHARS):
         root = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
         root = root if root.endswith("/") else posixpath.dirname(root)
@@ -192,7 +185,7 @@ def _looks_like_manifest(uri: str, storage_options: dict[str, Any] | None) -> bo
         return True
     import pyarrow.parquet as pq
 
-    fs, path = _fs(uri, storage_options)
+    fs, path = url_to_fs(uri, storage_options)
     try:
         with fs.open(path, "rb") as fh:
             names = pq.read_schema(fh).names
@@ -205,7 +198,7 @@ def _read_table(uri: str, storage_options: dict[str, Any] | None) -> list[dict[s
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, path = _fs(uri, storage_options)
+    fs, path = url_to_fs(uri, storage_options)
     if not fs.exists(path):
         raise ConfigError(f"manifest {redact(uri)} does not exist")
     try:

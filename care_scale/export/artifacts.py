@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from care_scale.exceptions import ExportError, StorageError
-from care_scale.storage import is_remote, join, redact, strip_file_scheme, to_fsspec, write_text
+from care_scale.storage import is_remote, join, redact, strip_file_scheme, url_to_fs, write_text
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -120,10 +120,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def _fs(uri: str, storage_options: dict[str, Any] | None):
-    import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **to_fsspec(storage_options, uri))
+        fs, path = url_to_fs(uri, storage_options)
     except (ImportError, ValueError) as exc:
         raise StorageError(f"{redact(uri)}: cannot open filesystem ({exc})") from exc
     return fs, path

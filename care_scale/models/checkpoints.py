@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from care_scale.exceptions import CheckpointError, UnsafeCheckpointError
-from care_scale.storage import join, redact, strip_file_scheme, to_fsspec
+from care_scale.storage import join, redact, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,6 @@ _METADATA_KEY = "care_scale_config"
 class LoadReport:
     missing: list[str]
     unexpected: list[str]
-
-
-def _fs(uri: str, storage_options: dict[str, Any] | None):
-    import fsspec
-
-    uri = strip_file_scheme(str(uri))
-    return fsspec.core.url_to_fs(uri, **to_fsspec(storage_options, uri))
 
 
 def _read_bytes(fs, path: str, uri: str) -> bytes:
@@ -127,7 +120,7 @@ def resolve_weights(
 
     ``config`` is the parsed ``config.json`` (or safetensors metadata) or ``None``.
     """
-    fs, path = _fs(uri, storage_options)
+    fs, path = url_to_fs(uri, storage_options)
     lower = path.lower()
     if lower.endswith(".safetensors"):
         return _load_safetensors(_read_bytes(fs, path, uri), uri)
@@ -208,7 +201,7 @@ def save_checkpoint(model: nn.Module, uri: str, *,
            "model_version": model_version(model)}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     data = st_save(state, metadata={_METADATA_KEY: json.dumps(doc, sort_keys=True)})
-    fs, path = _fs(uri, storage_options)
+    fs, path = url_to_fs(uri, storage_options)
     try:
         fs.makedirs(path, exist_ok=True)
         with fs.open(join(path, WEIGHTS_FILE), "wb") as f:

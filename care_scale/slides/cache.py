@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from care_scale.exceptions import SlideNotFoundError, StorageError
-from care_scale.storage import redact, strip_file_scheme, to_fsspec, write_text
+from care_scale.storage import redact, strip_file_scheme, url_to_fs, write_text
 
 _MIB = 1 << 20
 
@@ -44,14 +44,13 @@ class CacheEntry:
 
 
 def _filesystem(uri: str, storage_options: dict[str, Any] | None):
-    import fsspec
 
     if "@" in urlsplit(uri).netloc:
         # Refused before any library sees it: they would log or echo the secret part.
         raise StorageError(f"{redact(uri)}: credentials inside the URI are not accepted; pass "
                            "them as storage options or via the standard AWS chain")
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **to_fsspec(storage_options, uri))
+        fs, path = url_to_fs(uri, storage_options)
     except (ValueError, ImportError) as exc:
         raise StorageError(f"{redact(uri)}: cannot open filesystem ({redact(exc)})") from None
     # A fresh instance per call would be cheap, but fsspec caches instances anyway.

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from care_scale.exceptions import TrainingDataError
-from care_scale.storage import redact
+from care_scale.storage import redact, url_to_fs
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,14 @@ class SlideFeatures:
 
 def _expand_uris(uris: list[str], storage_options: dict[str, Any] | None) -> list[str]:
     """Directories and glob patterns -> sorted feature-file URIs."""
-    import fsspec
 
-    from care_scale.storage import is_remote, to_fsspec
+    from care_scale.storage import is_remote
 
     out: list[str] = []
     exts = (".h5", ".hdf5", ".parquet", ".npy")
     for uri in uris:
         if is_remote(uri):
-            fs, path = fsspec.core.url_to_fs(uri, **to_fsspec(storage_options, uri))
+            fs, path = url_to_fs(uri, storage_options)
             proto = uri.split("://", 1)[0]
             matches = fs.glob(path) if any(c in path for c in "*?[") else (
                 fs.find(path) if fs.isdir(path) else [path])

@@ -38,7 +38,15 @@ import torch
 
 from care_scale.config import from_dict, to_dict
 from care_scale.exceptions import CareScaleError, CheckpointError, ConfigError
-from care_scale.storage import is_remote, join, redact, strip_file_scheme, to_fsspec, write_text
+from care_scale.storage import (
+    is_remote,
+    join,
+    redact,
+    strip_file_scheme,
+    to_fsspec,
+    url_to_fs,
+    write_text,
+)
 from care_scale.training.config import Stage1Config, Stage2Config
 
 log = logging.getLogger(__name__)
@@ -269,10 +277,9 @@ def prune_checkpoints(uri_dir: str, storage_options: dict[str, Any] | None = Non
     directories. Only called after ``fit`` returned, so nothing is being written; what the
     snapshot lists (the last ``keep_last``) is kept. Returns the deleted directory names.
     """
-    import fsspec
 
     snap_uri = join(uri_dir, "checkpoint_manager_snapshot.json")
-    fs, root = fsspec.core.url_to_fs(uri_dir, **to_fsspec(storage_options, uri_dir))
+    fs, root = url_to_fs(uri_dir, storage_options)
     try:
         with fs.open(f"{root.rstrip('/')}/checkpoint_manager_snapshot.json") as fh:
             snap = json.load(fh)

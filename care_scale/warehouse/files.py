@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from care_scale.storage import is_remote, join, strip_file_scheme, to_fsspec
+from care_scale.storage import is_remote, join, strip_file_scheme, url_to_fs
 
 # Columns whose min/max go into the Delta statistics: the keys readers filter on (data
 # skipping in DuckDB, Spark and deltalake) and that replacement matches on.
@@ -75,14 +75,11 @@ def write_data_file(table_uri: str, name: str, data: pa.Table, *, slide_id: str,
     rel = f"part-{time.strftime('%Y%m%d')}-{uuid.uuid4().hex}.zstd.parquet"
     uri = join(table_uri, rel)
     if is_remote(uri):
-        import fsspec
-
         # Serialised in memory, then one PUT: the size is known without a HEAD request.
         buf = pa.BufferOutputStream()
         pq.write_table(data, buf, compression="zstd")
         body = buf.getvalue().to_pybytes()
-        fs, _, (path,) = fsspec.get_fs_token_paths(uri, storage_options=to_fsspec(
-            storage_options, uri))
+        fs, path = url_to_fs(uri, storage_options)
         fs.pipe_file(path, body)
         size = len(body)
     else:

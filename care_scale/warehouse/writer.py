@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 
 from care_scale.exceptions import SchemaVersionError, TableError
-from care_scale.storage import join, redact, to_delta
+from care_scale.storage import join, redact, to_delta, url_to_fs
 from care_scale.warehouse import schemas as S
 from care_scale.warehouse.files import DataFile, write_data_file
 from care_scale.warehouse.rows import FailureRow, SlideResult
@@ -171,9 +171,9 @@ class Warehouse:
 
     def ensure_embedding_tables(self, dim: int, feature_dim: int | None = None) -> None:
         for name in ("slides", "regions"):
-            self._create(name, _FILE_SCHEMAS[name](dim))
+            self._ensure_file_table(name, dim)
         if feature_dim is not None:
-            self._create("patches", _FILE_SCHEMAS["patches"](feature_dim))
+            self._ensure_file_table("patches", feature_dim)
 
     def read(self, name: str) -> pa.Table:
         dt = self.open(name)
@@ -206,23 +206,14 @@ class Warehouse:
                 time.sleep(min(5.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
         return None
 
-    def _merge(self, name: str, source: pa.Table, *, replace_slides: list[tuple[str, str]]
-               | None = None) -> None:
+    def _merge(self, name: str, source: pa.Table) -> None:
         keys = S.KEYS[name]
         pred = " AND ".join(f"t.{k} = s.{k}" for k in keys)
 
         def op() -> None:
             dt = self.open(name)
             m = dt.merge(source, pred, source_alias="s", target_alias="t")
-            m = m.when_matched_update_all().when_not_matched_insert_all()
-            if replace_slides:
-                # Rows of these slides a crashed attempt left behind and this write lacks.
-                mv = sorted({v for _, v in replace_slides})
-                ids = sorted({s for s, _ in replace_slides})
-                cond = (f"t.slide_id IN ({', '.join(map(_sql_str, ids))}) AND "
-                        f"t.model_version IN ({', '.join(map(_sql_str, mv))})")
-                m = m.when_not_matched_by_source_delete(cond)
-            m.execute()
+            m.when_matched_update_all().when_not_matched_insert_all().execute()
 
         self._retry(name, op)
 
@@ -424,13 +415,7 @@ class Warehouse:
         return join(self.uri, "_staging", run_id)
 
     def _vacuum_staging(self, retention_hours: int, dry_run: bool) -> list[str]:
-        import fsspec
-
-        from care_scale.storage import to_fsspec
-
-        root = join(self.uri, "_staging")
-        fs, _, (path,) = fsspec.get_fs_token_paths(
-            root, storage_options=to_fsspec(self.storage_options, root))
+        fs, path = url_to_fs(join(self.uri, "_staging"), self.storage_options)
         if not fs.exists(path):
             return []
         cutoff = time.time() - retention_hours * 3600
