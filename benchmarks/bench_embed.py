@@ -198,11 +198,12 @@ def run_baseline(paths: list[Path]) -> tuple[int, float]:
 
 def _child_memory(slide: str, warehouse: str) -> None:
     """Run the job on one slide in this fresh process and print its peak memory as JSON."""
-    import ray
+    from care_scale.local_ray import init_local
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=512 * 2**20,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    init_local(num_cpus=2, include_dashboard=False, log_to_driver=False,
+               object_store_memory=512 * 2**20,
+               runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    import ray  # after init_local: its loopback switch must come first
     with PeakMemory() as mem:
         tiles, secs = run_job(slide, warehouse)
     ray.shutdown()
@@ -235,7 +236,7 @@ def main() -> None:
         return
     import shutil
 
-    import ray
+    from care_scale.local_ray import init_local
 
     out = Path(args.out)
     # One folder per cohort shape: the job lists the folder, the baseline gets the same paths.
@@ -253,9 +254,10 @@ def main() -> None:
     # thousands of slides sees, where those fixed seconds vanish. This machine's speed drifts
     # by tens of percent from minute to minute, so the two sides alternate, ``--repeats``
     # times, and the medians are compared.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=512 * 2**20,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    init_local(num_cpus=2, include_dashboard=False, log_to_driver=False,
+               object_store_memory=512 * 2**20,
+               runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    import ray  # after init_local: its loopback switch must come first
     # Warm-up (not measured): the first job on a fresh cluster also pays for starting Ray's
     # worker processes and its detached Ray Data actors, which a long-running cluster has.
     wh = out / "warehouse_throughput"

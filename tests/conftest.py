@@ -32,6 +32,9 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Every Ray server the tests start (local clusters, `ray start` heads, job drivers) listens on
+# 127.0.0.1 only; Ray reads this when it is first imported (see care_scale.local_ray).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def _cuda_available() -> bool:

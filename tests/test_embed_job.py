@@ -430,10 +430,9 @@ def test_three_nodes_s3_equal_one_node(ray_local, cohort, tmp_path, s3_options, 
                         "encoder_resources": {"encoder_node": 0.1},
                         "slide_encoder_resources": {"care_node": 0.1}},
     }
-    # Ray resolves "127.0.0.1" in ray.init to the machine's routable address unless told
-    # that this "cluster" is one machine: loopback only, for every node and the driver.
+    # conftest's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps every node and the driver on
+    # loopback (else ray.init resolves "127.0.0.1" to the routable address).
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "CARE_SCALE_CACHE": str(tmp_path / "export-cache")}
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(cfg)], env=env,
                           capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)

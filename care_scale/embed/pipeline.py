@@ -53,6 +53,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -376,16 +377,18 @@ def _ensure_ray(config: EmbedConfig) -> bool:
 
     Returns True when this call started Ray (and so should shut it down).
     """
-    import ray
-
-    if ray.is_initialized():
+    # Not `import ray` yet: a local cluster must set its loopback switch first (local_ray).
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return False
     address = config.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
+        import ray
+
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(
-            address="local",
+        from care_scale.local_ray import init_local
+
+        init_local(
             num_cpus=config.num_cpus,
             object_store_memory=config.object_store_memory,
             include_dashboard=False,

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -323,16 +324,19 @@ def _storage(cfg: Any) -> tuple[str, Any]:
 
 def ensure_ray(num_cpus: float | None = None) -> None:
     """Join the cluster of a submitted job (RAY_ADDRESS), else start a local one of our own."""
-    import ray
-
-    if ray.is_initialized():
+    # Not `import ray` yet: a local cluster must set its loopback switch first (local_ray).
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        import ray
+
         ray.init()
     else:
-        ray.init(address="local", num_cpus=int(max(num_cpus or 0, os.cpu_count() or 1)),
-                 include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        from care_scale.local_ray import init_local
+
+        init_local(num_cpus=int(max(num_cpus or 0, os.cpu_count() or 1)),
+                   include_dashboard=False, log_to_driver=False,
+                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
 
 
 def preflight(stage: str, cfg: Stage1Config | Stage2Config) -> None:

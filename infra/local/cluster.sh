@@ -2,8 +2,10 @@
 # A whole care-scale "cluster" on one machine, for trying the flow before a real cluster:
 #   - an S3 protocol server (moto's server mode, from the `dev` extra) on 127.0.0.1, holding
 #     slides and tables
-#   - a Ray head whose dashboard / job API listens on 127.0.0.1, so `ray job submit` works as
-#     on a cluster (Ray's GCS and raylet bind all interfaces, as Ray always does)
+#   - a Ray head whose every server (GCS, raylet, workers, dashboard / job API) listens on
+#     127.0.0.1 only, so `ray job submit` works as on a cluster: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+#     makes Ray bind loopback (as on macOS/Windows) instead of all interfaces; drivers joining
+#     it need the same variable (it is in the printed env) or they dial the routable address
 #
 #   infra/local/cluster.sh up       # start both, print the env vars to export
 #   infra/local/cluster.sh status   # is it running? prints the env again
@@ -105,6 +107,7 @@ up() {
   export AWS_SECRET_ACCESS_KEY=$LOCAL_SECRET AWS_DEFAULT_REGION=$LOCAL_REGION
   export AWS_REGION=$LOCAL_REGION AWS_ALLOW_HTTP=true
   export RAY_USAGE_STATS_ENABLED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
   # Ray turns token authentication on by itself when ~/.ray/auth_token exists, while the job
   # CLI only sends the token in token mode: say "disabled" on both sides (env.sh below) so this
   # loopback-only dev head behaves the same on every machine.
@@ -150,6 +153,7 @@ assert b'success' in body"
 export RAY_ADDRESS=http://127.0.0.1:$DASH_PORT
 export RAY_GCS_ADDRESS=127.0.0.1:$GCS_PORT
 export RAY_AUTH_MODE=disabled
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export AWS_ENDPOINT_URL=$endpoint
 export AWS_ACCESS_KEY_ID=$LOCAL_KEY_ID
 export AWS_SECRET_ACCESS_KEY=$LOCAL_SECRET
