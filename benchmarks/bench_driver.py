@@ -10,6 +10,9 @@ Two workloads, each run by both designs, each run in a fresh driver process:
   .h5) into the paper-size CARE (``care``), ``--features``: the issue's measurement.
 - pixels: generated slides (``--side`` px squared) through decode, the tiny patch encoder and
   ``care_tiny``: the regime of a GPU node, where decode and I/O dominate.
+- speeds (this design only): the same slides through the tiny and a slower patch encoder, to
+  split the driver's CPU into a part per second of run and a part per tile.
+- manifest: time to the first block and driver memory for manifests of 1k-100k rows.
 
 "Before" is the code at ``--before`` (the last commit with CARE in the driver), checked out
 with ``git worktree`` and put first on ``PYTHONPATH`` of its runs; "after" is this checkout.
@@ -45,7 +48,7 @@ from care_scale.config import load_config
 from care_scale.embed import EmbedConfig, run_embedding
 from care_scale.embed import pipeline
 
-state = {"t0": None, "bytes": 0}
+state = {"t0": None, "w0": None, "bytes": 0}
 
 def nbytes(batch):
     n = 0
@@ -56,7 +59,7 @@ def nbytes(batch):
 
 def mark():
     if state["t0"] is None:
-        state["t0"] = time.process_time()
+        state["t0"], state["w0"] = time.process_time(), time.perf_counter()
 
 C = pipeline._Collector
 orig_consume = C.consume
@@ -89,11 +92,13 @@ if slide_stage is not None:
 cfg = load_config(EmbedConfig, None, json.loads(sys.argv[1]))
 w0 = time.perf_counter()
 summary = run_embedding(cfg)
-wall = time.perf_counter() - w0
+end = time.perf_counter()
+wall = end - w0
 cpu = time.process_time() - (state["t0"] or 0.0)
+stream_wall = end - (state["w0"] or w0)
 print("RESULT " + json.dumps({"tiles": summary.tiles, "done": summary.done,
                               "failed": summary.failed, "cpu": cpu, "bytes": state["bytes"],
-                              "wall": wall}))
+                              "wall": wall, "stream_wall": stream_wall}))
 """
 
 
@@ -217,7 +222,8 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=8192)
     ap.add_argument("--before", default=BEFORE_REV)
     ap.add_argument("--skip-before", action="store_true")
-    ap.add_argument("--workloads", nargs="+", default=["features", "pixels", "manifest"])
+    ap.add_argument("--workloads", nargs="+",
+                    default=["features", "pixels", "speeds", "manifest"])
     ap.add_argument("--manifest-rows", type=int, nargs="+", default=[1000, 10_000, 100_000])
     ap.add_argument("--encode-batch-size", type=int, default=64)
     ap.add_argument("--decode-batch-size", type=int, default=64)
@@ -258,9 +264,41 @@ def main() -> None:
                 runs.append(run(code, {**common, **extra, "source": str(src),
                                        "warehouse": str(wh)}))
             lines.append(report(name, design, runs))
+    if "speeds" in args.workloads:
+        lines += two_speeds(out, min(args.slides), args.side, common)
     if "manifest" in args.workloads:
         lines += manifest_sizes(designs, out, args.manifest_rows, common)
     print(json.dumps(lines))
+
+
+def two_speeds(out: Path, n: int, side: int, common: dict) -> list[dict]:
+    """The same slides (same tiles) through a fast and a slower patch encoder, this design:
+    driver CPU = fixed + per_second * wall + per_tile * tiles, so the difference between the
+    two runs gives the per-second part (the tiles cancel) and the rest the per-tile part."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_embed import TINY_PATCH_ENCODER, make_slides
+
+    slides = make_slides(out / f"slides_{side}", n, side)
+    src = subset(slides[0].parent, n, "*.tiff")
+    runs = {}
+    for name, enc, care in (
+            ("fast", TINY_PATCH_ENCODER, {"name": "care_tiny", "overrides": {"in_dim": 64}}),
+            ("slow", "vit_demo_patch16_112", {"name": "care_tiny"})):
+        runs[name] = run(ROOT, {**common, "source": str(src), "patch_encoder": {"name": enc},
+                                "slide_encoder": care,
+                                "warehouse": str(out / f"wh-speed-{name}-{time.time_ns()}")})
+    fast, slow = runs["fast"], runs["slow"]
+    # Over the measured window: from the first block at the driver to the end of the run.
+    per_second = ((slow["cpu"] - fast["cpu"])
+                  / max(slow["stream_wall"] - fast["stream_wall"], 1e-9))
+    per_tile = (fast["cpu"] - per_second * fast["stream_wall"]) / max(fast["tiles"], 1)
+    print(f"  speeds: {fast['tiles']} tiles streamed in {fast['stream_wall']:.1f} s and "
+          f"{slow['stream_wall']:.1f} s: driver {fast['cpu']:.2f} and {slow['cpu']:.2f} CPU-s "
+          f"-> {per_second * 1000:.1f} CPU-ms per second of run, {per_tile * 1e6:.1f} CPU-ms "
+          "per 1k tiles beyond it (commits and the closing run-table write included)",
+          flush=True)
+    return [{"workload": "speeds", "runs": runs, "cpu_ms_per_s": per_second * 1000,
+             "cpu_ms_per_1k_tiles": per_tile * 1e6}]
 
 
 def manifest_sizes(designs: dict, out: Path, sizes: list[int], common: dict) -> list[dict]:
