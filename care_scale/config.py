@@ -151,11 +151,12 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``; nested dicts merge key by key instead of replacing."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_trees(out[k], v)
         else:
             out[k] = v
     return out
@@ -190,4 +191,4 @@ def load_config(
         extra = overrides
     else:
         extra = parse_overrides(overrides)
-    return from_dict(cls, _merge(data, extra))
+    return from_dict(cls, merge_trees(data, extra))

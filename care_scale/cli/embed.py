@@ -69,7 +69,7 @@ def config_from_args(args: argparse.Namespace):
     ``--storage-option`` entries are added to the file's ``storage_options`` and also used to
     read a ``--config`` in object storage.
     """
-    from care_scale.config import _merge, load_config, parse_overrides
+    from care_scale.config import load_config, merge_trees, parse_overrides
     from care_scale.embed.config import EmbedConfig
 
     flags: dict = {}
@@ -88,7 +88,7 @@ def config_from_args(args: argparse.Namespace):
     options = storage_options(args.storage_option)
     if options:
         flags["storage_options"] = options
-    flags = _merge(flags, parse_overrides(args.overrides))
+    flags = merge_trees(flags, parse_overrides(args.overrides))
     return load_config(EmbedConfig, args.config, flags, storage_options=options)
 
 

@@ -8,8 +8,9 @@
 Backends are tried in ``BACKENDS`` order (cuCIM, OpenSlide, tifffile); a backend that cannot
 read a format (MRXS, NDPI, DICOM are OpenSlide's; stripped TIFF is tifffile's) hands over to
 the next. cuCIM is an optional extra (``pip install 'care-scale[cucim]'``): without it ``auto``
-simply leaves it out, and asking for it by name raises BackendUnavailableError. One exception, measured: decoding on the CPU, tiled SVS, OME-TIFF and generic
-pyramidal TIFF go to tifffile first (see ``TIFFFILE_FIRST``). Bad input raises the specific
+simply leaves it out, and asking for it by name raises BackendUnavailableError. One
+exception, measured: decoding on the CPU, tiled SVS, OME-TIFF and generic pyramidal TIFF go
+to tifffile first (see ``TIFFFILE_FIRST``). Bad input raises the specific
 :mod:`care_scale.exceptions` class, never a backend's own traceback.
 """
 
