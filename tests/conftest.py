@@ -35,6 +35,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Every Ray server the tests start (local clusters, `ray start` heads, job drivers) listens on
 # 127.0.0.1 only; Ray reads this when it is first imported (see care_scale.local_ray).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# The local Spark of the query tests: driver and block manager on loopback too.
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
 
 
 def _cuda_available() -> bool:
