@@ -10,8 +10,8 @@ Two workloads, each run by both designs, each run in a fresh driver process:
   .h5) into the paper-size CARE (``care``), ``--features``: the issue's measurement.
 - pixels: generated slides (``--side`` px squared) through decode, the tiny patch encoder and
   ``care_tiny``: the regime of a GPU node, where decode and I/O dominate.
-- speeds (this design only): the same slides through the tiny and a slower patch encoder, to
-  split the driver's CPU into a part per second of run and a part per tile.
+- speeds (this design only): both cohort sizes through the tiny and a slower patch encoder,
+  twice, fitted to fixed + per second of run + per tile: the driver's ceiling in tiles/s.
 - manifest: time to the first block and driver memory for manifests of 1k-100k rows.
 
 "Before" is the code at ``--before`` (the last commit with CARE in the driver), checked out
@@ -265,40 +265,60 @@ def main() -> None:
                                        "warehouse": str(wh)}))
             lines.append(report(name, design, runs))
     if "speeds" in args.workloads:
-        lines += two_speeds(out, min(args.slides), args.side, common)
+        lines += two_speeds(out, args.slides, args.side, common)
     if "manifest" in args.workloads:
         lines += manifest_sizes(designs, out, args.manifest_rows, common)
     print(json.dumps(lines))
 
 
-def two_speeds(out: Path, n: int, side: int, common: dict) -> list[dict]:
-    """The same slides (same tiles) through a fast and a slower patch encoder, this design:
-    driver CPU = fixed + per_second * wall + per_tile * tiles, so the difference between the
-    two runs gives the per-second part (the tiles cancel) and the rest the per-tile part."""
+def two_speeds(out: Path, sizes: list[int], side: int, common: dict) -> list[dict]:
+    """Split the driver's CPU into fixed, per-second and per-tile parts (this design).
+
+    Two cohort sizes through a fast and a slower patch encoder (same tiles, different run
+    times), twice each: eight runs, fitted by least squares to
+    ``driver CPU = fixed + per_second * streaming wall + per_tile * tiles``. The slower encoder
+    separates time from tiles; the two sizes separate tiles from the fixed part. Per-slide
+    costs (one actor call, one share of a commit) land in ``per_tile`` at this slide size,
+    which overstates it for real slides (more tiles per slide)."""
+    import numpy as np
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_embed import TINY_PATCH_ENCODER, make_slides
 
-    slides = make_slides(out / f"slides_{side}", n, side)
-    src = subset(slides[0].parent, n, "*.tiff")
-    runs = {}
-    for name, enc, care in (
-            ("fast", TINY_PATCH_ENCODER, {"name": "care_tiny", "overrides": {"in_dim": 64}}),
-            ("slow", "vit_demo_patch16_112", {"name": "care_tiny"})):
-        runs[name] = run(ROOT, {**common, "source": str(src), "patch_encoder": {"name": enc},
-                                "slide_encoder": care,
-                                "warehouse": str(out / f"wh-speed-{name}-{time.time_ns()}")})
-    fast, slow = runs["fast"], runs["slow"]
-    # Over the measured window: from the first block at the driver to the end of the run.
-    per_second = ((slow["cpu"] - fast["cpu"])
-                  / max(slow["stream_wall"] - fast["stream_wall"], 1e-9))
-    per_tile = (fast["cpu"] - per_second * fast["stream_wall"]) / max(fast["tiles"], 1)
-    print(f"  speeds: {fast['tiles']} tiles streamed in {fast['stream_wall']:.1f} s and "
-          f"{slow['stream_wall']:.1f} s: driver {fast['cpu']:.2f} and {slow['cpu']:.2f} CPU-s "
-          f"-> {per_second * 1000:.1f} CPU-ms per second of run, {per_tile * 1e6:.1f} CPU-ms "
-          "per 1k tiles beyond it (commits and the closing run-table write included)",
-          flush=True)
-    return [{"workload": "speeds", "runs": runs, "cpu_ms_per_s": per_second * 1000,
-             "cpu_ms_per_1k_tiles": per_tile * 1e6}]
+    slides = make_slides(out / f"slides_{side}", max(sizes), side)
+    runs = []
+    for rep in range(2):
+        for n in sizes:
+            src = subset(slides[0].parent, n, "*.tiff")
+            for name, enc, care in (
+                    ("fast", TINY_PATCH_ENCODER,
+                     {"name": "care_tiny", "overrides": {"in_dim": 64}}),
+                    ("slow", "vit_demo_patch16_112", {"name": "care_tiny"})):
+                r = run(ROOT, {**common, "source": str(src), "patch_encoder": {"name": enc},
+                               "slide_encoder": care,
+                               "warehouse": str(out / f"wh-speed-{name}-{time.time_ns()}")})
+                if r["failed"]:
+                    raise RuntimeError(f"speeds run: {r['failed']} slides failed; a fit over "
+                                       "failed slides would measure something else")
+                runs.append({"encoder": name, "slides": n, **r})
+                print(f"  speeds run {len(runs)}: {n} slides, {name} encoder, {r['tiles']} "
+                      f"tiles in {r['stream_wall']:.1f} s streaming, driver {r['cpu']:.3f} "
+                      "CPU-s", flush=True)
+    x = np.array([[1.0, r["stream_wall"], r["tiles"]] for r in runs])
+    y = np.array([r["cpu"] for r in runs])
+    (fixed, per_second, per_tile), *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ np.array([fixed, per_second, per_tile])
+    # The driver's load at a cluster rate R tiles/s: per_second + per_tile * R (cores).
+    ceiling = (1 - per_second) / per_tile if per_tile > 0 else float("inf")
+    print(f"  speeds fit over {len(runs)} runs: fixed {fixed:.3f} CPU-s, {per_second * 1000:.1f}"
+          f" CPU-ms per second of streaming, {per_tile * 1e6:.1f} CPU-ms per 1k tiles "
+          f"(residuals up to {abs(resid).max() * 1000:.0f} CPU-ms); at 50,000 tiles/s the "
+          f"driver would use {per_second + per_tile * 50_000:.2f} of a core; one driver keeps"
+          f" up with ~{ceiling:,.0f} tiles/s", flush=True)
+    return [{"workload": "speeds", "runs": runs, "fixed_cpu_s": fixed,
+             "cpu_ms_per_s": per_second * 1000, "cpu_ms_per_1k_tiles": per_tile * 1e6,
+             "max_abs_residual_cpu_s": float(abs(resid).max()),
+             "driver_ceiling_tiles_per_s": ceiling}]
 
 
 def manifest_sizes(designs: dict, out: Path, sizes: list[int], common: dict) -> list[dict]:

@@ -151,7 +151,7 @@ def test_unreadable_files_give_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="broken.safetensors"):
         resolve_weights(str(tmp_path / "broken.safetensors"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="no weights file in it.*model.safetensors"):
         resolve_weights(str(tmp_path / "empty"))
     with pytest.raises(CheckpointError, match="not found"):
         resolve_weights(str(tmp_path / "absent"))

@@ -59,11 +59,14 @@ def test_every_patch_encoder_builds_with_a_consistent_spec(name):
         model = entry.build(spec)
     state = model.state_dict()
     expected = timm_vit_keys(spec.depth, spec.layer_scale_init is not None)
-    if spec.embed_dim != spec.width:
+    if spec.pool == "attn_pool":  # CONCH v1.5: pooler + LayerNorm instead of a head
+        expected |= {f"attn_pool.{k}" for k in (
+            "query", "ln_k.weight", "ln_k.bias", "ln_q.weight", "ln_q.bias", "to_q.weight",
+            "to_kv.weight", "to_out.weight")} | {"pool_norm.weight", "pool_norm.bias"}
+    elif spec.embed_dim != spec.width:
         expected |= {"head.weight", "head.bias"}
     assert set(state) == expected
-    tokens = (spec.input_size // spec.patch_size) ** 2
-    assert tuple(state["pos_embed"].shape) == (1, tokens + 1, spec.width)
+    assert tuple(state["pos_embed"].shape) == (1, spec.grid ** 2 + 1, spec.width)
     assert tuple(state["patch_embed.proj.weight"].shape) == (spec.width, 3, spec.patch_size,
                                                              spec.patch_size)
     out = model.forward_normalized(torch.zeros(2, 3, spec.input_size, spec.input_size,

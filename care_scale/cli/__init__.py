@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # name of the sub-command -> module in care_scale.cli that defines ``add_parser(subparsers)``.
-COMMANDS = ("inspect", "embed", "tables", "sql", "train", "export")
+COMMANDS = ("inspect", "embed", "tables", "sql", "train", "export", "models")
 
 
 def package_version() -> str:

@@ -98,8 +98,9 @@ class EmbedConfig:
     warehouse: str = ""
     # SOURCE holds patch-feature files (.h5 / .parquet / CARE .npy) instead of slides.
     features: bool = False
-    target_mpp: float = 0.5
-    patch_size: int = 224
+    # Tiling; None: the slide encoder's preset (its registry entry: CARE 512 px at 0.5 um/px).
+    target_mpp: float | None = None
+    patch_size: int | None = None
     min_tissue_fraction: float = 0.5
     tissue: TissueConfig = field(default_factory=TissueConfig)
     # Used when a slide has no MPP metadata (a manifest's per-slide mpp column wins).
@@ -131,9 +132,9 @@ class EmbedConfig:
     progress: Literal["auto", "line", "log", "none"] = "auto"
 
     def validate(self) -> None:
-        if self.target_mpp <= 0:
+        if self.target_mpp is not None and self.target_mpp <= 0:
             raise ConfigError(f"target_mpp must be > 0, got {self.target_mpp}")
-        if self.patch_size < 8:
+        if self.patch_size is not None and self.patch_size < 8:
             raise ConfigError(f"patch_size must be >= 8, got {self.patch_size}")
         if not 0.0 <= self.min_tissue_fraction <= 1.0:
             raise ConfigError(

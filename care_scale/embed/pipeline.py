@@ -69,7 +69,7 @@ from care_scale.embed.progress import Progress, RunSummary
 from care_scale.embed.results import STAGE_DECODE, STAGE_ENCODE, STAGE_OPEN, STAGE_TILE, RowContext
 from care_scale.embed.slide_stage import create_slide_encoder, shard_batch
 from care_scale.embed.sources import SlideSource, list_sources
-from care_scale.exceptions import CareScaleError
+from care_scale.exceptions import CareScaleError, ConfigError
 from care_scale.storage import redact, redact_options
 
 log = logging.getLogger(__name__)
@@ -97,16 +97,57 @@ def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> A
     )
 
 
+class TilingPresetWarning(UserWarning):
+    """The job tiles slides differently from what the slide encoder was trained on."""
+
+
 def resolve_models(config: EmbedConfig) -> EmbedConfig:
-    """Fill an empty patch encoder name with the one the slide encoder's registry entry pairs."""
-    if config.patch_encoder.name:
-        return config
+    """Fill what the registry decides: an empty patch encoder name (the one the slide
+    encoder's entry pairs with) and unset tiling (the slide encoder's preset). A tiling the
+    user set that differs from the preset is kept, with a warning naming both."""
     from care_scale.models import get_slide_encoder_spec
 
-    paired = get_slide_encoder_spec(config.slide_encoder.name).patch_encoder
-    return dataclasses.replace(
-        config, patch_encoder=dataclasses.replace(config.patch_encoder, name=paired)
-    )
+    spec = get_slide_encoder_spec(config.slide_encoder.name)
+    if not config.patch_encoder.name:
+        config = dataclasses.replace(config, patch_encoder=dataclasses.replace(
+            config.patch_encoder, name=spec.patch_encoder))
+    preset = {"patch_size": spec.tile_size, "target_mpp": spec.mpp}
+    fill = {}
+    for key, value in preset.items():
+        given = getattr(config, key)
+        if given is None:
+            fill[key] = value
+        elif given != value and not config.features:
+            msg = (f"{key}={given} differs from {spec.name}'s preset {key}={value} (the tiling "
+                   "it was trained on); embeddings from other tilings are not the published "
+                   "model's")
+            log.warning(msg)
+            warnings.warn(msg, TilingPresetWarning, stacklevel=2)
+    return dataclasses.replace(config, **fill) if fill else config
+
+
+def check_pairing(config: EmbedConfig, care: Any) -> None:
+    """The patch encoder's feature size must be the slide encoder's input size; checked
+    before any slide is decoded (else every slide would fail in CARE, one by one)."""
+    if config.features:
+        return  # feature files carry their own size; checked per file
+    from care_scale.models import get_patch_encoder_spec
+
+    patch = get_patch_encoder_spec(config.patch_encoder.name)
+    in_dim = int(care.config.in_dim)
+    if patch.embed_dim != in_dim:
+        raise ConfigError(
+            f"patch encoder {patch.name} gives {patch.embed_dim}-d features but slide "
+            f"encoder {config.slide_encoder.name} takes {in_dim}-d input: pick a pair with "
+            f"--set patch_encoder.name=NAME (empty: the slide encoder's own, "
+            f"{_paired(config)}) or --set slide_encoder.name=NAME, or "
+            f"--set slide_encoder.overrides.in_dim={patch.embed_dim} for a CARE trained on it")
+
+
+def _paired(config: EmbedConfig) -> str:
+    from care_scale.models import get_slide_encoder_spec
+
+    return get_slide_encoder_spec(config.slide_encoder.name).patch_encoder
 
 
 def _patch_encoder(config: EmbedConfig) -> Any:
@@ -484,7 +525,9 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
 
     # Built here only for their versions (and, on a local cluster, the patch encoder's
     # export); the actors load their own copies.
-    care_version = model_version(create_slide_encoder(config))
+    care = create_slide_encoder(config)
+    check_pairing(config, care)
+    care_version = model_version(care)
     patch_encoder = None if config.features else _patch_encoder(config)
     patch_version = "precomputed" if config.features else model_version(patch_encoder)
     version = job_model_version(config, care_version, patch_version)

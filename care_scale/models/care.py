@@ -640,7 +640,11 @@ def _build(config: dict[str, Any] | CareConfig) -> CARE:
 register_slide_encoder(SlideEncoderSpec(
     name="care", patch_encoder="conch_v1_5",
     config=dataclasses.asdict(CareConfig()),
-    source="Hugging Face Zipper-1/CARE (not downloadable here; pass checkpoint=...)",
+    # The authors run CARE through TRIDENT with --patch_size 512 --mag 20; CONCH v1.5
+    # resizes those tiles to 448.
+    tile_size=512, mpp=0.5, hf_repo="Zipper-1/CARE",
+    source="Hugging Face Zipper-1/CARE (a transformers remote-code snapshot; pass a "
+           "care-scale checkpoint=...)",
     description="CARE with the paper's defaults on 768-d CONCH v1.5 patch features",
 ), convert=convert_care_reference)(_build)
 

@@ -114,12 +114,23 @@ def _load_torch(data: bytes, uri: str) -> dict[str, torch.Tensor]:
 
 
 def resolve_weights(
-    uri: str, *, storage_options: dict[str, Any] | None = None
+    uri: str, *, storage_options: dict[str, Any] | None = None,
+    weight_files: tuple[str, ...] = (),
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Read a checkpoint (dir, .safetensors or torch file; local or fsspec) -> (state, config).
+    """Read a checkpoint -> (state, config): a folder, a .safetensors or torch file (local
+    or fsspec), or ``hf:ORG/NAME[@revision]`` (a snapshot in the local Hugging Face cache,
+    never the network; :mod:`care_scale.models.hub`).
 
-    ``config`` is the parsed ``config.json`` (or safetensors metadata) or ``None``.
+    In a folder, the names in ``weight_files`` (a registry entry's published file names,
+    e.g. CONCH v1.5's ``pytorch_model_vision.bin``) are looked for first, then
+    ``model.safetensors`` and the usual torch names. ``config`` is the parsed ``config.json``
+    (or safetensors metadata) or ``None``.
     """
+    if uri.startswith("hf:"):
+        from care_scale.models.hub import resolve_hf_snapshot
+
+        snap = resolve_hf_snapshot(uri, files=weight_files[:1])
+        return resolve_weights(str(snap), weight_files=weight_files)
     fs, path = url_to_fs(uri, storage_options)
     lower = path.lower()
     if lower.endswith(".safetensors"):
@@ -139,32 +150,42 @@ def resolve_weights(
             cfg = json.loads(_read_bytes(fs, cfg_path, uri))
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{redact(uri)}: config.json is not JSON: {exc}") from exc
-    weights = join(path, WEIGHTS_FILE)
-    if fs.exists(weights):
-        state, meta_cfg = _load_safetensors(_read_bytes(fs, weights, uri), uri)
-        return state, cfg if cfg is not None else meta_cfg
-    for name in ("pytorch_model.bin", "model.pt", "model.pth", "checkpoint.pt"):
-        if fs.exists(join(path, name)):
-            return _load_torch(_read_bytes(fs, join(path, name), uri), uri), cfg
-    raise CheckpointError(f"{redact(uri)}: no {WEIGHTS_FILE} (or torch weights file) in it")
+    names = (*weight_files, WEIGHTS_FILE, "pytorch_model.bin", "model.pt", "model.pth",
+             "checkpoint.pt")
+    for name in dict.fromkeys(names):
+        if not fs.exists(join(path, name)):
+            continue
+        data = _read_bytes(fs, join(path, name), uri)
+        if name.endswith(".safetensors"):
+            state, meta_cfg = _load_safetensors(data, uri)
+            return state, cfg if cfg is not None else meta_cfg
+        return _load_torch(data, uri), cfg
+    raise CheckpointError(f"{redact(uri)}: no weights file in it (looked for "
+                          f"{', '.join(dict.fromkeys(names))})")
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
-              strict: bool = True) -> LoadReport:
+              strict: bool = True, source_names: dict[str, str] | None = None) -> LoadReport:
     """Load ``state`` into ``model``; shape mismatches are refused with the key named.
 
     Missing and unexpected keys are an error when ``strict`` (the default), else a warning.
+    ``source_names``: converted key -> the key as the file has it, for the messages.
     """
     own = model.state_dict()
     src = redact(source)
+    names = source_names or {}
+
+    def shown(key: str) -> str:
+        return key if key not in names else names[key]
+
     for key, value in state.items():
         if key in own and tuple(value.shape) != tuple(own[key].shape):
             raise CheckpointError(
-                f"{src}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)}, "
+                f"{src}: shape mismatch for {shown(key)!r}: checkpoint {tuple(value.shape)}, "
                 f"model {tuple(own[key].shape)}"
             )
     missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
+    unexpected = sorted(shown(k) for k in state if k not in own)
     if missing or unexpected:
         msg = (f"{src}: {len(missing)} missing keys {missing[:20]}, "
                f"{len(unexpected)} unexpected keys {unexpected[:20]}")
@@ -255,6 +276,53 @@ def convert_timm_vit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
         # A classification head (timm num_classes > 0) has no place in a feature encoder.
         out.pop("head.weight", None)
         out.pop("head.bias", None)
+    return out
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
+    """A (1, 1 + g*g, C) position table (class token first) resampled to ``grid`` x ``grid``:
+    bilinear, no antialiasing, as timm's ``resample_abs_pos_embed`` does when CONCH v1.5's
+    reference code fits a published table to its trunk."""
+    import math
+
+    import torch.nn.functional as F
+
+    n_old = pos_embed.shape[1] - 1
+    old = math.isqrt(n_old)
+    if old * old != n_old:
+        raise CheckpointError(f"position table of {n_old} tokens is not a square grid")
+    if old == grid:
+        return pos_embed
+    dim = pos_embed.shape[-1]
+    cls_pos, table = pos_embed[:, :1], pos_embed[:, 1:].float()
+    table = F.interpolate(table.reshape(1, old, old, dim).permute(0, 3, 1, 2),
+                          size=(grid, grid), mode="bilinear", antialias=False)
+    table = table.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
+    return torch.cat([cls_pos, table], dim=1)
+
+
+#: CONCH v1.5's published module names -> ours (TRIDENT's ``CONCHVisionTower``).
+CONCH_V1_5_RENAMES = (("trunk.", ""), ("attn_pool_contrast.", "attn_pool."),
+                      ("ln_contrast.", "pool_norm."))
+
+
+def convert_conch_v1_5(state: dict[str, torch.Tensor],
+                       model: nn.Module) -> dict[str, torch.Tensor]:
+    """``pytorch_model_vision.bin`` of MahmoodLab/conchv1_5 -> our ViT with ``attn_pool``.
+
+    Renames only the three published prefixes; any other key is left as it is, so the strict
+    load names it instead of dropping it. The position table is fitted to the model's stored
+    grid as the reference loader does (bilinear) before it is interpolated per input size.
+    """
+    out = {}
+    for key, value in state.items():
+        for old, new in CONCH_V1_5_RENAMES:
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    if "pos_embed" in out and hasattr(model, "spec"):
+        out["pos_embed"] = resample_pos_embed(out["pos_embed"], model.spec.grid)
     return out
 
 

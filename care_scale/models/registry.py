@@ -18,7 +18,7 @@ import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -58,8 +58,28 @@ class PatchEncoderSpec:
     mpp: float = 0.5
     layer_scale_init: float | None = None
     qkv_bias: bool = True
+    #: What the feature is: the final-norm class token ("token"), or an attentional pooler
+    #: over all tokens followed by a LayerNorm ("attn_pool", CONCH v1.5's contrastive head).
+    pool: Literal["token", "attn_pool"] = "token"
+    #: Heads of the attentional pooler (its query width is ``embed_dim``).
+    pool_heads: int = 8
+    #: Grid the position table is stored at, when the published model keeps it at another
+    #: size than its input (CONCH v1.5: 14, trunk built at 224 px, run at 448 px with the
+    #: table interpolated); None: ``input_size // patch_size``.
+    pos_embed_grid: int | None = None
+    #: Tile side (px, at ``mpp``) the slide is cut at before the encoder resizes it to
+    #: ``input_size`` (CONCH v1.5: 512 px at 0.5 um/px, resized to 448); None: input_size.
+    tile_size: int | None = None
+    #: Hugging Face repository of the published weights, and the files a snapshot must hold.
+    hf_repo: str = ""
+    weight_files: tuple[str, ...] = ()
     source: str = ""
     description: str = ""
+
+    @property
+    def grid(self) -> int:
+        """Side of the position table's token grid."""
+        return self.pos_embed_grid or self.input_size // self.patch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -72,6 +92,11 @@ class SlideEncoderSpec:
     name: str
     patch_encoder: str
     config: dict[str, Any] = field(default_factory=dict)
+    #: The tiling it was trained on: tile side in px at ``mpp`` um/px (the job's preset).
+    tile_size: int = 224
+    mpp: float = 0.5
+    #: Hugging Face repository of the published weights, if any.
+    hf_repo: str = ""
     source: str = ""
     description: str = ""
 
@@ -168,15 +193,21 @@ def get_slide_encoder_spec(name: str) -> SlideEncoderSpec:
     return slide_encoder_entry(name).spec
 
 
-def warn_untrained(name: str) -> None:
+def warn_untrained(name: str, reason: str = "no checkpoint given") -> None:
     """Say loudly, in the log and as a Python warning, that weights are random."""
     msg = (
-        f"{name}: no checkpoint given, running on UNTRAINED weights (seed {UNTRAINED_SEED}). "
+        f"{name}: {reason}, running on UNTRAINED weights (seed {UNTRAINED_SEED}). "
         "Embeddings are reproducible but carry no biological meaning; pass checkpoint=... "
         "for real use."
     )
     log.warning(msg)
     warnings.warn(msg, UntrainedWeightsWarning, stacklevel=3)
+
+
+def _is_transformers_config(cfg: dict[str, Any]) -> bool:
+    """A Hugging Face transformers ``config.json`` (not one of ours)."""
+    return "format" not in cfg and any(k in cfg for k in ("architectures", "auto_map",
+                                                           "model_type"))
 
 
 def _seeded_build(build: Callable[[], nn.Module]) -> nn.Module:
@@ -198,27 +229,48 @@ def create_patch_encoder(
     The returned module has ``.spec`` (:class:`PatchEncoderSpec`), ``.name`` and takes uint8
     tiles ``(B, H, W, 3)``, returning float32 ``(B, spec.embed_dim)``.
     """
-    from care_scale.models.checkpoints import load_into, resolve_weights
+    from care_scale.models.checkpoints import resolve_weights
 
     entry = patch_encoder_entry(name)
-    model = _seeded_build(lambda: entry.build(entry.spec))
-    model.name = name
-    model.spec = entry.spec
-    if checkpoint is None:
-        model.trained = False
-        warn_untrained(name)
-    else:
-        state, ckpt_cfg = resolve_weights(checkpoint, storage_options=storage_options)
+    state = None
+    if checkpoint is not None:  # weights first: a missing file fails before a big build
+        state, ckpt_cfg = resolve_weights(checkpoint, storage_options=storage_options,
+                                          weight_files=entry.spec.weight_files)
         if ckpt_cfg is not None and ckpt_cfg.get("kind", "patch_encoder") != "patch_encoder":
             raise CheckpointError(
                 f"{redact(checkpoint)}: holds a {ckpt_cfg.get('kind')} "
                 f"({ckpt_cfg.get('name')}), not a patch encoder"
             )
-        if entry.convert is not None:
-            state = entry.convert(state, model)
-        load_into(model, state, source=checkpoint, strict=strict)
-        model.trained = True
+    model = _seeded_build(lambda: entry.build(entry.spec))
+    model.name = name
+    model.spec = entry.spec
+    if state is None:
+        model.trained = False
+        warn_untrained(name)
+    else:
+        _load_converted(model, entry, state, checkpoint, strict, name)
     return model.eval()
+
+
+def _load_converted(model: nn.Module, entry: Any, state: dict[str, torch.Tensor],
+                    checkpoint: str, strict: bool, name: str) -> None:
+    """Convert with the entry's converter and load; errors name keys as the file has them."""
+    from care_scale.models.checkpoints import load_into
+
+    given = {id(v): k for k, v in state.items()}
+    if entry.convert is not None:
+        state = entry.convert(state, model)
+    renamed = {k: given[id(v)] for k, v in state.items() if given.get(id(v), k) != k}
+    _mark_loaded(model, load_into(model, state, source=checkpoint, strict=strict,
+                                  source_names=renamed), name)
+
+
+def _mark_loaded(model: nn.Module, report: Any, name: str) -> None:
+    """A non-strict load that left keys at their seeded values is not a trained model."""
+    model.trained = not report.missing
+    if report.missing:
+        warn_untrained(name, f"{len(report.missing)} keys not in the checkpoint "
+                             f"({', '.join(report.missing[:5])})")
 
 
 def create_slide_encoder(
@@ -234,13 +286,19 @@ def create_slide_encoder(
     With a checkpoint directory, its ``config.json`` defines the architecture (overrides are
     applied on top); a bare weights file uses the registry defaults plus overrides.
     """
-    from care_scale.models.checkpoints import load_into, resolve_weights
+    from care_scale.models.checkpoints import resolve_weights
 
     entry = slide_encoder_entry(name)
     cfg: dict[str, Any] = dict(entry.spec.config)
     state = None
     if checkpoint is not None:
         state, ckpt_cfg = resolve_weights(checkpoint, storage_options=storage_options)
+        if ckpt_cfg is not None and _is_transformers_config(ckpt_cfg):
+            raise CheckpointError(
+                f"{redact(checkpoint)}: a transformers snapshot ({ckpt_cfg.get('model_type')}"
+                f", {', '.join(ckpt_cfg.get('architectures') or [])}) with modeling code of "
+                "its own; this version loads care-scale CARE checkpoints and converted "
+                "state dicts only, not remote code (see the README's Models section)")
         if ckpt_cfg is not None:
             if ckpt_cfg.get("kind", "slide_encoder") != "slide_encoder":
                 raise CheckpointError(
@@ -259,8 +317,38 @@ def create_slide_encoder(
         model.trained = False
         warn_untrained(name)
     else:
-        if entry.convert is not None:
-            state = entry.convert(state, model)
-        load_into(model, state, source=checkpoint, strict=strict)
-        model.trained = True
+        _load_converted(model, entry, state, checkpoint, strict, name)
     return model.eval()
+
+
+def model_table() -> list[dict[str, Any]]:
+    """One row per registered encoder: what ``care-scale models`` prints."""
+    from care_scale.models.hub import local_snapshot
+
+    rows = []
+    for name in list_patch_encoders():
+        spec = _PATCH_ENCODERS[name].spec
+        rows.append({
+            "name": name, "kind": "patch", "in": f"{spec.input_size} px",
+            "out": spec.embed_dim, "tiling": f"{spec.tile_size or spec.input_size} px @ "
+                                              f"{spec.mpp} um/px",
+            "hf_repo": spec.hf_repo,
+            "weights": _weights_found(spec.hf_repo, spec.weight_files, local_snapshot),
+        })
+    for name in list_slide_encoders():
+        spec = _SLIDE_ENCODERS[name].spec
+        rows.append({
+            "name": name, "kind": "slide", "in": f"{spec.in_dim}-d ({spec.patch_encoder})",
+            "out": spec.embed_dim, "tiling": f"{spec.tile_size} px @ {spec.mpp} um/px",
+            "hf_repo": spec.hf_repo,
+            "weights": _weights_found(spec.hf_repo, (), local_snapshot),
+        })
+    return rows
+
+
+def _weights_found(repo: str, files: tuple[str, ...], local_snapshot) -> str:
+    if not repo:
+        return "-"
+    snap = local_snapshot(repo, files)
+    return str(snap) if snap else "not in the HF cache"
+

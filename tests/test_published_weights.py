@@ -1,0 +1,202 @@
+"""Published checkpoints: hf: URIs from a local Hugging Face cache, CONCH v1.5's architecture
+against its reference code (fixtures in tests/data/reference, made by make_conch_v1_5.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save
+
+from care_scale.exceptions import CheckpointError
+from care_scale.models import create_patch_encoder, create_slide_encoder
+from care_scale.models.hub import hub_cache_dir, parse_hf_uri, resolve_hf_snapshot
+from care_scale.models.registry import get_patch_encoder_spec
+
+REF = Path(__file__).parent / "data" / "reference"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def fake_snapshot(cache: Path, repo: str, files: dict[str, bytes | None],
+                  revision: str = "main", commit: str = COMMIT) -> Path:
+    """The layout huggingface_hub writes: files are links into blobs/, refs name commits."""
+    root = cache / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / revision).write_text(commit)
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True, exist_ok=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    for name, data in files.items():
+        blob = root / "blobs" / f"{abs(hash(name)):x}"
+        blob.write_bytes(data or b"")
+        (snap / name).symlink_to(blob)
+    return snap
+
+
+def torch_bytes(state: dict[str, torch.Tensor], tmp: Path) -> bytes:
+    path = tmp / "w.bin"
+    torch.save(state, path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return cache
+
+
+def test_hf_uris_parse_and_resolve_offline(hf_cache, monkeypatch, tmp_path):
+    assert parse_hf_uri("hf:MahmoodLab/conchv1_5") == ("MahmoodLab/conchv1_5", "main")
+    assert parse_hf_uri("hf:Zipper-1/CARE@v1") == ("Zipper-1/CARE", "v1")
+    with pytest.raises(CheckpointError, match="expected hf:ORG/NAME"):
+        parse_hf_uri("hf:no-slash")
+    snap = fake_snapshot(hf_cache, "org/model", {"a.bin": b"x"})
+    assert resolve_hf_snapshot("hf:org/model", files=("a.bin",)) == snap
+    assert resolve_hf_snapshot(f"hf:org/model@{COMMIT}") == snap
+    import os
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # set for libraries loaded afterwards
+    # HF_HOME is honoured when HF_HUB_CACHE is not set.
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    assert hub_cache_dir() == tmp_path / "home" / "hub"
+
+
+@pytest.mark.parametrize("case", ["repo", "revision", "file"])
+def test_a_missing_snapshot_is_one_line_naming_the_files_and_the_command(hf_cache, case):
+    if case != "repo":
+        fake_snapshot(hf_cache, "MahmoodLab/conchv1_5", {"config.json": b"{}"})
+    uri = "hf:MahmoodLab/conchv1_5" + ("@v9" if case == "revision" else "")
+    with pytest.raises(CheckpointError) as err:
+        create_patch_encoder("conch_v1_5", uri)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "pytorch_model_vision.bin" in msg
+    assert "huggingface-cli download MahmoodLab/conchv1_5" in msg
+    assert str(hf_cache) in msg
+
+
+def conch_micro_snapshot(hf_cache: Path, tmp_path: Path, state=None) -> str:
+    """The fixture's state dict as a user's snapshot holds CONCH v1.5: a torch file named as
+    published, beside a config.json."""
+    state = state if state is not None else load_file(str(REF / "conch_v1_5_micro.safetensors"))
+    fake_snapshot(hf_cache, "test-org/conch-micro", {
+        "pytorch_model_vision.bin": torch_bytes(state, tmp_path),
+        "config.json": json.dumps({"architecture": "conch_v1_5"}).encode(),
+    })
+    return "hf:test-org/conch-micro"
+
+
+def test_conch_v1_5_matches_its_reference_code(hf_cache, tmp_path, capsys):
+    io = load_file(str(REF / "conch_v1_5_micro_io.safetensors"))
+    enc = create_patch_encoder("conch_v1_5_micro", conch_micro_snapshot(hf_cache, tmp_path))
+    assert enc.trained
+    with torch.no_grad():
+        # The network itself, on the reference transform's own input: fp32 parity.
+        same_input = (enc.forward_normalized(io["normalized"]) - io["expected"]).abs().max()
+        # Our preprocessing against torchvision/PIL's Resize + ToTensor + Normalize.
+        pre = enc.preprocess(io["tiles"])
+        std = torch.tensor(enc.spec.std).view(1, 3, 1, 1)
+        gray_levels = ((pre - io["normalized"]).abs() * std * 255).max()
+        from_tiles = (enc(io["tiles"]) - io["expected"]).abs().max()
+    with capsys.disabled():
+        print(f"\nCONCH v1.5 (test size) vs reference: max abs {same_input:.2e} on the same "
+              f"input; preprocessing within {gray_levels:.2f} gray levels; from uint8 tiles "
+              f"max abs {from_tiles:.2e} (outputs up to {io['expected'].abs().max():.2f})")
+    assert same_input <= 1e-5
+    # PIL resizes in fixed point and rounds to uint8; we resize in float.
+    assert gray_levels <= 1.0 + 1e-3
+    assert from_tiles <= 0.02
+
+
+def test_conch_v1_5_refuses_a_renamed_or_missing_key(hf_cache, tmp_path):
+    state = load_file(str(REF / "conch_v1_5_micro.safetensors"))
+    state["attn_pool_contrast.to_query.weight"] = state.pop("attn_pool_contrast.to_q.weight")
+    with pytest.raises(CheckpointError) as err:
+        create_patch_encoder("conch_v1_5_micro", conch_micro_snapshot(hf_cache, tmp_path, state))
+    assert "attn_pool.to_q.weight" in str(err.value)  # missing, in our names
+    assert "attn_pool_contrast.to_query.weight" in str(err.value)  # unexpected, as given
+    # Non-strict: it loads, but a random head is not a trained model.
+    with pytest.warns(UserWarning, match="UNTRAINED"):
+        loose = create_patch_encoder("conch_v1_5_micro", "hf:test-org/conch-micro",
+                                     strict=False)
+    assert not loose.trained
+
+
+def test_the_conch_v1_5_entry_carries_the_published_facts():
+    spec = get_patch_encoder_spec("conch_v1_5")
+    assert (spec.embed_dim, spec.input_size, spec.width, spec.depth) == (768, 448, 1024, 24)
+    assert spec.pool == "attn_pool" and spec.pool_heads == 8 and spec.grid == 14
+    assert spec.mean == (0.485, 0.456, 0.406) and spec.std == (0.229, 0.224, 0.225)
+    assert (spec.tile_size, spec.mpp) == (512, 0.5)
+    assert spec.hf_repo == "MahmoodLab/conchv1_5"
+    assert spec.weight_files == ("pytorch_model_vision.bin",)
+    with torch.device("meta"):
+        from care_scale.models.registry import patch_encoder_entry
+
+        model = patch_encoder_entry("conch_v1_5").build(spec)
+    keys = set(model.state_dict())
+    # The ten keys of the published head, in our names; no CLS projection head.
+    head = {k for k in keys if k.startswith(("attn_pool.", "pool_norm."))}
+    assert len(head) == 10 and not any(k.startswith("head.") for k in keys)
+    assert tuple(model.state_dict()["pos_embed"].shape) == (1, 14 * 14 + 1, 1024)
+
+
+def test_a_plain_folder_with_the_published_file_name_loads(tmp_path):
+    state = load_file(str(REF / "conch_v1_5_micro.safetensors"))
+    (tmp_path / "conch").mkdir()
+    torch.save(state, tmp_path / "conch" / "pytorch_model_vision.bin")
+    enc = create_patch_encoder("conch_v1_5_micro", str(tmp_path / "conch"))
+    assert enc.trained
+
+
+def test_a_transformers_snapshot_as_care_checkpoint_is_a_clear_error(hf_cache):
+    fake_snapshot(hf_cache, "Zipper-1/CARE", {
+        "config.json": json.dumps({"architectures": ["CAREModel"], "model_type": "care",
+                                   "auto_map": {"AutoModel": "modeling_care.CAREModel"}}
+                                  ).encode(),
+        "model.safetensors": save({"encoder.weight": torch.zeros(2, 2)}),
+    })
+    with pytest.raises(CheckpointError, match="transformers snapshot .*modeling code"):
+        create_slide_encoder("care", "hf:Zipper-1/CARE")
+
+
+def test_models_command_lists_the_registry_and_finds_local_snapshots(hf_cache, tmp_path,
+                                                                     capsys):
+    from care_scale.cli import main
+
+    snap = fake_snapshot(hf_cache, "MahmoodLab/conchv1_5",
+                         {"pytorch_model_vision.bin": b"x", "config.json": b"{}"})
+    assert main(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["conch_v1_5"]["weights"] == str(snap)
+    assert rows["conch_v1_5"]["tiling"] == "512 px @ 0.5 um/px"
+    assert rows["care"]["weights"] == "not in the HF cache"
+    assert rows["care"]["in"].startswith("768-d (conch_v1_5)")
+    assert main(["models"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[:3] == ["name", "kind", "in"]
+
+
+def test_conch_v1_5_exports_to_onnx_with_parity(tmp_path):
+    import onnxruntime as ort
+
+    from care_scale.export import export_patch_encoder
+
+    (tmp_path / "conch").mkdir()
+    torch.save(load_file(str(REF / "conch_v1_5_micro.safetensors")),
+               tmp_path / "conch" / "pytorch_model_vision.bin")
+    enc = create_patch_encoder("conch_v1_5_micro", str(tmp_path / "conch"))
+    io = load_file(str(REF / "conch_v1_5_micro_io.safetensors"))
+    result = export_patch_encoder(enc, out=str(tmp_path / "onnx"), tile_size=160)
+    assert result.manifest.parity["reports"][0]["passed"]
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"tiles": io["tiles"].numpy()})
+    with torch.no_grad():
+        ours = enc(io["tiles"]).numpy()
+    assert abs(got - ours).max() <= 1e-4 * abs(ours).max()
+    assert abs(got - io["expected"].numpy()).max() <= 0.02
