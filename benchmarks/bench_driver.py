@@ -10,8 +10,9 @@ Two workloads, each run by both designs, each run in a fresh driver process:
   .h5) into the paper-size CARE (``care``), ``--features``: the issue's measurement.
 - pixels: generated slides (``--side`` px squared) through decode, the tiny patch encoder and
   ``care_tiny``: the regime of a GPU node, where decode and I/O dominate.
-- speeds (this design only): both cohort sizes through the tiny and a slower patch encoder,
-  twice, fitted to fixed + per second of run + per tile: the driver's ceiling in tiles/s.
+- speeds (this design only): both cohort sizes and a few slides of twice the side, through
+  the tiny and a slower patch encoder, twice, fitted to fixed + per second of run + per tile
+  + per slide: the driver's ceiling in tiles/s.
 - manifest: time to the first block and driver memory for manifests of 1k-100k rows.
 
 "Before" is the code at ``--before`` (the last commit with CARE in the driver), checked out
@@ -272,24 +273,28 @@ def main() -> None:
 
 
 def two_speeds(out: Path, sizes: list[int], side: int, common: dict) -> list[dict]:
-    """Split the driver's CPU into fixed, per-second and per-tile parts (this design).
+    """Split the driver's CPU into fixed, per-second, per-tile and per-slide parts (this
+    design).
 
-    Two cohort sizes through a fast and a slower patch encoder (same tiles, different run
-    times), twice each: eight runs, fitted by least squares to
-    ``driver CPU = fixed + per_second * streaming wall + per_tile * tiles``. The slower encoder
-    separates time from tiles; the two sizes separate tiles from the fixed part. Per-slide
-    costs (one actor call, one share of a commit) land in ``per_tile`` at this slide size,
-    which overstates it for real slides (more tiles per slide)."""
+    Cohorts: the two ``sizes`` at ``side`` px, plus ``min(sizes) // 4`` slides at twice the
+    side (the same tiles in a quarter of the slides), each through a fast and a slower patch
+    encoder (same tiles, different run times), twice: twelve runs, fitted by least squares to
+    ``driver CPU = fixed + per_second * streaming wall + per_tile * tiles + per_slide *
+    slides``. The slower encoder separates time from tiles; the big slides separate tiles
+    from slides; the two sizes separate both from the fixed part."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_embed import TINY_PATCH_ENCODER, make_slides
 
     slides = make_slides(out / f"slides_{side}", max(sizes), side)
+    n_big = max(1, min(sizes) // 4)
+    big = make_slides(out / f"slides_{2 * side}", n_big, 2 * side)
+    cohorts = [(n, subset(slides[0].parent, n, "*.tiff")) for n in sizes]
+    cohorts.append((n_big, subset(big[0].parent, n_big, "*.tiff")))
     runs = []
     for rep in range(2):
-        for n in sizes:
-            src = subset(slides[0].parent, n, "*.tiff")
+        for n, src in cohorts:
             for name, enc, care in (
                     ("fast", TINY_PATCH_ENCODER,
                      {"name": "care_tiny", "overrides": {"in_dim": 64}}),
@@ -301,22 +306,28 @@ def two_speeds(out: Path, sizes: list[int], side: int, common: dict) -> list[dic
                     raise RuntimeError(f"speeds run: {r['failed']} slides failed; a fit over "
                                        "failed slides would measure something else")
                 runs.append({"encoder": name, "slides": n, **r})
-                print(f"  speeds run {len(runs)}: {n} slides, {name} encoder, {r['tiles']} "
-                      f"tiles in {r['stream_wall']:.1f} s streaming, driver {r['cpu']:.3f} "
-                      "CPU-s", flush=True)
-    x = np.array([[1.0, r["stream_wall"], r["tiles"]] for r in runs])
+                print(f"  speeds run {len(runs)}: {n} slides ({src.name}), {name} encoder, "
+                      f"{r['tiles']} tiles in {r['stream_wall']:.1f} s streaming, driver "
+                      f"{r['cpu']:.3f} CPU-s", flush=True)
+    x = np.array([[1.0, r["stream_wall"], r["tiles"], r["slides"]] for r in runs])
     y = np.array([r["cpu"] for r in runs])
-    (fixed, per_second, per_tile), *_ = np.linalg.lstsq(x, y, rcond=None)
-    resid = y - x @ np.array([fixed, per_second, per_tile])
-    # The driver's load at a cluster rate R tiles/s: per_second + per_tile * R (cores).
-    ceiling = (1 - per_second) / per_tile if per_tile > 0 else float("inf")
+    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    fixed, per_second, per_tile, per_slide = coef
+    resid = y - x @ coef
+    # The driver's load at a cluster rate R tiles/s of S-tile slides (in cores):
+    # per_second + R * (per_tile + per_slide / S).
+    tiles_per_slide = 10_000
+    load = per_tile + per_slide / tiles_per_slide
+    ceiling = (1 - per_second) / load if load > 0 else float("inf")
     print(f"  speeds fit over {len(runs)} runs: fixed {fixed:.3f} CPU-s, {per_second * 1000:.1f}"
-          f" CPU-ms per second of streaming, {per_tile * 1e6:.1f} CPU-ms per 1k tiles "
-          f"(residuals up to {abs(resid).max() * 1000:.0f} CPU-ms); at 50,000 tiles/s the "
-          f"driver would use {per_second + per_tile * 50_000:.2f} of a core; one driver keeps"
-          f" up with ~{ceiling:,.0f} tiles/s", flush=True)
+          f" CPU-ms per second of streaming, {per_tile * 1e6:.1f} CPU-ms per 1k tiles, "
+          f"{per_slide * 1000:.1f} CPU-ms per slide (residuals up to "
+          f"{abs(resid).max() * 1000:.0f} CPU-ms); with {tiles_per_slide:,}-tile slides at "
+          f"50,000 tiles/s the driver would use {per_second + load * 50_000:.2f} of a core; "
+          f"one driver keeps up with ~{ceiling:,.0f} tiles/s", flush=True)
     return [{"workload": "speeds", "runs": runs, "fixed_cpu_s": fixed,
              "cpu_ms_per_s": per_second * 1000, "cpu_ms_per_1k_tiles": per_tile * 1e6,
+             "cpu_ms_per_slide": per_slide * 1000,
              "max_abs_residual_cpu_s": float(abs(resid).max()),
              "driver_ceiling_tiles_per_s": ceiling}]
 

@@ -468,8 +468,12 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     # Smaller blocks than the 128 MiB default: a block of tiles reaches the encoder sooner
-    # and fewer pixels are buffered per decode task.
-    ctx.target_max_block_size = 16 * 2**20
+    # and fewer pixels are buffered per decode task. But never smaller than one decode batch:
+    # the driver's Ray Data executor pays ~1 ms per block, so a 64-tile batch of 512 px tiles
+    # (48 MiB) split into 16 MiB blocks would triple its cost per tile.
+    tile_bytes = int(config.patch_size or 0) ** 2 * 3
+    ctx.target_max_block_size = max(16 * 2**20,
+                                    int(1.1 * config.decode_batch_size * tile_bytes))
     # A decode task that dies (a native reader crashing on a damaged file) loses only its
     # slide's block; the driver reports that slide as failed instead of aborting the cohort.
     ctx.max_errored_blocks = max(1, len(todo))
