@@ -131,3 +131,16 @@ def test_bad_storage_option_does_not_echo_the_value():
     assert "KEY=VALUE" in str(info.value) and "s3cr3t" not in str(info.value)
     with pytest.raises(ConfigError, match="mpp_override must be > 0"):
         _embed_config("x", "--warehouse", "y", "--mpp-override", "0")
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["models"]) == 141
+    assert capsys.readouterr().err == ""

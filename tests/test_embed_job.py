@@ -88,6 +88,7 @@ def test_local_folder_to_local_warehouse_and_rerun(ray_local, cohort, tmp_path):
     assert (summary.total, summary.done, summary.failed, summary.skipped) == (N_SLIDES, N_SLIDES,
                                                                               0, 0)
     assert summary.tiles > 0 and summary.backend == "onnxruntime"  # "auto" on a CPU
+    assert "care_tiny" in summary.untrained and "UNTRAINED weights: care_tiny" in summary.format()
 
     slides = _table(wh, "slides").to_pylist()
     regions = _table(wh, "regions").to_pylist()

@@ -711,7 +711,10 @@ def test_local_cluster_runs_the_embedding_job_from_s3_and_stops_cleanly(tmp_path
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RAY_", "AWS_"))}  # nothing of the caller's leaks in
     env.update(CARE_SCALE_LOCAL_STATE=str(state), CARE_SCALE_LOCAL_BUCKET="cohort",
-               PYTHON=sys.executable, RAY_USAGE_STATS_ENABLED="0")
+               PYTHON=sys.executable, RAY_USAGE_STATS_ENABLED="0",
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
+    # `down` in a new shell that never exported the state folder: cluster.sh finds it.
+    env_without_state = {k: v for k, v in env.items() if k != "CARE_SCALE_LOCAL_STATE"}
     started = time.time()
     up = subprocess.run(["bash", str(LOCAL_SCRIPT), "up"], env=env, capture_output=True,
                         text=True, timeout=180, check=False)
@@ -721,6 +724,7 @@ def test_local_cluster_runs_the_embedding_job_from_s3_and_stops_cleanly(tmp_path
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
         exported = dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, re.MULTILINE))
         assert {"RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"} <= set(exported)
+        assert exported["CARE_SCALE_LOCAL_STATE"] == str(state.resolve())
         assert exported["RAY_ADDRESS"].startswith("http://127.0.0.1:")
         assert exported["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
         status = subprocess.run(["bash", str(LOCAL_SCRIPT), "status"], env=env,
@@ -768,7 +772,7 @@ def test_local_cluster_runs_the_embedding_job_from_s3_and_stops_cleanly(tmp_path
         ours |= {p for name in ("moto", "ray") if (state / f"{name}.pid").exists()
                  for p in _tree(int((state / f"{name}.pid").read_text()))}
     finally:
-        down = subprocess.run(["bash", str(LOCAL_SCRIPT), "down"], env=env,
+        down = subprocess.run(["bash", str(LOCAL_SCRIPT), "down"], env=env_without_state,
                               capture_output=True, text=True, timeout=120, check=False)
     assert down.returncode == 0, down.stderr
     time.sleep(1)

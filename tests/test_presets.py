@@ -44,3 +44,22 @@ def test_unpaired_feature_sizes_fail_before_any_slide_is_read(tmp_path, capsys):
     assert "care_tiny takes 192-d input" in err[0]
     assert "--set patch_encoder.name=" in err[0] and "--set slide_encoder.name=" in err[0]
     assert not (tmp_path / "wh").exists()
+
+
+def test_conch_sized_feature_files_into_the_default_say_which_encoder_fits(tmp_path, capsys):
+    import h5py
+    import numpy as np
+
+    src = tmp_path / "feats"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    coords = np.stack(np.meshgrid(np.arange(6), np.arange(5)), -1).reshape(-1, 2) * 512
+    with h5py.File(src / "s1.h5", "w") as f:  # a CLAM/TRIDENT file of CONCH-sized features
+        f.create_dataset("features", data=rng.normal(size=(30, 768)).astype(np.float32))
+        f.create_dataset("coords", data=coords).attrs["patch_size_level0"] = 512
+    rc = main(["embed", str(src), "--features", "--warehouse", str(tmp_path / "wh")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "768-d features" in err[0] and "care_tiny takes 192-d input" in err[0]
+    assert "--set slide_encoder.name=care (takes 768-d)" in err[0]
+    assert not (tmp_path / "wh").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name of the sub-command -> module in care_scale.cli that defines ``add_parser(subparsers)``.
@@ -61,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`care-scale sql ... | head`): stop quietly, as `cat` does.
+        # Point stdout at /dev/null so the interpreter's final flush does not raise again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer killed by it
     return int(code or 0)
 
 

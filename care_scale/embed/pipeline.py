@@ -126,28 +126,47 @@ def resolve_models(config: EmbedConfig) -> EmbedConfig:
     return dataclasses.replace(config, **fill) if fill else config
 
 
-def check_pairing(config: EmbedConfig, care: Any) -> None:
-    """The patch encoder's feature size must be the slide encoder's input size; checked
-    before any slide is decoded (else every slide would fail in CARE, one by one)."""
+def check_pairing(config: EmbedConfig, care: Any, sources: list[SlideSource]) -> None:
+    """The patch features' size must be the slide encoder's input size; checked before any
+    slide is decoded (else every slide would fail in CARE, one by one). With ``--features``
+    the first readable feature file stands for the cohort (a file that differs from it still
+    fails alone, with the same advice)."""
+    in_dim = int(care.config.in_dim)
     if config.features:
-        return  # feature files carry their own size; checked per file
+        from care_scale.models import read_patch_features
+
+        for src in sources[:3]:
+            try:
+                dim = read_patch_features(src.uri, storage_options=config.storage_options
+                                          or None).features.shape[1]
+            except (CareScaleError, OSError, ValueError, KeyError, IndexError):
+                continue  # an unreadable file fails on its own, as a failures row
+            if dim != in_dim:
+                raise ConfigError(f"{redact(src.uri)}: {dim}-d features, but "
+                                  + feature_size_advice(config, in_dim, dim))
+            return
+        return
     from care_scale.models import get_patch_encoder_spec
 
     patch = get_patch_encoder_spec(config.patch_encoder.name)
-    in_dim = int(care.config.in_dim)
     if patch.embed_dim != in_dim:
-        raise ConfigError(
-            f"patch encoder {patch.name} gives {patch.embed_dim}-d features but slide "
-            f"encoder {config.slide_encoder.name} takes {in_dim}-d input: pick a pair with "
-            f"--set patch_encoder.name=NAME (empty: the slide encoder's own, "
-            f"{_paired(config)}) or --set slide_encoder.name=NAME, or "
-            f"--set slide_encoder.overrides.in_dim={patch.embed_dim} for a CARE trained on it")
+        raise ConfigError(f"patch encoder {patch.name} gives {patch.embed_dim}-d features, but "
+                          + feature_size_advice(config, in_dim, patch.embed_dim))
 
 
-def _paired(config: EmbedConfig) -> str:
-    from care_scale.models import get_slide_encoder_spec
+def feature_size_advice(config: EmbedConfig, in_dim: int, dim: int) -> str:
+    """What to change when ``dim``-d patch features meet a slide encoder taking ``in_dim``."""
+    from care_scale.models import get_slide_encoder_spec, list_slide_encoders
 
-    return get_slide_encoder_spec(config.slide_encoder.name).patch_encoder
+    fits = [n for n in list_slide_encoders() if get_slide_encoder_spec(n).in_dim == dim]
+    pick = (f"--set slide_encoder.name={fits[0]} (takes {dim}-d)" if fits
+            else "--set slide_encoder.name=NAME")
+    patch = ("" if config.features else
+             f" or --set patch_encoder.name=NAME (empty: its own, "
+             f"{get_slide_encoder_spec(config.slide_encoder.name).patch_encoder})")
+    return (f"slide encoder {config.slide_encoder.name} takes {in_dim}-d input: use {pick}"
+            f"{patch}, or --set slide_encoder.overrides.in_dim={dim} for a CARE trained on "
+            "such features")
 
 
 def _patch_encoder(config: EmbedConfig) -> Any:
@@ -530,7 +549,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     # Built here only for their versions (and, on a local cluster, the patch encoder's
     # export); the actors load their own copies.
     care = create_slide_encoder(config)
-    check_pairing(config, care)
+    check_pairing(config, care, sources)
     care_version = model_version(care)
     patch_encoder = None if config.features else _patch_encoder(config)
     patch_version = "precomputed" if config.features else model_version(patch_encoder)
@@ -544,7 +563,9 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     todo = [s for s in sources if s.slide_id not in done_ids]
     summary = RunSummary(run_id=run_id, warehouse=redact(config.warehouse),
                          model_version=version, backend=backend_kind, total=len(sources),
-                         skipped=len(sources) - len(todo))
+                         skipped=len(sources) - len(todo),
+                         untrained=[m.name for m in (care, patch_encoder)
+                                    if m is not None and not m.trained])
     run_config = to_dict(config)
     run_config["storage_options"] = redact_options(config.storage_options)
     run_config.update(model_version=version, care_version=care_version,

@@ -29,6 +29,7 @@ class RunSummary:
     tiles: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (slide_id, type, msg)
+    untrained: list[str] = field(default_factory=list)  # models that ran on seeded weights
 
     @property
     def tiles_per_second(self) -> float:
@@ -43,6 +44,9 @@ class RunSummary:
             f"  model version {self.model_version}",
             f"  warehouse {self.warehouse}",
         ]
+        if self.untrained:
+            lines.append(f"  UNTRAINED weights: {', '.join(self.untrained)} (seeded random "
+                         "weights; these embeddings carry no biological meaning)")
         for sid, etype, msg in self.failures[:20]:
             lines.append(f"  FAILED {sid}: {etype}: {msg}")
         if len(self.failures) > 20:

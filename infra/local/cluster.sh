@@ -12,7 +12,9 @@
 #   infra/local/cluster.sh down     # stop both; no process left behind
 #
 # State (PIDs, ports, logs, env file) lives in $CARE_SCALE_LOCAL_STATE
-# (default: ~/.cache/care-scale/local). Both servers run in their own sessions, so closing
+# (default: ~/.cache/care-scale/local). `up` records where (in env.sh, and in
+# ~/.cache/care-scale/local-state), so `status` and `down` find it without the variable.
+# Both servers run in their own sessions, so closing
 # the terminal does not stop them; `down` stops exactly the processes `up` started (by PID,
 # plus their descendants), never other Ray clusters on the machine (so no `ray stop`).
 #
@@ -20,7 +22,15 @@
 # CARE_SCALE_LOCAL_OBJECT_STORE_BYTES (1000000000), PYTHON (python3), RAY (ray).
 set -euo pipefail
 
-STATE=${CARE_SCALE_LOCAL_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/care-scale/local}
+CACHE_ROOT=${XDG_CACHE_HOME:-$HOME/.cache}/care-scale
+POINTER=$CACHE_ROOT/local-state   # the state folder of the last `up`
+if [ -n "${CARE_SCALE_LOCAL_STATE:-}" ]; then
+  STATE=$CARE_SCALE_LOCAL_STATE
+elif [ "${1:-}" != up ] && [ -s "$POINTER" ]; then
+  STATE=$(cat "$POINTER")
+else
+  STATE=$CACHE_ROOT/local
+fi
 BUCKET=${CARE_SCALE_LOCAL_BUCKET:-care-scale}
 CPUS=${CARE_SCALE_LOCAL_CPUS:-2}
 OBJECT_STORE_BYTES=${CARE_SCALE_LOCAL_OBJECT_STORE_BYTES:-1000000000}
@@ -86,8 +96,9 @@ up() {
     print_env
     return 0
   fi
-  mkdir -p "$STATE"
+  mkdir -p "$STATE" "$CACHE_ROOT"
   rm -f "$STATE"/*.pid "$STATE/env.sh"
+  (cd "$STATE" && pwd) >"$POINTER"
   # A failed start leaves nothing running behind it.
   trap 'echo "cluster.sh: start failed, stopping what was started" >&2; down >&2' EXIT
   read -r S3_PORT GCS_PORT DASH_PORT CLIENT_PORT NM_PORT OM_PORT AGENT_PORT AGENT_GRPC \
@@ -161,6 +172,7 @@ export AWS_DEFAULT_REGION=$LOCAL_REGION
 export AWS_REGION=$LOCAL_REGION
 export AWS_ALLOW_HTTP=true
 export CARE_SCALE_LOCAL_BUCKET=$BUCKET
+export CARE_SCALE_LOCAL_STATE=$(cd "$STATE" && pwd)
 EOF
   trap - EXIT
   echo "# care-scale local cluster is up (state in $STATE). Run:  . $STATE/env.sh"
@@ -208,6 +220,9 @@ down() {
     rm -f "$STATE/ray_tmp"
   fi
   rm -f "$STATE/env.sh"
+  if [ -s "$POINTER" ] && [ "$(cat "$POINTER")" = "$(cd "$STATE" && pwd)" ]; then
+    rm -f "$POINTER"
+  fi
 }
 
 status() {
