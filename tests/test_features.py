@@ -200,3 +200,37 @@ def test_coords_to_grid_and_step_detection():
         coords_to_grid(np.zeros((0, 2)))
     with pytest.raises(ModelInputError):
         coords_to_grid(np.array([[np.nan, 1.0]]))
+
+
+def test_the_step_follows_the_coordinates_not_the_size_attribute(tmp_path):
+    """As on the CARE authors' own file: TRIDENT scan order, patches 512 apart, size 1024."""
+    xy = np.stack(np.meshgrid(np.arange(7), np.arange(5)), -1).reshape(-1, 2)  # row-major
+    coords = 1000 + xy * 512
+    feats = np.random.default_rng(0).normal(size=(len(xy), 192)).astype(np.float32)
+    write_trident_h5(tmp_path / "s.h5", feats, coords, patch_size_level0=1024)
+    pf = read_patch_features(str(tmp_path / "s.h5"))
+    assert pf.patch_size_level0 == 1024 and detect_step(pf.coords) == 512
+    enc = create_slide_encoder("care_tiny").encode(pf)
+    assert enc.patch_step == 512
+    # The authors' rule only counts spacings they use; another scan spacing falls through to
+    # the gaps within rows and columns.
+    assert detect_step(77 + xy * 224) == 224
+
+
+def test_tissue_pieces_on_differently_offset_lattices():
+    """Two pieces whose lattices are 81 and 300 px apart, in shuffled order: the step is the
+    spacing, not the offset between origins, and no two patches share a grid cell."""
+    rng = np.random.default_rng(1)
+    a = np.stack(np.meshgrid(np.arange(6), np.arange(4)), -1).reshape(-1, 2) * 512
+    b = np.stack(np.meshgrid(np.arange(5), np.arange(5)), -1).reshape(-1, 2) * 512
+    b = b + np.array([6 * 512 + 81, 4 * 512 + 300])  # beside and below piece a, off-lattice
+    coords = np.concatenate([a, b])[rng.permutation(len(a) + len(b))]
+    assert detect_step(coords) == 512
+    grid, step = coords_to_grid(coords)
+    assert step == 512
+    assert len(np.unique(grid, axis=0)) == len(coords)
+    # Neighbours within a piece stay neighbours on the grid.
+    for piece in (a, b):
+        idx = [int(np.flatnonzero((coords == p).all(1))[0]) for p in piece]
+        g = grid[idx]
+        np.testing.assert_array_equal(g - g.min(0), (piece - piece.min(0)) // 512)

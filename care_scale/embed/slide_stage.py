@@ -214,7 +214,8 @@ class SlideEncoderActor:
 
     def encode_feature_file(self, src_row: dict[str, Any]) -> Outcome:
         """CARE on a precomputed patch-feature file (.h5 / .parquet / CARE .npy)."""
-        from care_scale.models import coords_to_grid, read_patch_features
+        from care_scale.models import read_patch_features
+        from care_scale.models.features import file_step
 
         try:
             pf = read_patch_features(src_row["uri"], storage_options=self.opts)
@@ -222,7 +223,7 @@ class SlideEncoderActor:
                 from care_scale.exceptions import FeatureFileError
 
                 raise FeatureFileError(f"{redact(src_row['uri'])}: holds no patch features")
-            _, step = coords_to_grid(pf.coords, pf.patch_size_level0)
+            step = file_step(pf)
             coords = np.asarray(pf.coords, np.int64)
             meta = feature_file_meta(src_row, coords, pf.patch_size_level0, step,
                                      self.config.target_mpp)

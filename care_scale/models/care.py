@@ -547,11 +547,11 @@ class CARE(nn.Module):
         ``coords`` are level-0 pixel positions (N, 2); ``patch_step`` the level-0 distance
         between neighbouring patches (detected from the coordinates when not given).
         """
-        from care_scale.models.features import PatchFeatures, coords_to_grid
+        from care_scale.models.features import PatchFeatures, coords_to_grid, file_step
 
         if isinstance(features, PatchFeatures):
             coords = features.coords if coords is None else coords
-            patch_step = patch_step or features.patch_size_level0
+            patch_step = patch_step or file_step(features)
             features = features.features
         feats = np.asarray(features, dtype=np.float32)
         if feats.ndim != 2 or feats.shape[0] == 0:

@@ -16,6 +16,7 @@ patch size at level 0 when the file says it) for:
 from __future__ import annotations
 
 import io
+import logging
 import pickle
 import re
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ import numpy as np
 
 from care_scale.exceptions import FeatureFileError, ModelInputError
 from care_scale.storage import redact, strip_file_scheme, to_fsspec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,15 +44,65 @@ class PatchFeatures:
 
 # ------------------------------------------------------------------------- grid positions
 
+#: Level-0 patch spacings of CLAM / TRIDENT preprocessing. The CARE authors' code takes the
+#: most frequent of these among the distances between consecutive coordinates as the step.
+COMMON_STEPS = (128, 256, 512, 1024)
+
+
 def detect_step(coords: np.ndarray) -> int:
     """The lattice step of tile coordinates (1 when there is a single position).
 
-    Gaps between neighbouring distinct x (and y) values are the step, its multiples (holes in
-    the tissue) and, when coordinates jitter around the lattice, a few small gaps. A jump of
-    more than 3x in the sorted gaps separates jitter from steps; the step is then the most
-    common gap among the smallest step-sized ones, refined by least squares on all positions.
+    In this order:
+
+    1. The CARE authors' rule: among the moves from one coordinate to the next (file order)
+       along one axis, the most frequent distance, when it is one of ``COMMON_STEPS``, is
+       the most frequent move of any length and makes at least half of all moves. CLAM and
+       TRIDENT write coordinates in scan order, so on their files this is the patch spacing,
+       whatever the metadata says (the authors' own file says 1024 and is spaced 512).
+    2. Otherwise (shuffled order, other spacings): the most frequent gap between neighbours
+       within a row (same y) and within a column (same x). Gaps inside one row never mix
+       lattice origins, so tissue pieces on differently offset lattices do not shrink it
+       to the offset between them (taking gaps over all x values at once did: 81 on the
+       authors' file).
+    3. Coordinates that jitter around the lattice share no rows. Then the gaps between
+       sorted distinct x (and y) values are used: a jump of more than 3x separates jitter
+       from steps, and the step is refined by least squares on all positions.
     """
     c = np.asarray(coords, dtype=np.float64)
+    if len(np.unique(c, axis=0)) < 2:
+        return 1
+    moves = np.abs(np.diff(c, axis=0))
+    along = np.where(moves[:, 1] == 0, moves[:, 0], np.where(moves[:, 0] == 0, moves[:, 1], 0))
+    values, counts = np.unique(np.rint(along[along > 0]).astype(np.int64), return_counts=True)
+    # Scan order: most consecutive pairs are one such move (a shuffled file has few, spread
+    # over multiples of the step, and falls through to the gaps within rows).
+    if (values.size and int(values[np.argmax(counts)]) in COMMON_STEPS
+            and counts.max() >= 0.5 * len(moves)):
+        return int(values[np.argmax(counts)])
+    gaps = _line_gaps(c)
+    if gaps.size >= max(2, len(c) // 4):
+        values, counts = np.unique(np.rint(gaps).astype(np.int64), return_counts=True)
+        # Holes make multiples of the step as common as the step itself: the smallest
+        # frequent gap. Gaps spread over many values are jitter, not a lattice (3. below).
+        frequent = values[counts >= 0.5 * counts.max()]
+        if counts.max() >= 0.3 * gaps.size:
+            return max(1, int(frequent.min()))
+    return _jittered_step(c)
+
+
+def _line_gaps(c: np.ndarray) -> np.ndarray:
+    """Gaps between neighbouring positions within each row (same y) and column (same x)."""
+    out = []
+    for axis in (0, 1):
+        other = c[:, 1 - axis]
+        order = np.lexsort((c[:, axis], other))
+        same_line = other[order][1:] == other[order][:-1]
+        step = np.diff(c[order, axis])[same_line]
+        out.append(step[step > 0])
+    return np.concatenate(out)
+
+
+def _jittered_step(c: np.ndarray) -> int:
     gaps = np.concatenate([np.diff(np.unique(c[:, axis])) for axis in (0, 1)])
     gaps = np.sort(gaps[gaps > 0])
     if gaps.size == 0:
@@ -70,6 +123,19 @@ def detect_step(coords: np.ndarray) -> int:
             if (di * di).sum() > 0:
                 step = float((di * dr).sum() / (di * di).sum())
     return max(1, round(step))
+
+
+def file_step(pf: PatchFeatures) -> int:
+    """The step of a feature file's grid: detected from its coordinates; the file's own
+    patch size only where they cannot tell (a single patch). Feature files' size attributes
+    are not always the spacing (the CARE authors' file: size 1024, spacing 512)."""
+    if len(np.unique(np.asarray(pf.coords), axis=0)) < 2:
+        return int(pf.patch_size_level0 or 1)
+    step = detect_step(pf.coords)
+    if pf.patch_size_level0 and step != pf.patch_size_level0:
+        log.info("%s: patches are %d level-0 px apart, the file says size %d: using %d",
+                 pf.slide_id, step, pf.patch_size_level0, step)
+    return step
 
 
 def coords_to_grid(coords: Any, step: int | None = None) -> tuple[np.ndarray, int]:

@@ -91,11 +91,12 @@ def _from_features(slide_id: str, features: np.ndarray, coords: np.ndarray,
 def load_feature_files(uris: list[str], *, storage_options: dict[str, Any] | None = None
                        ) -> list[SlideFeatures]:
     from care_scale.models import read_patch_features
+    from care_scale.models.features import file_step
 
     slides = []
     for uri in _expand_uris(uris, storage_options):
         pf = read_patch_features(uri, storage_options=storage_options)
-        slides.append(_from_features(pf.slide_id, pf.features, pf.coords, pf.patch_size_level0))
+        slides.append(_from_features(pf.slide_id, pf.features, pf.coords, file_step(pf)))
     return slides
 
 
