@@ -88,3 +88,23 @@ def test_duckdb_over_s3_with_secret(s3_options, s3_bucket):
     assert con.sql("SELECT count(*) FROM patches").fetchone()[0] == 60
     secret = con.sql("SELECT secret_string FROM duckdb_secrets()").fetchone()[0]
     assert "testing-secret" not in secret  # DuckDB redacts it
+
+
+def test_cli_sql_on_s3_reads_credentials_from_the_aws_environment(s3_options, s3_bucket,
+                                                                  monkeypatch, capsys):
+    """As a user with AWS_* exported (no --storage-option): the query sees the tables."""
+    from care_scale.cli import main
+
+    uri = f"s3://{s3_bucket}/wh"
+    Warehouse(uri, storage_options=s3_options).write_results(
+        [fake_result(f"s{i}", seed=i) for i in range(2)])
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_options["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_options["aws_secret_access_key"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_options["aws_endpoint_url"])
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    rc = main(["sql", "SELECT slide_id FROM slides ORDER BY 1", "--warehouse", uri, "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert [r["slide_id"] for r in json.loads(out.out)] == ["s0", "s1"]

@@ -2,12 +2,14 @@
 
 Extensions are LOADed from the pip packages ``duckdb_extension_delta`` and
 ``duckdb_extension_httpfs`` (never INSTALLed from the network, so air-gapped clusters work).
-S3 credentials become a DuckDB SECRET built from the same storage options the job uses.
+S3 credentials become a DuckDB SECRET built from the same storage options the job uses, or
+from the standard AWS environment variables where no option is given (as for the job).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,7 +39,32 @@ def _q(s: str) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
+#: Storage option -> the standard AWS environment variables that stand in for it (as they
+#: do for the job, whose object_store and s3fs clients read them too).
+_AWS_ENV = {
+    "aws_access_key_id": ("AWS_ACCESS_KEY_ID",),
+    "aws_secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+    "aws_session_token": ("AWS_SESSION_TOKEN",),
+    "aws_region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    "aws_endpoint_url": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+}
+
+
+def s3_settings(opts: dict[str, str]) -> dict[str, str]:
+    """The S3 settings a query uses: the storage options, else the AWS environment; the
+    region defaults to us-east-1 (an empty one made DuckDB dial ``s3..amazonaws.com``)."""
+    out = dict(opts)
+    for key, names in _AWS_ENV.items():
+        if not out.get(key):
+            value = next((os.environ[n] for n in names if os.environ.get(n)), None)
+            if value:
+                out[key] = value
+    out.setdefault("aws_region", "us-east-1")
+    return out
+
+
 def _s3_secret(con: Any, opts: dict[str, str]) -> None:
+    opts = s3_settings(opts)
     parts = ["TYPE s3", "PROVIDER config"]
     for key, dk in (("aws_access_key_id", "KEY_ID"), ("aws_secret_access_key", "SECRET"),
                     ("aws_session_token", "SESSION_TOKEN"), ("aws_region", "REGION")):
@@ -56,6 +83,7 @@ def connect_duckdb(warehouse: str, *, storage_options: dict[str, Any] | None = N
                    database: str = ":memory:") -> Any:
     """A DuckDB connection with a view per existing warehouse table (``slides``, ...)."""
     import duckdb
+    from deltalake.exceptions import DeltaError
 
     con = duckdb.connect(database)
     con.execute(f"LOAD {_q(_extension_file('duckdb_extension_httpfs', 'httpfs'))}")
@@ -64,12 +92,17 @@ def connect_duckdb(warehouse: str, *, storage_options: dict[str, Any] | None = N
         _s3_secret(con, to_delta(storage_options, join(str(warehouse), "slides")))
     wh = Warehouse(str(warehouse), storage_options=storage_options)
     for name in TABLES:
-        if wh.open(name) is None:  # also checks the schema version
-            continue
         uri = wh.table_uri(name)
-        if not is_remote(uri):
-            uri = str(Path(uri).resolve())
-        con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM delta_scan({_q(uri)})")
+        try:
+            if wh.open(name) is None:  # also checks the schema version
+                continue
+            if not is_remote(uri):
+                uri = str(Path(uri).resolve())
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM delta_scan({_q(uri)})")
+        except (OSError, duckdb.Error, DeltaError) as exc:
+            # Unreachable storage, refused credentials: one line naming the table.
+            con.close()
+            raise TableError(name, f"{redact(uri)}: {redact(exc)}") from exc
     return con
 
 
