@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import posixpath
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -171,3 +173,36 @@ def test_dicom_series_folder_is_one_slide(tmp_path):
     got = list_sources(str(tmp_path))
     assert [s.slide_id for s in got] == ["case7", "m", "other"]
     assert got[0].uri == str(tmp_path / "case7" / "1.2.826.0.0.dcm")
+
+
+def test_every_file_of_a_folder_is_accounted_for(tmp_path):
+    """A feature file or a note among slides is reported with the reason; a lone .dcm among
+    slides is a slide of its own name; a folder of .dcm files is one series; the files of a
+    MRXS slide's data folder belong to it."""
+    from care_scale.embed.sources import scan_source
+
+    _touch(tmp_path / "s1.svs")
+    _touch(tmp_path / "lone.dcm")
+    _touch(tmp_path / "feats.npy")
+    _touch(tmp_path / "notes.txt")
+    _touch(tmp_path / ".DS_Store")
+    _touch(tmp_path / "series" / "level-0.dcm")
+    _touch(tmp_path / "series" / "level-1.dcm")
+    _touch(tmp_path / "m.mrxs")
+    _touch(tmp_path / "m" / "Data0000.dat")
+    _touch(tmp_path / "m" / "Slidedat.ini")
+    listing = scan_source(str(tmp_path))
+    assert [s.slide_id for s in listing.sources] == ["lone", "m", "s1", "series"]
+    why = {posixpath.basename(u): w for u, w in listing.ignored}
+    assert set(why) == {"feats.npy", "notes.txt"}
+    assert "--features" in why["feats.npy"] and "not a slide type" in why["notes.txt"]
+    # And the other way round: slides among feature files.
+    feats = scan_source(str(tmp_path), features=True)
+    assert [s.slide_id for s in feats.sources] == ["feats"]
+    assert "without --features" in dict((posixpath.basename(u), w)
+                                        for u, w in feats.ignored)["s1.svs"]
+    from care_scale.embed.progress import RunSummary
+
+    text = RunSummary(run_id="r", warehouse="wh", model_version="v", backend="b",
+                      ignored=listing.ignored).format()
+    assert "2 file(s) in the source not embedded:" in text and "feats.npy: a feature" in text

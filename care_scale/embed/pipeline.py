@@ -68,7 +68,7 @@ from care_scale.embed.config import EmbedConfig
 from care_scale.embed.progress import Progress, RunSummary
 from care_scale.embed.results import STAGE_DECODE, STAGE_ENCODE, STAGE_OPEN, STAGE_TILE, RowContext
 from care_scale.embed.slide_stage import create_slide_encoder, shard_batch
-from care_scale.embed.sources import SlideSource, list_sources
+from care_scale.embed.sources import SlideSource, scan_source
 from care_scale.exceptions import CareScaleError, ConfigError
 from care_scale.storage import redact, redact_options
 
@@ -542,8 +542,9 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     t0 = time.monotonic()
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4(
     ).hex[:6]
-    sources = list_sources(config.source, features=config.features,
-                           storage_options=config.storage_options or None)
+    listing = scan_source(config.source, features=config.features,
+                          storage_options=config.storage_options or None)
+    sources = listing.sources
     by_id = {s.slide_id: s for s in sources}
 
     # Built here only for their versions (and, on a local cluster, the patch encoder's
@@ -565,7 +566,8 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                          model_version=version, backend=backend_kind, total=len(sources),
                          skipped=len(sources) - len(todo),
                          untrained=[m.name for m in (care, patch_encoder)
-                                    if m is not None and not m.trained])
+                                    if m is not None and not m.trained],
+                         ignored=[(redact(u), why) for u, why in listing.ignored])
     run_config = to_dict(config)
     run_config["storage_options"] = redact_options(config.storage_options)
     run_config.update(model_version=version, care_version=care_version,

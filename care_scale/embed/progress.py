@@ -30,6 +30,7 @@ class RunSummary:
     seconds: float = 0.0
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (slide_id, type, msg)
     untrained: list[str] = field(default_factory=list)  # models that ran on seeded weights
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (uri, why): not inputs
 
     @property
     def tiles_per_second(self) -> float:
@@ -47,6 +48,11 @@ class RunSummary:
         if self.untrained:
             lines.append(f"  UNTRAINED weights: {', '.join(self.untrained)} (seeded random "
                          "weights; these embeddings carry no biological meaning)")
+        if self.ignored:
+            lines.append(f"  {len(self.ignored)} file(s) in the source not embedded:")
+            lines += [f"    {uri}: {why}" for uri, why in self.ignored[:10]]
+            if len(self.ignored) > 10:
+                lines.append(f"    ... and {len(self.ignored) - 10} more")
         for sid, etype, msg in self.failures[:20]:
             lines.append(f"  FAILED {sid}: {etype}: {msg}")
         if len(self.failures) > 20:

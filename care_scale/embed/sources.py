@@ -96,6 +96,15 @@ def is_manifest(source: str) -> bool:
     )
 
 
+@dataclass
+class Listing:
+    """What a SOURCE holds: the inputs to embed, and the files of a folder that are not
+    inputs, each with the reason (so every file is accounted for in the run summary)."""
+
+    sources: list[SlideSource]
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
+
+
 def list_sources(
     source: str,
     *,
@@ -108,20 +117,34 @@ def list_sources(
     ``features=True`` a single ``.parquet`` file whose columns include ``uri`` is a manifest,
     otherwise it is one feature file.
     """
+    return scan_source(source, features=features, storage_options=storage_options).sources
+
+
+def scan_source(
+    source: str,
+    *,
+    features: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Listing:
+    """:func:`list_sources`, plus the folder's files that are not inputs and why."""
     source = str(source)
     if not source:
         raise ConfigError("no slide source given")
     extensions = FEATURE_EXTENSIONS if features else SLIDE_EXTENSIONS
     if is_manifest(source) and (not features or _looks_like_manifest(source, storage_options)):
-        return read_manifest(source, features=features, storage_options=storage_options)
+        return Listing(read_manifest(source, features=features,
+                                     storage_options=storage_options))
     fs, path = url_to_fs(source, storage_options)
+    ignored: list[tuple[str, str]] = []
     if any(c in source for c in _GLOB_CHARS):
         root = path.split("*", 1)[0].split("?", 1)[0].split("[", 1)[0]
         root = root if root.endswith("/") else posixpath.dirname(root)
         paths = [p for p in fs.glob(path) if not fs.isdir(p)]
     elif fs.isdir(path):
         root = path
-        paths = [p for p in fs.find(path) if p.lower().endswith(extensions)]
+        found = fs.find(path)
+        paths = [p for p in found if p.lower().endswith(extensions)]
+        ignored = _not_inputs(fs, source, found, paths, extensions, features)
     elif fs.exists(path):
         root = posixpath.dirname(path)
         paths = [path]
@@ -136,13 +159,47 @@ def list_sources(
         paths = one_per_dicom_series(paths)
     uris = sorted(_full_uri(fs, p, source) for p in paths)
     rels = [posixpath.relpath(p, root.rstrip("/") or "/") for p in sorted(paths)]
-    # A DICOM series is named by its folder (its file names are UIDs or "level-0.dcm").
-    named = [posixpath.dirname(u) if u.lower().endswith(".dcm") else u for u in uris]
-    named_rels = [posixpath.dirname(r) if r.lower().endswith(".dcm") else r for r in rels]
+    # A DICOM series is named by its folder (its file names are UIDs or "level-0.dcm"), when
+    # the folder holds nothing but .dcm files; a lone .dcm among other slides by its stem.
+    series = _dicom_series_folders(paths)
+    named = [posixpath.dirname(u) if posixpath.dirname(p) in series else u
+             for u, p in zip(uris, sorted(paths))]
+    named_rels = [posixpath.dirname(r) if posixpath.dirname(p) in series else r
+                  for r, p in zip(rels, sorted(paths))]
     ids = unique_ids(named, named_rels)
-    return sorted(
-        (SlideSource(slide_id=i, uri=u) for i, u in zip(ids, uris)), key=lambda s: s.slide_id
-    )
+    return Listing(sorted((SlideSource(slide_id=i, uri=u) for i, u in zip(ids, uris)),
+                          key=lambda s: s.slide_id), ignored)
+
+
+def _dicom_series_folders(paths: list[str]) -> set[str]:
+    """Folders whose listed inputs are all .dcm files: one DICOM WSI each."""
+    kinds: dict[str, set[bool]] = {}
+    for p in paths:
+        kinds.setdefault(posixpath.dirname(p), set()).add(p.lower().endswith(".dcm"))
+    return {folder for folder, k in kinds.items() if k == {True}}
+
+
+def _not_inputs(fs: Any, source: str, found: list[str], inputs: list[str],
+                extensions: tuple[str, ...], features: bool) -> list[tuple[str, str]]:
+    """Files of a folder that are not embedded, and why. Files inside a MRXS slide's data
+    folder (``<stem>/`` beside ``<stem>.mrxs``) belong to that slide; hidden files are not
+    reported."""
+    mrxs = {p[: -len(".mrxs")] for p in inputs if p.lower().endswith(".mrxs")}
+    other = FEATURE_EXTENSIONS if not features else SLIDE_EXTENSIONS
+    out = []
+    for p in found:
+        if p in inputs or posixpath.basename(p).startswith("."):
+            continue
+        if any(p.startswith(m + "/") for m in mrxs) or (p.lower().endswith(".dcm")
+                                                          and not features):
+            continue  # parts of a slide (MRXS data, further files of a DICOM series)
+        if p.lower().endswith(other):
+            why = ("a feature file (run with --features)" if not features
+                   else "a slide (run without --features)")
+        else:
+            why = f"not a {'feature file' if features else 'slide'} type ({', '.join(extensions)})"
+        out.append((_full_uri(fs, p, source), why))
+    return out
 
 
 def one_per_dicom_series(paths: list[str]) -> list[str]:
