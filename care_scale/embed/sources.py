@@ -184,14 +184,15 @@ def _not_inputs(fs: Any, source: str, found: list[str], inputs: list[str],
     """Files of a folder that are not embedded, and why. Files inside a MRXS slide's data
     folder (``<stem>/`` beside ``<stem>.mrxs``) belong to that slide; hidden files are not
     reported."""
+    # Sets: a cohort folder holds 100,000s of files.
     mrxs = {p[: -len(".mrxs")] for p in inputs if p.lower().endswith(".mrxs")}
+    wanted = set(inputs)
     other = FEATURE_EXTENSIONS if not features else SLIDE_EXTENSIONS
     out = []
     for p in found:
-        if p in inputs or posixpath.basename(p).startswith("."):
+        if p in wanted or posixpath.basename(p).startswith("."):
             continue
-        if any(p.startswith(m + "/") for m in mrxs) or (p.lower().endswith(".dcm")
-                                                          and not features):
+        if posixpath.dirname(p) in mrxs or (p.lower().endswith(".dcm") and not features):
             continue  # parts of a slide (MRXS data, further files of a DICOM series)
         if p.lower().endswith(other):
             why = ("a feature file (run with --features)" if not features
