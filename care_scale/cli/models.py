@@ -26,9 +26,7 @@ def run(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    cols = ["name", "kind", "in", "out", "tiling", "hf_repo", "weights"]
-    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(width[c]) for c in cols).rstrip())
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(width[c]) for c in cols).rstrip())
+    from care_scale.cli.sql import format_table
+
+    print(format_table(rows, ["name", "kind", "in", "out", "tiling", "hf_repo", "weights"]))
     return 0

@@ -490,7 +490,7 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
     # and fewer pixels are buffered per decode task. But never smaller than one decode batch:
     # the driver's Ray Data executor pays ~1 ms per block, so a 64-tile batch of 512 px tiles
     # (48 MiB) split into 16 MiB blocks would triple its cost per tile.
-    tile_bytes = int(config.patch_size or 0) ** 2 * 3
+    tile_bytes = config.patch_size ** 2 * 3
     ctx.target_max_block_size = max(16 * 2**20,
                                     int(1.1 * config.decode_batch_size * tile_bytes))
     # A decode task that dies (a native reader crashing on a damaged file) loses only its

@@ -157,15 +157,16 @@ def scan_source(
         )
     if not features:
         paths = one_per_dicom_series(paths)
-    uris = sorted(_full_uri(fs, p, source) for p in paths)
-    rels = [posixpath.relpath(p, root.rstrip("/") or "/") for p in sorted(paths)]
+    paths = sorted(paths)
+    uris = [_full_uri(fs, p, source) for p in paths]
+    rels = [posixpath.relpath(p, root.rstrip("/") or "/") for p in paths]
     # A DICOM series is named by its folder (its file names are UIDs or "level-0.dcm"), when
     # the folder holds nothing but .dcm files; a lone .dcm among other slides by its stem.
     series = _dicom_series_folders(paths)
     named = [posixpath.dirname(u) if posixpath.dirname(p) in series else u
-             for u, p in zip(uris, sorted(paths))]
+             for u, p in zip(uris, paths)]
     named_rels = [posixpath.dirname(r) if posixpath.dirname(p) in series else r
-                  for r, p in zip(rels, sorted(paths))]
+                  for r, p in zip(rels, paths)]
     ids = unique_ids(named, named_rels)
     return Listing(sorted((SlideSource(slide_id=i, uri=u) for i, u in zip(ids, uris)),
                           key=lambda s: s.slide_id), ignored)
@@ -181,9 +182,10 @@ def _dicom_series_folders(paths: list[str]) -> set[str]:
 
 def _not_inputs(fs: Any, source: str, found: list[str], inputs: list[str],
                 extensions: tuple[str, ...], features: bool) -> list[tuple[str, str]]:
-    """Files of a folder that are not embedded, and why. Files inside a MRXS slide's data
-    folder (``<stem>/`` beside ``<stem>.mrxs``) belong to that slide; hidden files are not
-    reported."""
+    """Files of a folder that are not embedded, and why (``inputs``: before one .dcm per
+    series is kept, so further files of a series are inputs here). Files inside a MRXS
+    slide's data folder (``<stem>/`` beside ``<stem>.mrxs``) belong to that slide; hidden files
+    are not reported."""
     # Sets: a cohort folder holds 100,000s of files.
     mrxs = {p[: -len(".mrxs")] for p in inputs if p.lower().endswith(".mrxs")}
     wanted = set(inputs)
@@ -192,8 +194,8 @@ def _not_inputs(fs: Any, source: str, found: list[str], inputs: list[str],
     for p in found:
         if p in wanted or posixpath.basename(p).startswith("."):
             continue
-        if posixpath.dirname(p) in mrxs or (p.lower().endswith(".dcm") and not features):
-            continue  # parts of a slide (MRXS data, further files of a DICOM series)
+        if posixpath.dirname(p) in mrxs:
+            continue  # the data of a MRXS slide
         if p.lower().endswith(other):
             why = ("a feature file (run with --features)" if not features
                    else "a slide (run without --features)")

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pickle
 import struct
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from care_scale.exceptions import CheckpointError, UnsafeCheckpointError
+from care_scale.models.hub import is_hf_uri, resolve_hf_snapshot
 from care_scale.storage import join, redact, url_to_fs
 
 log = logging.getLogger(__name__)
@@ -126,9 +128,7 @@ def resolve_weights(
     ``model.safetensors`` and the usual torch names. ``config`` is the parsed ``config.json``
     (or safetensors metadata) or ``None``.
     """
-    if uri.startswith("hf:"):
-        from care_scale.models.hub import resolve_hf_snapshot
-
+    if is_hf_uri(uri):
         snap = resolve_hf_snapshot(uri, files=weight_files[:1])
         return resolve_weights(str(snap), weight_files=weight_files)
     fs, path = url_to_fs(uri, storage_options)
@@ -283,8 +283,6 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     """A (1, 1 + g*g, C) position table (class token first) resampled to ``grid`` x ``grid``:
     bilinear, no antialiasing, as timm's ``resample_abs_pos_embed`` does when CONCH v1.5's
     reference code fits a published table to its trunk."""
-    import math
-
     import torch.nn.functional as F
 
     n_old = pos_embed.shape[1] - 1

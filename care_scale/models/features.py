@@ -129,9 +129,9 @@ def file_step(pf: PatchFeatures) -> int:
     """The step of a feature file's grid: detected from its coordinates; the file's own
     patch size only where they cannot tell (a single patch). Feature files' size attributes
     are not always the spacing (the CARE authors' file: size 1024, spacing 512)."""
-    if len(np.unique(np.asarray(pf.coords), axis=0)) < 2:
+    step = detect_step(pf.coords)  # 1: a single position, nothing to tell
+    if step == 1:
         return int(pf.patch_size_level0 or 1)
-    step = detect_step(pf.coords)
     if pf.patch_size_level0 and step != pf.patch_size_level0:
         log.info("%s: patches are %d level-0 px apart, the file says size %d: using %d",
                  pf.slide_id, step, pf.patch_size_level0, step)

@@ -323,8 +323,6 @@ def create_slide_encoder(
 
 def model_table() -> list[dict[str, Any]]:
     """One row per registered encoder: what ``care-scale models`` prints."""
-    from care_scale.models.hub import local_snapshot
-
     rows = []
     for name in list_patch_encoders():
         spec = _PATCH_ENCODERS[name].spec
@@ -333,7 +331,7 @@ def model_table() -> list[dict[str, Any]]:
             "out": spec.embed_dim, "tiling": f"{spec.tile_size or spec.input_size} px @ "
                                               f"{spec.mpp} um/px",
             "hf_repo": spec.hf_repo,
-            "weights": _weights_found(spec.hf_repo, spec.weight_files, local_snapshot),
+            "weights": _weights_found(spec.hf_repo, spec.weight_files),
         })
     for name in list_slide_encoders():
         spec = _SLIDE_ENCODERS[name].spec
@@ -341,12 +339,14 @@ def model_table() -> list[dict[str, Any]]:
             "name": name, "kind": "slide", "in": f"{spec.in_dim}-d ({spec.patch_encoder})",
             "out": spec.embed_dim, "tiling": f"{spec.tile_size} px @ {spec.mpp} um/px",
             "hf_repo": spec.hf_repo,
-            "weights": _weights_found(spec.hf_repo, (), local_snapshot),
+            "weights": _weights_found(spec.hf_repo, ()),
         })
     return rows
 
 
-def _weights_found(repo: str, files: tuple[str, ...], local_snapshot) -> str:
+def _weights_found(repo: str, files: tuple[str, ...]) -> str:
+    from care_scale.models.hub import local_snapshot
+
     if not repo:
         return "-"
     snap = local_snapshot(repo, files)

@@ -15,8 +15,6 @@ pipeline never converts images to float on the host.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -213,7 +211,7 @@ class VisionTransformer(nn.Module):
         dim = grid.shape[-1]
         grid = F.interpolate(
             grid.reshape(1, n, n, dim).permute(0, 3, 1, 2),
-            scale_factor=((rows + 0.1) / math.sqrt(n * n), (cols + 0.1) / math.sqrt(n * n)),
+            scale_factor=((rows + 0.1) / n, (cols + 0.1) / n),
             mode="bicubic",
         )
         return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
