@@ -350,9 +350,9 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     assert str(tmp_path / "cache") in local
     code = (
         "import pickle, sys\n"
-        "from care_scale.embed.pipeline import PatchEncoder\n"
+        "from care_scale.embed.patch_stage import PatchEncoder\n"
         "cfg, local = pickle.loads(sys.stdin.buffer.read())\n"
-        "enc = PatchEncoder(cfg, staging='', local_export=local)\n"
+        "enc = PatchEncoder(cfg, local_export=local)\n"
         "print(enc.kind, enc.backend.model_version, 'torch' in sys.modules, "
         "'onnx' in sys.modules)\n"
     )
@@ -455,9 +455,9 @@ def test_three_nodes_s3_equal_one_node(ray_local, cohort, tmp_path, s3_options, 
 
 
 def test_driver_receives_no_features_or_rows(ray_local, cohort, tmp_path, monkeypatch):
-    """Every block the driver iterates is shard descriptions (a few per encoder batch), and
-    every slide-encoder outcome is file metadata: the driver's bytes grow with slides and
-    batches, not with tiles times feature width."""
+    """Every block the driver iterates is one row per slide (shard URIs, counts, metadata),
+    and every slide-encoder outcome is file metadata: the driver's bytes and rows grow with
+    slides, not with tiles, batches or feature width."""
     import pickle
 
     from care_scale.embed import pipeline, slide_stage
@@ -480,12 +480,62 @@ def test_driver_receives_no_features_or_rows(ray_local, cohort, tmp_path, monkey
     summary = run_embedding(_config(cohort, tmp_path / "wh", keep_patches=True))
     assert summary.done == N_SLIDES and summary.tiles > 0
     cols = set().union(*(b.keys() for b in seen))
-    assert cols == {"slide_id", "n_tiles", "count", "shard", "meta", "backend", "error_stage",
-                    "error_type", "error_message"}
-    rows = sum(len(b["slide_id"]) for b in seen)
-    assert rows <= summary.tiles / 16 + 2 * N_SLIDES  # one per slide per encoder batch
+    assert cols == {"slide_id", "n_tiles", "count", "shards", "meta", "backend",
+                    "error_stage", "error_type", "error_message"}
+    assert sorted(sid for b in seen for sid in b["slide_id"]) == [
+        f"slide_{i}" for i in range(N_SLIDES)]  # one row per slide, however many tiles
     assert sum(int(b["count"].sum()) for b in seen) == summary.tiles
+    assert all(n == c for b in seen for n, c in zip(b["n_tiles"], b["count"]))
+    assert all(len(b["meta"][0]) + len(b["shards"][0]) < 4096 for b in seen)
     assert all(size < 8192 for size in outcomes)  # a handful of file descriptions each
-    # The slides' metadata is sent once per slide, with its first shard.
-    assert sum(1 for b in seen for m in b["meta"] if m) == N_SLIDES
     assert json.loads(next(m for b in seen for m in b["meta"] if m))["step_level0"] > 0
+
+
+def _pids_of(title: str) -> set[int]:
+    """Processes whose command line starts with ``title`` (Ray names its workers ray::Class)."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and (d / "cmdline").read_bytes().startswith(title.encode()):
+                pids.add(int(d.name))
+        except OSError:
+            continue  # exited meanwhile
+    return pids
+
+
+def test_a_killed_encoder_actor_restarts_and_the_tables_equal_a_clean_run(ray_local, cohort,
+                                                                          tmp_path):
+    """SIGKILL of the patch-encoder actor's process after the first slide's features are
+    staged: Ray restarts the actor, the calls in flight are retried, every slide completes and
+    the tables equal those of an undisturbed run."""
+    import threading
+
+    wh = tmp_path / "wh"
+    seen: dict[str, set[int]] = {}
+
+    def kill_once():
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(wh.glob("_staging/*/*/*.arrow")):
+            time.sleep(0.02)
+        seen["killed"] = _pids_of("ray::PatchEncoder")
+        for pid in seen["killed"]:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            seen["after"] = _pids_of("ray::PatchEncoder") - seen["killed"]
+            if seen["after"]:
+                break
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_once, daemon=True)
+    killer.start()
+    small = {"decode_batch_size": 4, "encode_batch_size": 4, "keep_patches": True}
+    summary = run_embedding(_config(cohort, wh, **small))
+    killer.join(timeout=60)
+    assert seen.get("killed") and seen.get("after"), seen  # it was killed and came back
+    assert (summary.done, summary.failed) == (N_SLIDES, 0), summary.failures
+    clean = tmp_path / "clean"
+    run_embedding(_config(cohort, clean, **small))
+    for name, keys in (("slides", ["slide_id"]), ("regions", ["slide_id", "region_id"]),
+                       ("patches", ["slide_id", "x", "y"])):
+        _assert_rows_equal(_rows(wh, name, keys), _rows(clean, name, keys))

@@ -59,10 +59,11 @@ class ModelRef:
 class Concurrency:
     """How many Ray workers each stage gets, and where they may run.
 
-    ``decode_tasks`` CPU tasks open, tile and decode slides in parallel; ``encoder_actors``
-    actors each hold one patch-encoder copy (``num_gpus_per_actor`` GPUs each on a GPU
-    cluster, 0 on CPU); ``slide_encoder_actors`` actors each hold CARE and write the slides'
-    rows (``num_gpus_per_slide_actor`` puts them on GPUs). ``decode_num_workers`` threads
+    ``decode_tasks`` CPU tasks open, tile and decode slides in parallel and send the tiles
+    to the ``encoder_actors`` actors, each holding one patch-encoder copy
+    (``num_gpus_per_actor`` GPUs each on a GPU cluster, 0 on CPU); ``slide_encoder_actors``
+    actors each hold CARE and write the slides' rows (``num_gpus_per_slide_actor`` puts them
+    on GPUs). ``decode_num_workers`` threads
     decode tiles inside one task. ``*_resources``: custom Ray resources a stage's workers
     need (``{decode: 1}``), to pin stages to node groups.
     """
@@ -72,14 +73,16 @@ class Concurrency:
     # Logical CPUs reserved per decode task. With the encoder actor's 1 and a slide-encoder
     # actor's 0.5, one decode task still fits on a 2-CPU machine.
     decode_num_cpus: float = 0.5
-    # Logical memory reserved per decode task (scheduling only). It also differs from the
-    # encoder actors' remote args, which keeps Ray Data from fusing decode into the actors.
+    # Logical memory reserved per decode task (scheduling only).
     decode_memory_bytes: int = 1 << 30
     decode_resources: dict[str, float] = field(default_factory=dict)
     encoder_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     encoder_resources: dict[str, float] = field(default_factory=dict)
+    # Tile batches one decode task keeps at the encoder actors while it decodes the next:
+    # enough to keep them busy, few enough to bound the pixels in the object store.
+    encode_in_flight: int = 2
     # Intra-op threads of one encoder actor (torch or ONNX Runtime).
     torch_threads: int = 1
     slide_encoder_actors: int = 1
@@ -146,7 +149,7 @@ class EmbedConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         c = self.concurrency
-        for name in ("decode_tasks", "encoder_actors", "decode_num_workers",
+        for name in ("decode_tasks", "encoder_actors", "decode_num_workers", "encode_in_flight",
                      "slide_encoder_actors", "slide_encoder_threads"):
             if getattr(c, name) < 1:
                 raise ConfigError(f"concurrency.{name} must be >= 1, got {getattr(c, name)}")

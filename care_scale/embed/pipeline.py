@@ -7,17 +7,16 @@ Design (why it looks like this)
     driver: list sources, anti-join with warehouse.completed_slide_ids(model_version)
       |  ray.data.from_arrow(blocks of up to 16 slide rows)
       v
-    map_batches(decode_slides)       CPU tasks (concurrency.decode_tasks): stage, open, tissue
-      |                              mask, tile grid, batched decode; a generator yielding
-      |                              tile batches, so a slide never sits in memory whole
+    map_batches(embed_slides)        CPU tasks (concurrency.decode_tasks): stage, open, tissue
+      |    ^                         mask, tile grid, batched decode; each tile batch goes to
+      |    | tiles / features        an encoder actor and its features come back, by object
+      |    v                         references this task owns (patch_stage.py); the slide's
+      |  PatchEncoder actors         features are written as shards; yields ONE row per
+      |  (concurrency.encoder_actors, slide: shard URIs, tile count, metadata
+      |   num_gpus per actor)
       v
-    map_batches(PatchEncoder)        actor pool (concurrency.encoder_actors, num_gpus per actor
-      |                              on GPU clusters): the backend is loaded once in __init__;
-      |                              fixed-size batches mix tiles of several slides; the
-      |                              features go to staging shards, one row per shard goes on
-      v
-    driver: iter_batches             shard rows only: count tiles per slide; a complete slide
-      |                              -> one call to the slide-encoder pool
+    driver: iter_batches             one row per slide -> one call to the slide-encoder pool
+      |
       v
     SlideEncoderActor                Ray actors (concurrency.slide_encoder_actors, GPUs with
       |                              num_gpus_per_slide_actor): read the shards, CARE, write
@@ -26,22 +25,24 @@ Design (why it looks like this)
     driver: Warehouse.commit         every ``commit_every`` slides: patches, regions, then
                                      slides, one Delta transaction each, from file metadata
 
-- The driver coordinates, workers move data: per slide the driver sees shard descriptions
-  (a few hundred bytes per encoder batch), one actor call and the data files' metadata; no
-  pixel, patch feature or table row passes through it (``slide_stage`` says why this design).
-- Streaming and bounded memory: Ray Data's streaming executor back-pressures decode and
-  encoder, so only a few tile batches per decode task exist (pixels never accumulate); the
-  slide-encoder pool has a bounded queue, and a full queue stops the driver pulling from the
-  stream. Slides in flight are bounded by the decode concurrency.
-- Decode and inference overlap: decode tasks, encoder actors and slide-encoder actors are
-  separate Ray workers running concurrently.
+- The driver coordinates, workers move data: per slide the driver sees one stream row of a
+  few hundred bytes, makes one actor call and gets the data files' metadata back; no pixel,
+  patch feature or table row passes through it, and nothing it does grows with tiles
+  (``patch_stage`` and ``slide_stage`` say why this design, with the measurements).
+- Streaming and bounded memory: a decode task keeps at most ``concurrency.encode_in_flight``
+  tile batches in flight, so pixels never accumulate; the slide-encoder pool has a bounded
+  queue, and a full queue stops the driver pulling from the stream (Ray Data then stops
+  starting decode tasks). Slides in flight are bounded by the decode concurrency.
+- Decode and inference overlap: a decode task decodes the next batch while the encoder
+  actors run the previous ones; the slide-encoder actors run CARE meanwhile.
 - Exactly once: the driver skips slides already complete for this model version; each commit
   goes through ``Warehouse.commit`` (patches, then regions, then the slides row last; each
   commit replaces the files of earlier attempts at the same slides), so a killed run leaves
   at most data files in no commit, which a re-run redoes and ``tables vacuum`` deletes.
-- A bad slide (missing, corrupt, unsupported, no MPP, no tissue) becomes one "failure row" in
-  the stream (``error_type`` set, no tiles); the driver turns it into a ``failures`` table row
-  with the stage, the exception class and the message, and the job goes on.
+- A bad slide (missing, corrupt, unsupported, no MPP, no tissue, an encoder failing on it)
+  becomes one "failure row" in the stream (``error_type`` set); the driver turns it into a
+  ``failures`` table row with the stage, the exception class and the message, and the job
+  goes on.
 - Precomputed features (``features=True``): nothing to decode or encode; the slide-encoder
   actors read the feature files themselves and Ray Data is not involved.
 """
@@ -58,7 +59,6 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,7 @@ from care_scale.config import to_dict
 from care_scale.embed.config import EmbedConfig
 from care_scale.embed.progress import Progress, RunSummary
 from care_scale.embed.results import STAGE_DECODE, STAGE_ENCODE, STAGE_OPEN, STAGE_TILE, RowContext
-from care_scale.embed.slide_stage import create_slide_encoder, shard_batch
+from care_scale.embed.slide_stage import create_slide_encoder
 from care_scale.embed.sources import SlideSource, scan_source
 from care_scale.exceptions import CareScaleError, ConfigError
 from care_scale.storage import redact, redact_options
@@ -78,23 +78,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # Swappable model factories (the only places that know how models are built).
 # --------------------------------------------------------------------------------------------
-
-
-def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> Any:
-    """The patch backend of one encoder actor: ``__call__(uint8 (B,H,W,3)) -> float32 (B,D)``,
-    ``.kind`` (what "auto" chose), ``.embed_dim``, ``.model_version``."""
-    from care_scale.inference import create_patch_backend as _create
-
-    return _create(
-        config.backend,
-        config.patch_encoder.name,
-        checkpoint=config.patch_encoder.checkpoint,
-        artifacts=config.artifacts,
-        storage_options=config.storage_options or None,
-        device=device,
-        tile_size=config.patch_size,
-        threads=config.concurrency.torch_threads,
-    )
 
 
 class TilingPresetWarning(UserWarning):
@@ -187,7 +170,7 @@ def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | N
     export: importing torch and onnx costs each actor ~3 s of start-up on 2 cores, before its
     first batch. The driver already has the model, and the cached directory is a complete
     artifact directory (manifest, parity-checked, keyed by the weights' version), so an actor
-    that can see it loads it with onnxruntime alone (:class:`PatchEncoder` checks it exists on
+    that can see it loads it with onnxruntime alone (``patch_stage.PatchEncoder`` checks it exists on
     its node and otherwise falls back). ``encoder``: the patch encoder the driver already built.
     """
     if (config.features or config.artifacts or config.backend not in ("auto", "onnxruntime")
@@ -234,38 +217,23 @@ def job_model_version(config: EmbedConfig, care_version: str, patch_version: str
 
 
 # --------------------------------------------------------------------------------------------
-# Stage 1: decode (Ray task, generator over one slide's tile batches)
+# The stream: decode tasks that route tiles through the encoder actors
 # --------------------------------------------------------------------------------------------
 
 
-def _failure_batch(row: dict[str, Any], stage: str, exc: BaseException,
-                   patch_size: int) -> dict[str, np.ndarray]:
-    """One stream row saying "this slide failed at ``stage``" (no tiles)."""
-    out = _columns(
-        slide_id=row["slide_id"], n_tiles=0, start=0, coords=np.zeros((1, 2), np.int64),
-        tissue=np.zeros(1, np.float32), meta="",
-    )
-    out["error_stage"] = np.array([stage], dtype=object)
-    out["error_type"] = np.array([type(exc).__name__], dtype=object)
-    out["error_message"] = np.array([redact(exc)[:2000]], dtype=object)
-    out["tiles"] = np.zeros((1, patch_size, patch_size, 3), np.uint8)
+# One stream row per slide, what the driver receives (all small).
+ROW_COLUMNS = ("slide_id", "n_tiles", "count", "shards", "meta", "backend", "error_stage",
+               "error_type", "error_message")
+
+
+def _slide_row(slide_id: str, *, n_tiles: int = 0, shards: list[str] = (), meta: str = "",
+               backend: str = "", error: tuple[str, str, str] = ("", "", "")) -> dict:
+    values = (slide_id, n_tiles, n_tiles if shards else 0, json.dumps(list(shards)), meta,
+              backend, *error)
+    out = {k: np.array([v], dtype=object) for k, v in zip(ROW_COLUMNS, values)}
+    for k in ("n_tiles", "count"):
+        out[k] = out[k].astype(np.int64)
     return out
-
-
-def _columns(*, slide_id: str, n_tiles: int, start: int, coords: np.ndarray,
-             tissue: np.ndarray, meta: str) -> dict[str, np.ndarray]:
-    b = len(coords)
-    return {
-        "slide_id": np.array([slide_id] * b, dtype=object),
-        "n_tiles": np.full(b, n_tiles, np.int64),
-        "tile_index": np.arange(start, start + b, dtype=np.int64),
-        "coords": np.asarray(coords, np.int64).reshape(b, 2),
-        "tissue_fraction": np.asarray(tissue, np.float32).reshape(b),
-        "meta": np.array([meta] * b, dtype=object),
-        "error_stage": np.array([""] * b, dtype=object),
-        "error_type": np.array([""] * b, dtype=object),
-        "error_message": np.array([""] * b, dtype=object),
-    }
 
 
 def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
@@ -291,23 +259,29 @@ def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
     )
 
 
-def decode_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Iterator[dict]:
-    """Ray Data UDF: for each slide row, yield its tile batches (or one failure row)."""
+def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Iterator[dict]:
+    """Ray Data UDF: for each slide row, decode its tiles, have the encoder actors embed them,
+    stage the features; yield one row per slide (:data:`ROW_COLUMNS`), a failure row if any
+    step fails."""
+    from care_scale.embed.patch_stage import Router, StageFailed
+    from care_scale.embed.shards import ShardBuffer
     from care_scale.slides import open_slide, stat_uri
     from care_scale.tiling import iter_tile_batches, tile_grid
 
     cfg: EmbedConfig = params["config"]
+    opts = cfg.storage_options or None
     cache = _slide_cache(cfg)
+    router = Router(params["encoders"], max_in_flight=cfg.concurrency.encode_in_flight)
     for raw in batch["source"]:
         row = json.loads(raw)
+        sid = row["slide_id"]
         mpp_override = row.get("mpp") or cfg.mpp_override
         stage = STAGE_OPEN
+        shards = ShardBuffer(params["staging"], sid, opts)
         try:
-            size, etag = stat_uri(row["uri"], storage_options=cfg.storage_options or None)
-            with open_slide(
-                row["uri"], storage_options=cfg.storage_options or None, cache=cache,
-                backend=cfg.slide_backend, mpp_override=mpp_override,
-            ) as slide:
+            size, etag = stat_uri(row["uri"], storage_options=opts)
+            with open_slide(row["uri"], storage_options=opts, cache=cache,
+                            backend=cfg.slide_backend, mpp_override=mpp_override) as slide:
                 stage = STAGE_TILE
                 grid = tile_grid(
                     slide, target_mpp=cfg.target_mpp, patch_size=cfg.patch_size,
@@ -325,22 +299,38 @@ def decode_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> It
                 meta = _slide_meta(row, slide, grid, size, etag)
                 stage = STAGE_DECODE
                 start = 0
-                for tb in iter_tile_batches(
-                    slide, grid, batch_size=cfg.decode_batch_size,
-                    num_workers=cfg.concurrency.decode_num_workers,
-                ):
-                    # The metadata rides on the slide's first batch only (the shard of
-                    # tile 0 hands it to the driver).
-                    out = _columns(slide_id=row["slide_id"], n_tiles=n, start=start,
-                                   coords=tb.coords, tissue=tb.tissue_fraction,
-                                   meta=meta if start == 0 else "")
-                    out["tiles"] = np.ascontiguousarray(tb.tiles)
+                for tb in iter_tile_batches(slide, grid, batch_size=cfg.decode_batch_size,
+                                            num_workers=cfg.concurrency.decode_num_workers):
+                    tag = (start, tb.coords, tb.tissue_fraction)
                     start += len(tb.coords)
-                    yield out
+                    for (s0, coords, tissue), feats in router.submit(tb.tiles, tag):
+                        _staging(shards.add, s0, coords, tissue, feats)
+            for (s0, coords, tissue), feats in router.drain():
+                _staging(shards.add, s0, coords, tissue, feats)
+            _staging(shards.close)
+            yield _slide_row(sid, n_tiles=n, shards=shards.uris, meta=meta,
+                             backend=router.kind)
+        except StageFailed as exc:
+            router.cancel()
+            shards.discard()
+            yield _slide_row(sid, error=(exc.stage, exc.etype, exc.message))
         except (CareScaleError, OSError, ValueError, RuntimeError, MemoryError) as exc:
-            # A bad slide must not stop the job: it becomes a failure row. Tiles already
-            # yielded for it are dropped by the driver when the failure row arrives.
-            yield _failure_batch(row, stage, exc, cfg.patch_size)
+            # A bad slide must not stop the job: it becomes a failure row.
+            router.cancel()
+            shards.discard()
+            yield _slide_row(sid, error=(stage, type(exc).__name__, redact(exc)[:2000]))
+
+
+def _staging(call: Any, *args: Any) -> Any:
+    """``call(*args)`` on the slide's shards: a staging store that cannot be written fails
+    this slide at the encode stage, not the job."""
+    from care_scale.embed.patch_stage import StageFailed
+
+    try:
+        return call(*args)
+    except OSError as exc:
+        raise StageFailed(STAGE_ENCODE, type(exc).__name__,
+                          "staging features: " + redact(exc)[:2000]) from None
 
 
 _CACHES: dict[str, Any] = {}
@@ -358,78 +348,8 @@ def _slide_cache(cfg: EmbedConfig) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Stage 2: patch encoder (Ray actor pool, stateful callable class)
-# --------------------------------------------------------------------------------------------
-
-
-class PatchEncoder:
-    """Holds one patch backend per actor; encodes fixed-size tile batches.
-
-    ``local_export``: the driver's ONNX export of exactly these weights
-    (:func:`export_for_local_actors`); used when this actor's node has it, which spares the
-    actor importing torch to build the model. A node that joined later does not have it and
-    resolves the backend from the config as usual.
-    """
-
-    def __init__(self, config: EmbedConfig, staging: str, local_export: str | None = None):
-        self.staging = staging
-        self.storage_options = config.storage_options or None
-        if local_export and os.path.isfile(os.path.join(local_export, "manifest.json")):
-            config = dataclasses.replace(
-                config, artifacts=local_export,
-                patch_encoder=dataclasses.replace(config.patch_encoder, checkpoint=None))
-        # An actor without a reserved GPU cannot use one (Ray hides the devices from it).
-        device = "cuda" if config.concurrency.num_gpus_per_actor > 0 else "cpu"
-        self.backend = create_patch_backend(config, device=device)
-        self.embed_dim = int(self.backend.embed_dim)
-        self.kind = str(self.backend.kind)
-        if self.kind == "torch":  # only then: an ONNX Runtime actor never imports torch
-            import torch
-
-            torch.set_num_threads(max(1, config.concurrency.torch_threads))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        tiles = batch.pop("tiles")
-        ok = batch["n_tiles"] > 0
-        feats = np.zeros((len(tiles), self.embed_dim), np.float32)
-        if ok.any():
-            try:
-                feats[ok] = self.backend(np.ascontiguousarray(tiles[ok]))
-            except (CareScaleError, RuntimeError, ValueError) as exc:
-                # The batch mixes slides; fail each of them rather than the job.
-                _fail_rows(batch, ok, exc)
-        batch["features"] = feats
-        batch["backend"] = np.array([self.kind] * len(feats), dtype=object)
-        try:
-            return shard_batch(batch, self.staging, self.storage_options)
-        except OSError as exc:  # staging storage unreachable: these slides fail, not the job
-            _fail_rows(batch, ok, exc, "staging features: ")
-            return shard_batch(batch, self.staging, self.storage_options)
-
-
-def _fail_rows(batch: dict[str, np.ndarray], ok: np.ndarray, exc: BaseException,
-               prefix: str = "") -> None:
-    """Mark the ``ok`` rows of an encoder batch as failed at the encode stage."""
-    batch["error_stage"] = np.where(ok, STAGE_ENCODE, batch["error_stage"])
-    batch["error_type"] = np.where(ok, type(exc).__name__, batch["error_type"])
-    batch["error_message"] = np.where(ok, prefix + redact(exc)[:2000], batch["error_message"])
-    batch["n_tiles"] = np.where(ok, 0, batch["n_tiles"])
-
-
-# --------------------------------------------------------------------------------------------
 # Driver side: per-slide assembly, CARE, commits
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Pending:
-    """A slide whose shards are arriving: what the driver keeps of it (no data)."""
-
-    n_tiles: int
-    shards: list[str] = field(default_factory=list)
-    meta: str = ""
-    backend: str = ""
-    seen: int = 0
 
 
 def _ensure_ray(config: EmbedConfig) -> bool:
@@ -478,55 +398,48 @@ def _source_blocks(todo: list[SlideSource], decode_tasks: int) -> list[Any]:
 
 
 def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
-                  local_export: str | None = None) -> Any:
-    """The Ray Data pipeline (lazy): decode tasks, then the encoder actors, whose output is one
-    row per feature shard written under ``staging``. ``local_export``: see
-    :class:`PatchEncoder`."""
+                  local_export: str | None = None) -> tuple[Any, Any]:
+    """The Ray Data pipeline (lazy) and the encoder pool it calls: decode tasks that route
+    their tiles through the encoder actors and stage the features under ``staging``; one
+    output row per slide (:data:`ROW_COLUMNS`). ``local_export``: see
+    ``patch_stage.PatchEncoder``. The caller shuts the pool down."""
     import ray
+
+    from care_scale.embed.patch_stage import EncoderPool
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    # Smaller blocks than the 128 MiB default: a block of tiles reaches the encoder sooner
-    # and fewer pixels are buffered per decode task. But never smaller than one decode batch:
-    # the driver's Ray Data executor pays ~1 ms per block, so a 64-tile batch of 512 px tiles
-    # (48 MiB) split into 16 MiB blocks would triple its cost per tile.
-    tile_bytes = config.patch_size ** 2 * 3
-    ctx.target_max_block_size = max(16 * 2**20,
-                                    int(1.1 * config.decode_batch_size * tile_bytes))
+    # Every output row its own block: a decode task that handles several slides in turn
+    # hands each one on as soon as it is done (the rows are a few hundred bytes; Ray Data
+    # would otherwise hold them until its block size is reached or the task ends).
+    ctx.target_max_block_size = 1
     # A decode task that dies (a native reader crashing on a damaged file) loses only its
     # slide's block; the driver reports that slide as failed instead of aborting the cohort.
     ctx.max_errored_blocks = max(1, len(todo))
     c = config.concurrency
-    # The slide-encoder actors are not Ray Data's: keep their reservation out of its budget,
-    # or it would plan decode tasks on CPUs they hold and wait for them forever.
+    # The encoder and slide-encoder actors are not Ray Data's: keep their reservation out of
+    # its budget, or it would plan decode tasks on CPUs they hold and wait for them forever.
     # (Ray 2.60 marks the option deprecated in favour of node labels, which cannot express
     # "part of this node"; it still applies.)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         ctx.execution_options.exclude_resources = ray.data.ExecutionResources(
-            cpu=c.slide_encoder_actors * c.num_cpus_per_slide_actor,
-            gpu=c.slide_encoder_actors * c.num_gpus_per_slide_actor)
+            cpu=(c.slide_encoder_actors * c.num_cpus_per_slide_actor
+                 + c.encoder_actors * c.num_cpus_per_actor),
+            gpu=(c.slide_encoder_actors * c.num_gpus_per_slide_actor
+                 + c.encoder_actors * c.num_gpus_per_actor))
     ds = ray.data.from_arrow(_source_blocks(todo, c.decode_tasks))
-    params = {"config": config}
+    # Only now: making the input blocks runs a one-CPU Ray task, which on a small node would
+    # wait forever behind the actors' reservation.
+    pool = EncoderPool(config, local_export=local_export)
     ds = ds.map_batches(
-        decode_slides, batch_size=1, fn_kwargs={"params": params},
+        embed_slides, batch_size=1,
+        fn_kwargs={"params": {"config": config, "staging": staging, "encoders": pool.actors}},
         compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=c.decode_num_cpus,
-        # Decode must stay its own operator: Ray Data fuses a task map into the next actor
-        # map when sizes and remote args match, and fused, decode would run inside the
-        # encoder actor and never overlap inference. The memory reservation differs.
         memory=c.decode_memory_bytes or None,
         resources=dict(c.decode_resources) or None,
     )
-    return ds.map_batches(
-        PatchEncoder,
-        fn_constructor_kwargs={"config": config, "staging": staging,
-                               "local_export": local_export},
-        batch_size=config.encode_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=c.encoder_actors),
-        num_cpus=c.num_cpus_per_actor,
-        num_gpus=c.num_gpus_per_actor,
-        resources=dict(c.encoder_resources) or None,
-    )
+    return ds, pool
 
 
 def run_embedding(config: EmbedConfig) -> RunSummary:
@@ -580,7 +493,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     if todo:
         started_ray = _ensure_ray(config)
         staging = wh.staging_uri(run_id)
-        stage = None
+        stage = encoders = None
         try:
             from care_scale.embed.slide_stage import SlideStage
 
@@ -594,17 +507,19 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
             else:
                 local_export = (export_for_local_actors(config, patch_encoder)
                                 if _actors_run_on_this_node(config) else None)
-                ds = build_dataset(config, todo, staging=staging, local_export=local_export)
+                ds, encoders = build_dataset(config, todo, staging=staging,
+                                             local_export=local_export)
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
-                                             prefetch_batches=2):
+                                             prefetch_batches=0):
                     collector.consume(batch)
                     collector.collect()
             collector.close(todo)
             if collector.backend_kind:
                 backend_kind = collector.backend_kind
         finally:
-            if stage is not None:
-                stage.shutdown()
+            for pool in (stage, encoders):
+                if pool is not None:
+                    pool.shutdown()
             _remove_staging(staging, config)
             if started_ray:
                 import ray
@@ -640,7 +555,6 @@ class _Collector:
         self.config, self.ctx, self.by_id, self.wh, self.stage = config, ctx, by_id, wh, stage
         self.progress, self.summary = progress, summary
         self.build_failure = build_failure
-        self.pending: dict[str, _Pending] = {}
         self.submitted: set[str] = set()
         self.failed: set[str] = set()
         self.completed: set[str] = set()
@@ -652,29 +566,20 @@ class _Collector:
 
     # -- stream in ------------------------------------------------------------------------
     def consume(self, batch: dict[str, np.ndarray]) -> None:
-        """Fold one block of shard rows into the per-slide counts; submit complete slides."""
+        """Stream rows (one per slide): a failure, or a slide whose features are staged and
+        go to the slide-encoder pool."""
         for i, sid in enumerate(batch["slide_id"].tolist()):
-            if sid in self.failed:
-                continue  # shards that were in flight when the slide failed
             etype = str(batch["error_type"][i])
             if etype:
                 self.fail(sid, str(batch["error_stage"][i]), etype,
                           str(batch["error_message"][i]))
                 continue
-            p = self.pending.get(sid)
-            if p is None:
-                p = self.pending[sid] = _Pending(n_tiles=int(batch["n_tiles"][i]))
-            p.shards.append(str(batch["shard"][i]))
-            p.meta = p.meta or str(batch["meta"][i])
-            p.backend = self.backend_kind = str(batch["backend"][i])
-            n = int(batch["count"][i])
-            p.seen += n
-            self.progress.add_tiles(n)
-            if p.seen >= p.n_tiles:
-                del self.pending[sid]
-                self.submitted.add(sid)
-                self.stage.submit("encode_shards", sid, self.by_id[sid].to_row(),
-                                  json.loads(p.meta), p.shards, p.backend)
+            self.backend_kind = str(batch["backend"][i])
+            self.progress.add_tiles(int(batch["count"][i]))
+            self.submitted.add(sid)
+            self.stage.submit("encode_shards", sid, self.by_id[sid].to_row(),
+                              json.loads(str(batch["meta"][i])),
+                              json.loads(str(batch["shards"][i])), self.backend_kind)
 
     def submit_feature_file(self, src: SlideSource) -> None:
         self.submitted.add(src.slide_id)
@@ -710,7 +615,6 @@ class _Collector:
 
     def fail(self, slide_id: str, stage: str, etype: str, message: str) -> None:
         self.failed.add(slide_id)
-        self.pending.pop(slide_id, None)
         self.failures.append(
             self.build_failure(self.ctx, self.by_id[slide_id], stage, etype, message))
         self.summary.failed += 1
@@ -720,10 +624,6 @@ class _Collector:
     def close(self, todo: list[SlideSource]) -> None:
         """Wait for the slide encoders; slides the stream never finished: a worker died."""
         self.collect(wait=True)
-        for sid, p in list(self.pending.items()):
-            self.fail(sid, STAGE_DECODE, "IncompleteSlideError",
-                      f"{redact(self.by_id[sid].uri)}: received {p.seen} of {p.n_tiles} "
-                      "tiles (a worker died; see the Ray logs)")
         for src in todo:
             if src.slide_id not in self.completed and src.slide_id not in self.failed:
                 self.fail(src.slide_id, STAGE_DECODE, "WorkerCrashedError",
@@ -732,9 +632,8 @@ class _Collector:
 
 
 __all__ = [
-    "PatchEncoder",
     "build_dataset",
-    "decode_slides",
+    "embed_slides",
     "job_model_version",
     "run_embedding",
 ]

@@ -2,33 +2,30 @@
 
 How the features of a slide get there (the choice)
 --------------------------------------------------
-Patch-encoder batches mix tiles of several slides and run on any encoder actor, so a slide's
-features end up spread over many actors, while CARE needs all of them at once. The encoder
-actor therefore writes each batch's features as **shards**, one small Arrow IPC file per slide
-and batch under the run's staging folder in the warehouse (``<wh>/_staging/<run_id>/``, so
-every node of a cluster reaches it, local or ``s3://``), and passes on only a one-row
-description of each shard (slide, tile count, URI). The driver counts tiles per slide; when
-a slide's count is complete it hands the shard URIs to a :class:`SlideEncoderActor`, which
-reads them, runs CARE, writes the slide's rows as Parquet data files into the tables and
-returns their metadata (:class:`care_scale.warehouse.DataFile`). The driver commits.
+The decode task that tiles a slide sends its batches to the patch-encoder actors and gets
+the features back (``patch_stage``), so it ends up holding all of the slide's features; it
+writes them as **shards** under the run's staging folder in the warehouse
+(``<wh>/_staging/<run_id>/``, so every node of a cluster reaches it, local or ``s3://``;
+``shards``) and yields one row per slide with their URIs. The driver hands those to a
+:class:`SlideEncoderActor`, which reads them, runs CARE, writes the slide's rows as Parquet
+data files into the tables and returns their metadata
+(:class:`care_scale.warehouse.DataFile`). The driver commits.
 
-What the driver handles per slide: a few hundred bytes of shard descriptions per encoder
-batch, one actor call, the files' metadata. It receives no feature, no pixel, no row.
+What the driver handles per slide: one stream row of a few hundred bytes, one actor call,
+the files' metadata. It receives no feature, no pixel, no row.
 
 Alternatives rejected:
 
-- CARE in the driver (before): 0.30 CPU-ms per tile with the paper-size CARE, the driver
-  received N x 768 float32 per slide and wrote every row: one driver capped a cluster near
-  3,000 tiles/s (issue 11's measurement; ``benchmarks/bench_driver.py`` now measures it again).
+- CARE in the driver (the first design): 0.30 CPU-ms per tile with the paper-size CARE, the
+  driver received N x 768 float32 per slide and wrote every row: one driver capped a cluster
+  near 3,000 tiles/s (issue 11's measurement; ``benchmarks/bench_driver.py`` measures it).
 - Grouping in Ray Data (``groupby("slide_id").map_groups``): an all-to-all exchange that
   waits for the whole dataset, so nothing would stream, and memory would grow with the cohort.
-- Routing object references (the encoder ``ray.put``s features, the driver forwards refs):
-  the objects belong to the encoder actors, which Ray Data tears down as soon as the last
-  batch is encoded, taking the not-yet-read features with them; and a driver that only wants
-  to route a block must fetch it to learn which slides it holds.
-- Shards cost one small write per slide and batch and one read per slide (768 float32 per
-  tile: 3 KB, against 150 KB of pixels per 224 px tile that the encoder already read), and
-  they make the CARE stage independent of where the encoder ran.
+- Handing the features to the slide-encoder actor as an object reference (no shard): the
+  object belongs to the decode task's worker, which Ray Data may retire once the task ends,
+  taking the features with it; a shard survives that, and makes the CARE stage independent
+  of where decode and encoder ran. A shard costs one write and one read per slide (768
+  float32 per tile: 3 KB, against 786 KB of pixels per 512 px tile that were decoded).
 
 With precomputed features (``--features``) there is nothing to decode or encode: the actor
 reads the user's feature file itself, so Ray Data is not involved at all.
@@ -36,8 +33,6 @@ reads the user's feature file itself, so Ray Data is not involved at all.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,106 +47,9 @@ from care_scale.embed.results import (
     build_result,
     feature_file_meta,
 )
+from care_scale.embed.shards import read_shards, remove_uris
 from care_scale.exceptions import CareScaleError
-from care_scale.storage import is_remote, join, redact, url_to_fs
-
-# --------------------------------------------------------------------------------------------
-# Shards: written by the encoder actor, read by the slide-encoder actor
-# --------------------------------------------------------------------------------------------
-
-
-def shard_uri(staging: str, slide_id: str, start: int) -> str:
-    """Where the features of ``slide_id`` from tile ``start`` on are staged (ids hashed: a
-    slide id may hold characters a path must not)."""
-    key = hashlib.sha1(slide_id.encode()).hexdigest()[:16]
-    return join(staging, key, f"{start:09d}-{os.urandom(4).hex()}.arrow")
-
-
-def write_shard(uri: str, index: np.ndarray, coords: np.ndarray, tissue: np.ndarray,
-                features: np.ndarray, storage_options: dict[str, Any] | None) -> None:
-    import pyarrow as pa
-
-    feats = np.ascontiguousarray(features, np.float32)
-    table = pa.table({
-        "tile_index": pa.array(np.asarray(index, np.int64)),
-        "x": pa.array(np.asarray(coords[:, 0], np.int64)),
-        "y": pa.array(np.asarray(coords[:, 1], np.int64)),
-        "tissue_fraction": pa.array(np.asarray(tissue, np.float32)),
-        "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), feats.shape[1]),
-    })
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as w:
-        w.write_table(table)
-    fs, path = url_to_fs(uri, storage_options)
-    if not is_remote(uri):  # object stores have no folders to make
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    fs.pipe_file(path, sink.getvalue().to_pybytes())  # one PUT; local: one write
-
-
-def read_shards(uris: list[str], storage_options: dict[str, Any] | None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Coordinates, tissue fractions and features of one slide, in tile order."""
-    import pyarrow as pa
-
-    parts = []
-    for uri in uris:
-        fs, path = url_to_fs(uri, storage_options)
-        parts.append(pa.ipc.open_file(pa.py_buffer(fs.cat_file(path))).read_all())
-    t = pa.concat_tables(parts)
-    order = np.argsort(t.column("tile_index").to_numpy(), kind="stable")
-    coords = np.stack([t.column("x").to_numpy(), t.column("y").to_numpy()], 1)[order]
-    tissue = t.column("tissue_fraction").to_numpy()[order]
-    feat = t.column("feature").combine_chunks()
-    feats = feat.values.to_numpy().reshape(len(feat), -1)[order]
-    return coords, tissue, np.ascontiguousarray(feats, np.float32)
-
-
-def remove_uris(uris: list[str], storage_options: dict[str, Any] | None) -> None:
-    if not uris:
-        return
-    fs, _ = url_to_fs(uris[0], storage_options)
-    fs.rm([url_to_fs(u, storage_options)[1] for u in uris])
-
-
-def shard_batch(batch: dict[str, np.ndarray], staging: str,
-                storage_options: dict[str, Any] | None) -> dict[str, np.ndarray]:
-    """An encoded batch -> one shard file per slide in it, and one row per shard.
-
-    Rows with an error pass on as they are (no shard). Output columns: slide_id, n_tiles,
-    count, shard, meta (first shard of a slide only), backend, error_stage, error_type,
-    error_message.
-    """
-    sids = batch["slide_id"]
-    feats = batch["features"]
-    out: dict[str, list] = {k: [] for k in ("slide_id", "n_tiles", "count", "shard", "meta",
-                                            "backend", "error_stage", "error_type",
-                                            "error_message")}
-    for sid in dict.fromkeys(sids.tolist()):
-        sel = np.flatnonzero(sids == sid)
-        i = int(sel[0])
-        err = batch["error_type"][sel]
-        uri = ""
-        if (err == "").all():
-            start = int(batch["tile_index"][sel].min())
-            uri = shard_uri(staging, sid, start)
-            write_shard(uri, batch["tile_index"][sel], batch["coords"][sel],
-                        batch["tissue_fraction"][sel], feats[sel], storage_options)
-        else:
-            i = int(sel[np.flatnonzero(err != "")[0]])
-        out["slide_id"].append(sid)
-        out["n_tiles"].append(int(batch["n_tiles"][i]))
-        out["count"].append(len(sel) if uri else 0)
-        out["shard"].append(uri)
-        # The slide's metadata travels with its first shard only.
-        first = uri and int(batch["tile_index"][sel].min()) == 0
-        out["meta"].append(str(batch["meta"][i]) if first or not uri else "")
-        for k in ("backend", "error_stage", "error_type", "error_message"):
-            out[k].append(str(batch[k][i]))
-    cols = {k: np.array(v, dtype=object) for k, v in out.items()}
-    cols["n_tiles"] = np.asarray(out["n_tiles"], np.int64)
-    cols["count"] = np.asarray(out["count"], np.int64)
-    return cols
-
+from care_scale.storage import redact
 
 # --------------------------------------------------------------------------------------------
 # The actor
@@ -328,5 +226,4 @@ class SlideStage:
             ray.kill(a)
 
 
-__all__ = ["Outcome", "SlideEncoderActor", "SlideStage", "read_shards", "shard_batch",
-           "write_shard"]
+__all__ = ["Outcome", "SlideEncoderActor", "SlideStage", "create_slide_encoder"]

@@ -1,0 +1,184 @@
+"""The patch-encoder stage: a pool of Ray actors, each holding one patch backend, called
+directly by the decode tasks. Tiles and features travel between workers; the driver only
+creates the actors and hands their handles to the decode tasks.
+
+How tiles reach the encoders (the choice)
+-----------------------------------------
+A decode task tiles one slide, sends each decoded batch to an encoder actor
+(``actor.encode.remote(tiles)``: the batch goes into the object store, owned by the decode
+task, on its node), keeps at most ``concurrency.encode_in_flight`` batches in flight while it
+decodes the next one, and gathers the features that come back into the slide's shards
+(:mod:`care_scale.embed.shards`). When the slide is done it yields one row: the shard URIs, the
+tile count and the slide's metadata. Ray Data streams those rows (one per slide) to the
+driver, which hands each to a slide-encoder actor. Per slide the driver handles one Ray Data
+block of a few hundred bytes and one actor call: its cost grows with slides, not tiles.
+
+Load balancing: each decode task starts at a random actor and goes round the pool, one
+batch per actor in turn; an actor serves calls in arrival order. Back-pressure: a decode task
+waits when its own batches in flight reach the bound, so pixels in the object store are at
+most ``decode_tasks x encode_in_flight`` batches.
+
+Alternatives rejected (``benchmarks/bench_driver.py``, 2-core AMD EPYC, AVX2 + AVX-512):
+
+- Ray Data's actor pool as a second ``map_batches`` stage (the design before this one): every
+  tile batch is a block that the driver's streaming executor schedules twice (decode output,
+  encoder task) and whose object reference the driver owns. Its driver paid 0.033-0.056
+  CPU-ms per tile (one driver keeps up with 17,000-28,000 tiles/s), above the 0.02 goal
+  however large the batches, because Ray core's per-object ownership work sits in the
+  driver whatever the Python side does.
+- Decode inside the encoder actor (one process per GPU): no overlap of decode and inference
+  unless the actor runs threads, and a GPU node's decode CPUs could serve only its own GPU.
+- Mixed-slide batches (what Ray Data's batching gave): full batches for the GPU, but a slide's
+  features then land on many actors and must be regrouped; here a batch is one slide's, and
+  only each slide's last batch is short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from care_scale.embed.config import EmbedConfig
+from care_scale.exceptions import CareScaleError
+from care_scale.storage import redact
+
+
+class StageFailed(Exception):
+    """A slide failed in a worker at ``stage``; carries the original class name and message
+    (raised and caught inside the decode task, never outside it)."""
+
+    def __init__(self, stage: str, etype: str, message: str):
+        super().__init__(message)
+        self.stage, self.etype, self.message = stage, etype, message
+
+
+def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> Any:
+    """The patch backend of one encoder actor: ``__call__(uint8 (B,H,W,3)) -> float32 (B,D)``,
+    ``.kind`` (what "auto" chose), ``.embed_dim``, ``.model_version``."""
+    from care_scale.inference import create_patch_backend as _create
+
+    return _create(
+        config.backend,
+        config.patch_encoder.name,
+        checkpoint=config.patch_encoder.checkpoint,
+        artifacts=config.artifacts,
+        storage_options=config.storage_options or None,
+        device=device,
+        tile_size=config.patch_size,
+        threads=config.concurrency.torch_threads,
+    )
+
+
+class PatchEncoder:
+    """One patch backend per actor; encodes tile batches in chunks of ``encode_batch_size``.
+
+    ``local_export``: the driver's ONNX export of exactly these weights
+    (``pipeline.export_for_local_actors``); used when this actor's node has it, which spares
+    the actor importing torch to build the model. A node that joined later does not have it
+    and resolves the backend from the config as usual.
+    """
+
+    def __init__(self, config: EmbedConfig, local_export: str | None = None):
+        if local_export and os.path.isfile(os.path.join(local_export, "manifest.json")):
+            config = dataclasses.replace(
+                config, artifacts=local_export,
+                patch_encoder=dataclasses.replace(config.patch_encoder, checkpoint=None))
+        # An actor without a reserved GPU cannot use one (Ray hides the devices from it).
+        device = "cuda" if config.concurrency.num_gpus_per_actor > 0 else "cpu"
+        self.backend = create_patch_backend(config, device=device)
+        self.embed_dim = int(self.backend.embed_dim)
+        self.kind = str(self.backend.kind)
+        self.batch_size = config.encode_batch_size
+        if self.kind == "torch":  # only then: an ONNX Runtime actor never imports torch
+            import torch
+
+            torch.set_num_threads(max(1, config.concurrency.torch_threads))
+
+    def encode(self, tiles: np.ndarray) -> tuple[np.ndarray | None, str, tuple[str, str] | None]:
+        """``(features, backend kind, None)``, or ``(None, kind, (class, message))`` when the
+        backend fails on these tiles (the slide fails, the actor stays)."""
+        try:
+            feats = [self.backend(np.ascontiguousarray(tiles[i:i + self.batch_size]))
+                     for i in range(0, len(tiles), self.batch_size)]
+            return np.concatenate(feats).astype(np.float32, copy=False), self.kind, None
+        except (CareScaleError, RuntimeError, ValueError) as exc:
+            return None, self.kind, (type(exc).__name__, redact(exc)[:2000])
+
+
+class EncoderPool:
+    """Driver side: the encoder actors, created once per job (they load their backend while
+    the first slides are opened and tiled) and killed at its end."""
+
+    def __init__(self, config: EmbedConfig, *, local_export: str | None = None):
+        import ray
+
+        c = config.concurrency
+        opts: dict[str, Any] = {"num_cpus": c.num_cpus_per_actor,
+                                "num_gpus": c.num_gpus_per_actor,
+                                # A crashed actor restarts; calls in flight are retried on it.
+                                "max_restarts": 3, "max_task_retries": 3}
+        if c.encoder_resources:
+            opts["resources"] = dict(c.encoder_resources)
+        cls = ray.remote(PatchEncoder).options(**opts)
+        self.actors = [cls.remote(config, local_export) for _ in range(c.encoder_actors)]
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+
+class Router:
+    """Decode-task side: sends one slide's batches round the encoder pool with at most
+    ``max_in_flight`` outstanding, and returns their features as they finish."""
+
+    def __init__(self, actors: list[Any], *, max_in_flight: int):
+        self.actors = actors
+        self.max_in_flight = max(1, max_in_flight)
+        self.next = random.randrange(len(actors))
+        self.in_flight: deque[tuple[Any, Any]] = deque()  # (ref, what the caller attached)
+        self.kind = ""
+
+    def submit(self, tiles: np.ndarray, tag: Any) -> list[tuple[Any, np.ndarray]]:
+        """Send a batch; returns the batches finished meanwhile (blocks while the bound is
+        reached)."""
+        actor = self.actors[self.next % len(self.actors)]
+        self.next += 1
+        self.in_flight.append((actor.encode.remote(tiles), tag))
+        done = []
+        while len(self.in_flight) > self.max_in_flight:
+            done.append(self._take())
+        return done
+
+    def drain(self) -> list[tuple[Any, np.ndarray]]:
+        return [self._take() for _ in range(len(self.in_flight))]
+
+    def cancel(self) -> None:
+        """Forget what is in flight (the slide failed); the actors finish those batches and
+        their results are dropped."""
+        self.in_flight.clear()
+
+    def _take(self) -> tuple[Any, np.ndarray]:
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        from care_scale.embed.results import STAGE_ENCODE
+
+        ref, tag = self.in_flight.popleft()
+        try:
+            feats, self.kind, error = ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            raise StageFailed(STAGE_ENCODE, "WorkerCrashedError",
+                              f"the patch-encoder actor failed: {redact(exc)[:1500]}") from None
+        if error is not None:
+            raise StageFailed(STAGE_ENCODE, *error)
+        return tag, feats
+
+
+__all__ = ["EncoderPool", "PatchEncoder", "Router", "StageFailed", "create_patch_backend"]
