@@ -48,15 +48,6 @@ from care_scale.exceptions import CareScaleError
 from care_scale.storage import redact
 
 
-class StageFailed(Exception):
-    """A slide failed in a worker at ``stage``; carries the original class name and message
-    (raised and caught inside the decode task, never outside it)."""
-
-    def __init__(self, stage: str, etype: str, message: str):
-        super().__init__(message)
-        self.stage, self.etype, self.message = stage, etype, message
-
-
 def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> Any:
     """The patch backend of one encoder actor: ``__call__(uint8 (B,H,W,3)) -> float32 (B,D)``,
     ``.kind`` (what "auto" chose), ``.embed_dim``, ``.model_version``."""
@@ -135,19 +126,19 @@ class EncoderPool:
 
 
 class Router:
-    """Decode-task side: sends one slide's batches round the encoder pool with at most
-    ``max_in_flight`` outstanding, and returns their features as they finish."""
+    """Decode-task side: sends tile batches round the encoder pool with at most
+    ``max_in_flight`` outstanding (across slides), and hands back each batch's outcome as
+    ``(tag, features | None, backend kind, None | (exception class, message))``."""
 
     def __init__(self, actors: list[Any], *, max_in_flight: int):
         self.actors = actors
         self.max_in_flight = max(1, max_in_flight)
         self.next = random.randrange(len(actors))
         self.in_flight: deque[tuple[Any, Any]] = deque()  # (ref, what the caller attached)
-        self.kind = ""
 
-    def submit(self, tiles: np.ndarray, tag: Any) -> list[tuple[Any, np.ndarray]]:
+    def submit(self, tiles: np.ndarray, tag: Any) -> list[tuple]:
         """Send a batch; returns the batches finished meanwhile (blocks while the bound is
-        reached)."""
+        exceeded)."""
         actor = self.actors[self.next % len(self.actors)]
         self.next += 1
         self.in_flight.append((actor.encode.remote(tiles), tag))
@@ -156,29 +147,19 @@ class Router:
             done.append(self._take())
         return done
 
-    def drain(self) -> list[tuple[Any, np.ndarray]]:
+    def drain(self) -> list[tuple]:
         return [self._take() for _ in range(len(self.in_flight))]
 
-    def cancel(self) -> None:
-        """Forget what is in flight (the slide failed); the actors finish those batches and
-        their results are dropped."""
-        self.in_flight.clear()
-
-    def _take(self) -> tuple[Any, np.ndarray]:
+    def _take(self) -> tuple:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        from care_scale.embed.results import STAGE_ENCODE
-
         ref, tag = self.in_flight.popleft()
         try:
-            feats, self.kind, error = ray.get(ref)
-        except (RayActorError, RayTaskError) as exc:
-            raise StageFailed(STAGE_ENCODE, "WorkerCrashedError",
-                              f"the patch-encoder actor failed: {redact(exc)[:1500]}") from None
-        if error is not None:
-            raise StageFailed(STAGE_ENCODE, *error)
-        return tag, feats
+            return (tag, *ray.get(ref))
+        except (RayActorError, RayTaskError) as exc:  # died beyond its restarts
+            return tag, None, "", ("WorkerCrashedError",
+                                   f"the patch-encoder actor failed: {redact(exc)[:1500]}")
 
 
-__all__ = ["EncoderPool", "PatchEncoder", "Router", "StageFailed", "create_patch_backend"]
+__all__ = ["EncoderPool", "PatchEncoder", "Router", "create_patch_backend"]

@@ -59,6 +59,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -259,11 +260,63 @@ def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
     )
 
 
+@dataclass
+class _SlideInFlight:
+    """One slide of a decode task, from its first tile batch sent until its row is yielded."""
+
+    slide_id: str
+    shards: Any  # ShardBuffer
+    n_tiles: int = 0
+    meta: str = ""
+    backend: str = ""
+    sent: int = 0  # tile batches sent to the encoders
+    back: int = 0  # ... and come back
+    decoded: bool = False
+    error: tuple[str, str, str] | None = None  # stage, exception class, message
+
+    def finished(self) -> bool:
+        return self.error is not None or (self.decoded and self.back == self.sent)
+
+    def take(self, start: int, coords: np.ndarray, tissue: np.ndarray,
+             feats: np.ndarray | None, kind: str, error: tuple[str, str] | None) -> None:
+        """One encoded batch back: into the shards, or the slide fails at the encode stage."""
+        self.back += 1
+        if self.error is not None:
+            return  # batches still in flight when the slide failed
+        if error is not None:
+            self.error = (STAGE_ENCODE, *error)
+            return
+        self.backend = kind
+        try:
+            self.shards.add(start, coords, tissue, feats)
+        except OSError as exc:  # a staging store that cannot be written fails this slide
+            self.error = (STAGE_ENCODE, type(exc).__name__,
+                          "staging features: " + redact(exc)[:2000])
+
+    def row(self) -> dict:
+        if self.error is None:
+            try:
+                self.shards.close()
+            except OSError as exc:
+                self.error = (STAGE_ENCODE, type(exc).__name__,
+                              "staging features: " + redact(exc)[:2000])
+        if self.error is not None:
+            self.shards.discard()
+            return _slide_row(self.slide_id, error=self.error)
+        return _slide_row(self.slide_id, n_tiles=self.n_tiles, shards=self.shards.uris,
+                          meta=self.meta, backend=self.backend)
+
+
 def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Iterator[dict]:
-    """Ray Data UDF: for each slide row, decode its tiles, have the encoder actors embed them,
-    stage the features; yield one row per slide (:data:`ROW_COLUMNS`), a failure row if any
-    step fails."""
-    from care_scale.embed.patch_stage import Router, StageFailed
+    """Ray Data UDF over a block of slide rows: decode each slide's tiles, have the encoder
+    actors embed them, stage the features; yield one row per slide (:data:`ROW_COLUMNS`), a
+    failure row if any step fails.
+
+    Batches stay in flight across slides: while the last batches of one slide are encoded,
+    the next slide is opened, its tissue found and its first batches decoded, so the
+    encoders do not wait for a slide's set-up.
+    """
+    from care_scale.embed.patch_stage import Router
     from care_scale.embed.shards import ShardBuffer
     from care_scale.slides import open_slide, stat_uri
     from care_scale.tiling import iter_tile_batches, tile_grid
@@ -272,12 +325,22 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
     opts = cfg.storage_options or None
     cache = _slide_cache(cfg)
     router = Router(params["encoders"], max_in_flight=cfg.concurrency.encode_in_flight)
+    slides: list[_SlideInFlight] = []
+
+    def take(results: list) -> Iterator[dict]:
+        for (st, *batch_args), *out in results:
+            st.take(*batch_args, *out)
+        for st in [st for st in slides if st.finished()]:
+            slides.remove(st)
+            yield st.row()
+
     for raw in batch["source"]:
         row = json.loads(raw)
-        sid = row["slide_id"]
+        st = _SlideInFlight(row["slide_id"], ShardBuffer(params["staging"], row["slide_id"],
+                                                         opts))
+        slides.append(st)
         mpp_override = row.get("mpp") or cfg.mpp_override
         stage = STAGE_OPEN
-        shards = ShardBuffer(params["staging"], sid, opts)
         try:
             size, etag = stat_uri(row["uri"], storage_options=opts)
             with open_slide(row["uri"], storage_options=opts, cache=cache,
@@ -288,49 +351,31 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                     min_tissue_fraction=cfg.min_tissue_fraction, tissue=cfg.tissue.params(),
                     mpp_override=mpp_override,
                 )
-                n = len(grid)
-                if n == 0:
+                st.n_tiles = len(grid)
+                if st.n_tiles == 0:
                     from care_scale.exceptions import NoTissueError
 
                     raise NoTissueError(
                         redact(row["uri"]),
                         f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction}",
                     )
-                meta = _slide_meta(row, slide, grid, size, etag)
+                st.meta = _slide_meta(row, slide, grid, size, etag)
                 stage = STAGE_DECODE
                 start = 0
                 for tb in iter_tile_batches(slide, grid, batch_size=cfg.decode_batch_size,
                                             num_workers=cfg.concurrency.decode_num_workers):
-                    tag = (start, tb.coords, tb.tissue_fraction)
+                    st.sent += 1
+                    yield from take(router.submit(
+                        tb.tiles, (st, start, tb.coords, tb.tissue_fraction)))
                     start += len(tb.coords)
-                    for (s0, coords, tissue), feats in router.submit(tb.tiles, tag):
-                        _staging(shards.add, s0, coords, tissue, feats)
-            for (s0, coords, tissue), feats in router.drain():
-                _staging(shards.add, s0, coords, tissue, feats)
-            _staging(shards.close)
-            yield _slide_row(sid, n_tiles=n, shards=shards.uris, meta=meta,
-                             backend=router.kind)
-        except StageFailed as exc:
-            router.cancel()
-            shards.discard()
-            yield _slide_row(sid, error=(exc.stage, exc.etype, exc.message))
+                    if st.error is not None:
+                        break  # an encoder failed on this slide: stop decoding it
+            st.decoded = True
         except (CareScaleError, OSError, ValueError, RuntimeError, MemoryError) as exc:
             # A bad slide must not stop the job: it becomes a failure row.
-            router.cancel()
-            shards.discard()
-            yield _slide_row(sid, error=(stage, type(exc).__name__, redact(exc)[:2000]))
-
-
-def _staging(call: Any, *args: Any) -> Any:
-    """``call(*args)`` on the slide's shards: a staging store that cannot be written fails
-    this slide at the encode stage, not the job."""
-    from care_scale.embed.patch_stage import StageFailed
-
-    try:
-        return call(*args)
-    except OSError as exc:
-        raise StageFailed(STAGE_ENCODE, type(exc).__name__,
-                          "staging features: " + redact(exc)[:2000]) from None
+            st.error = st.error or (stage, type(exc).__name__, redact(exc)[:2000])
+        yield from take([])
+    yield from take(router.drain())
 
 
 _CACHES: dict[str, Any] = {}
@@ -433,7 +478,8 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
     # wait forever behind the actors' reservation.
     pool = EncoderPool(config, local_export=local_export)
     ds = ds.map_batches(
-        embed_slides, batch_size=1,
+        # The whole input block per call: batches stay in flight from one slide to the next.
+        embed_slides, batch_size=None,
         fn_kwargs={"params": {"config": config, "staging": staging, "encoders": pool.actors}},
         compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=c.decode_num_cpus,
         memory=c.decode_memory_bytes or None,
