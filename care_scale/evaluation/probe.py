@@ -1,0 +1,168 @@
+"""``care-scale probe``: how well frozen embeddings predict a label, the CARE paper's way.
+
+labels CSV + one model version's slide vectors (``embeddings``) -> samples (``labels``) ->
+folds (``splits``: the CARE repository's split files, or stratified K-fold) -> per fold, the
+classifier fitted on train with its hyper-parameter chosen on validation (``classifiers``) and
+scored on test -> balanced accuracy, macro AUROC and weighted F1, mean and std over folds and a
+bootstrap 95% interval (``metrics``) -> a console table, JSON, and one row appended to the
+warehouse's ``probes`` table, so results are queried like the embeddings:
+
+    care-scale sql --warehouse WH "SELECT target, feature, model, auroc_mean FROM probes"
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from care_scale.evaluation.embeddings import FeatureKind, load_slide_vectors
+from care_scale.evaluation.labels import Unit, join_labels
+from care_scale.evaluation.metrics import METRICS, Summary, compute, summarise
+from care_scale.evaluation.splits import read_split_files, stratified_folds
+from care_scale.exceptions import LabelsError
+from care_scale.storage import redact
+from care_scale.warehouse import Warehouse
+
+log = logging.getLogger(__name__)
+
+ProbeModel = Literal["logistic", "knn"]
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    warehouse: str
+    labels: str
+    target: str
+    feature: FeatureKind = "slide"
+    model: ProbeModel = "logistic"
+    unit: Unit = "auto"
+    splits: str | None = None  # folder of splits_K.csv; None: stratified K-fold
+    folds: int = 5
+    seed: int = 0
+    model_version: str | None = None
+    bootstrap: int = 1000  # resamples of the 95% interval (at most metrics.MAX_RESAMPLES)
+    standardize: bool = True  # logistic: on train features (kNN always standardises)
+    record: bool = True  # append the result to the warehouse's probes table
+    storage_options: dict[str, Any] | None = field(default=None, compare=False)
+
+    def public(self) -> dict[str, Any]:
+        """The config as recorded: storage options (credentials) left out, URIs redacted."""
+        d = asdict(self)
+        d.pop("storage_options")
+        d["warehouse"], d["labels"] = redact(self.warehouse), redact(self.labels)
+        return d
+
+
+@dataclass
+class ProbeResult:
+    probe_id: str
+    model_version: str
+    config: ProbeConfig
+    unit: str
+    classes: dict[str, int]  # class -> number of samples
+    folds: list[dict[str, Any]]  # name, sizes, chosen hyper-parameters, test metrics
+    summary: dict[str, Summary]
+    warnings: list[str]
+    dropped: dict[str, int]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.classes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"probe_id": self.probe_id, "model_version": self.model_version,
+                "target": self.config.target, "feature": self.config.feature,
+                "model": self.config.model, "unit": self.unit,
+                "num_samples": self.num_samples, "classes": self.classes,
+                "metrics": {k: v.as_dict() for k, v in self.summary.items()},
+                "folds": self.folds, "warnings": self.warnings, "dropped": self.dropped,
+                "config": self.config.public()}
+
+    def format(self) -> str:
+        cfg = self.config
+        head = (f"probe {self.probe_id}: {cfg.target!r} from {cfg.feature} features, "
+                f"{cfg.model}, model version {self.model_version}\n"
+                f"{self.num_samples} {self.unit}s, classes "
+                + ", ".join(f"{c}: {n}" for c, n in self.classes.items())
+                + f"; {len(self.folds)} folds"
+                + (f" from {cfg.splits}" if cfg.splits else f" (stratified, seed {cfg.seed})"))
+        lines = [head, "", f"{'metric':<18} {'mean':>7} {'std':>7}  95% CI (bootstrap)"]
+        for name in METRICS:
+            s = self.summary[name]
+            lines.append(f"{name:<18} {s.mean:7.4f} {s.std:7.4f}  [{s.ci_low:.4f}, "
+                         f"{s.ci_high:.4f}]")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def probes_row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "probe_id": self.probe_id, "model_version": self.model_version,
+            "target": self.config.target, "feature": self.config.feature,
+            "model": self.config.model, "unit": self.unit,
+            "labels_uri": redact(self.config.labels),
+            "splits": redact(self.config.splits) if self.config.splits else "stratified",
+            "num_samples": self.num_samples, "num_classes": len(self.classes),
+            "num_folds": len(self.folds),
+            "metrics_json": json.dumps({"summary": {k: v.as_dict()
+                                                    for k, v in self.summary.items()},
+                                        "folds": self.folds, "classes": self.classes,
+                                        "dropped": self.dropped}, sort_keys=True),
+            "config_json": json.dumps(self.config.public(), sort_keys=True),
+        }
+        for name, s in self.summary.items():
+            row.update({f"{name}_{k}": v for k, v in s.as_dict().items()})
+        return row
+
+
+def _fit(config: ProbeConfig, x: np.ndarray, y: np.ndarray,
+         val: tuple[np.ndarray, np.ndarray] | None, n_classes: int):
+    from care_scale.evaluation.classifiers import fit_knn_probe, fit_logistic_probe
+
+    if config.model == "logistic":
+        return fit_logistic_probe(x, y, val, n_classes=n_classes,
+                                  standardize=config.standardize, seed=config.seed)
+    if config.model == "knn":
+        return fit_knn_probe(x, y, val)
+    raise LabelsError(redact(config.labels), f"unknown probe model {config.model!r}")
+
+
+def run_probe(config: ProbeConfig) -> ProbeResult:
+    """Fit and score the probe on every fold; append the result to ``probes`` (``record``)."""
+    wh = Warehouse(config.warehouse, storage_options=config.storage_options)
+    vectors = load_slide_vectors(wh, feature=config.feature, model_version=config.model_version)
+    samples = join_labels(config.labels, vectors, target=config.target, unit=config.unit,
+                          storage_options=config.storage_options)
+    warnings = list(samples.warnings)
+    if config.splits:
+        folds, split_warnings = read_split_files(config.splits, samples,
+                                                 storage_options=config.storage_options)
+        warnings += split_warnings
+    else:
+        folds = stratified_folds(samples, k=config.folds, seed=config.seed,
+                                 source=redact(config.labels))
+    n_classes = len(samples.classes)
+    tests, fold_rows = [], []
+    for fold in folds:
+        y_train = samples.y[fold.train]
+        if len(np.unique(y_train)) < 2:
+            raise LabelsError(redact(config.splits or config.labels),
+                              f"{fold.name}: the training split holds one class only")
+        val = (samples.x[fold.val], samples.y[fold.val]) if len(fold.val) else None
+        fitted = _fit(config, samples.x[fold.train], y_train, val, n_classes)
+        proba = fitted.predict_proba(samples.x[fold.test], n_classes)
+        tests.append((samples.y[fold.test], proba))
+        fold_rows.append({"name": fold.name, "train": len(fold.train), "val": len(fold.val),
+                          "test": len(fold.test), "chosen": fitted.chosen,
+                          **compute(samples.y[fold.test], proba)})
+    summary = summarise(tests, n_resamples=config.bootstrap, seed=config.seed)
+    result = ProbeResult(uuid.uuid4().hex[:12], vectors.model_version, config, samples.unit,
+                         samples.class_counts(), fold_rows, summary, warnings, samples.dropped)
+    if config.record:
+        wh.append_probe({**result.probes_row(), "created_at": time.time()})
+    return result
