@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from care_scale.cli.options import add_storage_option_arg, storage_options
@@ -31,16 +29,11 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from care_scale.cli.sql import format_table
+    from care_scale.cli.sql import print_rows
     from care_scale.query.similar import similar
 
     table = similar(args.warehouse, args.slide_id, k=args.k, level=args.level,
                     region_id=args.region_id, model_version=args.model_version,
                     storage_options=storage_options(args.storage_option))
-    rows = table.to_pylist()
-    if args.json:
-        json.dump(rows, sys.stdout, default=str)
-        sys.stdout.write("\n")
-    else:
-        print(format_table(rows, table.column_names))
+    print_rows(table, as_json=args.json)
     return 0
