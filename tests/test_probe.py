@@ -206,3 +206,62 @@ def test_metrics_equal_scikit_learn_and_bootstrap_is_seeded():
     assert a == b and a != summarise(folds, n_resamples=100, seed=1)
     with pytest.raises(ValueError, match="n_resamples"):
         summarise(folds, n_resamples=10**6)
+
+
+def test_harrell_c_equals_scikit_survival():
+    from sksurv.metrics import concordance_index_censored
+
+    from care_scale.evaluation.metrics import harrell_c
+
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        n = 150
+        time = rng.integers(1, 40, n).astype(float)  # many tied times
+        event = rng.random(n) < 0.6
+        risk = np.round(rng.normal(size=n) - 0.05 * time, 1)  # tied risks too
+        ref = concordance_index_censored(event, time, risk)[0]
+        assert harrell_c(time, event, risk) == pytest.approx(ref, abs=1e-12)
+
+
+def test_cox_probe_finds_survival_signal(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    n = 240
+    emb = rng.normal(size=(n, DIM))
+    risk = emb[:, :3].sum(1)  # the hazard grows with three embedding dimensions
+    time = rng.exponential(np.exp(-risk)) * 100 + 0.1
+    censor = rng.exponential(150, n)
+    event = (time <= censor).astype(int)
+    time = np.minimum(time, censor)
+    wh = Warehouse(str(tmp_path / "wh"))
+    ids = write_cohort(wh, emb)
+    labels = _labels(tmp_path / "os.csv", ["slide_id", "os_months", "dead"],
+                     zip(ids, np.round(time, 3), event))
+    res = run_probe(ProbeConfig(warehouse=wh.uri, labels=labels, time="os_months",
+                                event="dead", model="cox", bootstrap=100))
+    c = res.summary["c_index"]
+    assert set(res.summary) == {"c_index"} and c.mean > 0.7, res.format()
+    assert c.ci_low <= c.mean <= c.ci_high and all("alpha" in f["chosen"] for f in res.folds)
+    shuffled = _labels(tmp_path / "shuffled.csv", ["slide_id", "os_months", "dead"],
+                       zip(ids, *zip(*rng.permutation(np.stack([time, event], 1)))))
+    chance = run_probe(ProbeConfig(warehouse=wh.uri, labels=shuffled, time="os_months",
+                                   event="dead", model="cox", bootstrap=100))
+    assert abs(chance.summary["c_index"].mean - 0.5) < 0.1
+    row = sql(wh.uri, "SELECT target, model, c_index_mean, auroc_mean FROM probes "
+                      "ORDER BY c_index_mean DESC LIMIT 1").to_pylist()[0]
+    assert row["target"] == "survival:os_months,dead" and row["model"] == "cox"
+    assert row["c_index_mean"] == pytest.approx(c.mean) and row["auroc_mean"] is None
+
+    assert main(["probe", "--warehouse", wh.uri, "--labels", labels, "--time", "os_months",
+                 "--event", "dead", "--bootstrap", "20", "--no-record"]) == 0
+    assert "c_index" in capsys.readouterr().out
+    assert main(["probe", "--warehouse", wh.uri, "--labels", labels, "--time",
+                 "os_months"]) == 2
+    assert "--time and --event" in capsys.readouterr().err
+    none = _labels(tmp_path / "none.csv", ["slide_id", "t", "e"], [(s, 5, 0) for s in ids])
+    with pytest.raises(LabelsError, match="no events"):
+        run_probe(ProbeConfig(warehouse=wh.uri, labels=none, time="t", event="e",
+                              model="cox"))
+    bad = _labels(tmp_path / "bad.csv", ["slide_id", "t", "e"], [(ids[0], -1, 1)])
+    with pytest.raises(LabelsError, match="must be a number > 0"):
+        run_probe(ProbeConfig(warehouse=wh.uri, labels=bad, time="t", event="e",
+                              model="cox"))

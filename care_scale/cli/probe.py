@@ -1,4 +1,5 @@
-"""``care-scale probe``: linear-probe / kNN evaluation of the embeddings on a labels CSV."""
+"""``care-scale probe``: linear-probe / kNN (or Cox survival) evaluation of the embeddings on a
+labels CSV."""
 
 from __future__ import annotations
 
@@ -16,17 +17,24 @@ def add_parser(subparsers: Any) -> None:
         description="Join the slides table with a labels CSV (slide_id and/or case_id column "
         "+ the target column), fit logistic regression or kNN on frozen features per fold "
         "(the CARE repository's protocol), and report balanced accuracy, macro AUROC and "
-        "weighted F1 (mean, std over folds, bootstrap 95%% interval). The result is also "
+        "weighted F1 (mean, std over folds, bootstrap 95%% interval); with --time and --event "
+        "a ridge-penalised Cox model scored by Harrell's C-index. The result is also "
         "appended to the warehouse's probes table.")
     p.add_argument("--warehouse", required=True, help="warehouse URI (path or s3://...)")
     p.add_argument("--labels", required=True, metavar="CSV",
                    help="labels CSV with a slide_id or case_id column and the target column")
-    p.add_argument("--target", required=True, metavar="COLUMN", help="label column to predict")
+    p.add_argument("--target", default=None, metavar="COLUMN",
+                   help="class-label column to predict (not with --time/--event)")
+    p.add_argument("--time", default=None, metavar="COLUMN",
+                   help="survival: follow-up time column (> 0); with --event")
+    p.add_argument("--event", default=None, metavar="COLUMN",
+                   help="survival: event column (1 = event observed, 0 = censored)")
     p.add_argument("--feature", default="slide", choices=["slide", "roi", "regions_mean"],
                    help="slide embedding, ROI embedding, or the mean of region embeddings "
                    "(default slide)")
-    p.add_argument("--model", default="logistic", choices=["logistic", "knn"],
-                   help="logistic regression (C chosen on validation) or kNN (default logistic)")
+    p.add_argument("--model", default=None, choices=["logistic", "knn", "cox"],
+                   help="logistic regression (C chosen on validation), kNN, or cox (survival; "
+                   "default: logistic, cox with --time/--event)")
     p.add_argument("--unit", default="auto", choices=["auto", "slide", "case"],
                    help="one sample per slide, or per case with its slides averaged (default: "
                    "slide when the CSV has slide_id, else case)")
@@ -58,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--bootstrap must be 1..{MAX_RESAMPLES}, got {args.bootstrap}")
     config = ProbeConfig(
         warehouse=args.warehouse, labels=args.labels, target=args.target,
-        feature=args.feature, model=args.model, unit=args.unit, splits=args.splits,
+        time=args.time, event=args.event, feature=args.feature,
+        model=args.model or ("cox" if args.time or args.event else "logistic"), unit=args.unit, splits=args.splits,
         folds=args.folds, seed=args.seed, model_version=args.model_version,
         bootstrap=args.bootstrap, standardize=not args.no_standardize,
         record=not args.no_record, storage_options=storage_options(args.storage_option))

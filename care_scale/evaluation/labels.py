@@ -1,6 +1,8 @@
 """A labels CSV joined with the slide vectors: the samples a probe fits and scores.
 
-The CSV has a ``slide_id`` column, or a ``case_id`` column, or both, and the target column.
+The CSV has a ``slide_id`` column, or a ``case_id`` column, or both, and the target column
+(a class label), or, for survival, a time column (> 0) and an event column (1/0, true/false:
+1 = the event was observed, 0 = censored).
 
 - ``unit="slide"`` (the default when there is a ``slide_id`` column): one sample per slide.
   A ``case_id`` column, when present, keeps each case's slides on one side of every split
@@ -43,10 +45,12 @@ class Samples:
     x: np.ndarray  # (n, D) float32
     y: np.ndarray  # (n,) int64 class index
     classes: list[str]  # class index -> label value as written in the CSV
+    # (survival: y is the event indicator, classes ["censored", "event"])
     groups: list[str] | None  # case of each sample (slide unit with case ids), else None
     slides: dict[str, list[str]]  # sample id -> its slides
     warnings: list[str] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)
+    time: np.ndarray | None = None  # survival: (n,) float64 follow-up time
 
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.y, minlength=len(self.classes))
@@ -92,16 +96,24 @@ def _warn(samples_warnings: list[str], dropped: dict[str, int], key: str, ids: l
     log.warning(msg)
 
 
-def join_labels(path: str, vectors: SlideVectors, *, target: str, unit: Unit = "auto",
+_EVENT = {"1": 1, "0": 0, "true": 1, "false": 0, "1.0": 1, "0.0": 0}
+
+
+def join_labels(path: str, vectors: SlideVectors, *, target: str | None = None,
+                survival: tuple[str, str] | None = None, unit: Unit = "auto",
                 storage_options: dict | None = None) -> Samples:
-    """The labelled samples of ``path`` (see the module docstring for the rules)."""
+    """The labelled samples of ``path`` (see the module docstring for the rules): classes of
+    ``target``, or ``survival=(time_column, event_column)``."""
     shown = redact(path)
     header, rows = read_csv_rows(path, storage_options=storage_options)
     has_slide, has_case = "slide_id" in header, "case_id" in header
     if not (has_slide or has_case):
         raise LabelsError(shown, f"needs a slide_id or case_id column; has {', '.join(header)}")
-    if target not in header:
-        raise LabelsError(shown, f"no column {target!r} (--target); has {', '.join(header)}")
+    wanted = (list(survival) if survival else [target])
+    for col, flag in zip(wanted, ("--time", "--event") if survival else ("--target",)):
+        if col not in header:
+            raise LabelsError(shown, f"no column {col!r} ({flag}); has {', '.join(header)}")
+    target = "/".join(wanted)  # how messages name the value
     if unit == "auto":
         unit = "slide" if has_slide else "case"
     if unit == "slide" and not has_slide:
@@ -113,21 +125,28 @@ def join_labels(path: str, vectors: SlideVectors, *, target: str, unit: Unit = "
     missing_ids = [str(i + 2) for i, r in enumerate(rows) if not r.get(key)]
     _warn(warnings, dropped, "no_id", missing_ids, f"rows without a {key} (CSV line numbers)")
     rows = [r for r in rows if r.get(key)]
-    no_value = [r[key] for r in rows if r[target].lower() in MISSING]
+
+    def value(r: dict[str, str]) -> str:
+        return ",".join(r[c] for c in wanted)
+
+    def missing(r: dict[str, str]) -> bool:
+        return any(r[c].lower() in MISSING for c in wanted)
+
+    no_value = [r[key] for r in rows if missing(r)]
     _warn(warnings, dropped, "missing_value", no_value, f"rows without a value of {target!r}")
-    rows = [r for r in rows if r[target].lower() not in MISSING]
+    rows = [r for r in rows if not missing(r)]
 
     label: dict[str, str] = {}
     dupes: list[str] = []
     for r in rows:
-        sid, value = r[key], r[target]
+        sid, v = r[key], value(r)
         if sid in label:
-            if label[sid] != value:
+            if label[sid] != v:
                 raise LabelsError(shown, f"{key} {sid!r} has two values of {target!r}: "
-                                         f"{label[sid]!r} and {value!r}")
+                                         f"{label[sid]!r} and {v!r}")
             if not (unit == "case" and has_slide):  # one row per slide of a case: normal
                 dupes.append(sid)
-        label[sid] = value
+        label[sid] = v
     _warn(warnings, dropped, "duplicate", dupes, "duplicate rows (same id and value)")
 
     pos = {sid: i for i, sid in enumerate(vectors.slide_ids)}
@@ -159,12 +178,40 @@ def join_labels(path: str, vectors: SlideVectors, *, target: str, unit: Unit = "
     if not ids:
         raise LabelsError(shown, f"no {key} matches a slide of model version "
                                  f"{vectors.model_version} in the warehouse")
+    x = np.stack([vectors.vectors[[pos[s] for s in members[i]]].mean(axis=0) for i in ids])
+    base = Samples(unit, ids, x.astype(np.float32), np.zeros(len(ids), np.int64), [], groups,
+                   {i: members[i] for i in ids}, warnings, dropped)
+    if survival:
+        return _survival(base, [label[s] for s in ids], shown, survival)
     classes = _sort_classes({label[s] for s in ids})
     if len(classes) < 2:
         raise LabelsError(shown, f"{target!r} has one class only ({classes[0]!r}) among the "
                                  f"{len(ids)} usable rows")
     index = {c: i for i, c in enumerate(classes)}
-    x = np.stack([vectors.vectors[[pos[s] for s in members[i]]].mean(axis=0) for i in ids])
-    y = np.array([index[label[s]] for s in ids], np.int64)
-    return Samples(unit, ids, x.astype(np.float32), y, classes, groups,
-                   {i: members[i] for i in ids}, warnings, dropped)
+    base.y = np.array([index[label[s]] for s in ids], np.int64)
+    base.classes = classes
+    return base
+
+
+def _survival(samples: Samples, values: list[str], shown: str,
+              columns: tuple[str, str]) -> Samples:
+    times, events = [], []
+    for sid, v in zip(samples.ids, values):
+        t, e = v.split(",")
+        try:
+            time = float(t)
+        except ValueError:
+            time = float("nan")
+        if not np.isfinite(time) or time <= 0:
+            raise LabelsError(shown, f"{sid!r}: {columns[0]} must be a number > 0, got {t!r}")
+        if e.lower() not in _EVENT:
+            raise LabelsError(shown, f"{sid!r}: {columns[1]} must be 1/0 or true/false, got "
+                                     f"{e!r}")
+        times.append(time)
+        events.append(_EVENT[e.lower()])
+    samples.time = np.array(times, np.float64)
+    samples.y = np.array(events, np.int64)
+    samples.classes = ["censored", "event"]
+    if samples.y.sum() == 0:
+        raise LabelsError(shown, f"no events ({columns[1]} is 0 for all {len(values)} rows)")
+    return samples

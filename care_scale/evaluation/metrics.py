@@ -10,6 +10,11 @@ costs more than the arithmetic; tests check these equal scikit-learn's):
   classes (both one-vs-rest AUROCs equal it);
 - ``weighted_f1``: per-class F1 (0 where undefined) weighted by support in ``y_true``.
 
+Survival: ``c_index``, Harrell's concordance index of a risk score (higher risk = earlier
+event), with scikit-survival's ``concordance_index_censored`` rules: a pair is comparable when
+the earlier time is an event (a censored time tied with an event time counts as later), tied
+risks count half.
+
 Summary: mean and standard deviation (ddof=1) over folds; the interval is the 2.5 / 97.5
 percentiles of the fold-mean under resampling each fold's test predictions with replacement
 (``n_resamples`` resamples, seeded), i.e. the uncertainty of the reported mean from the finite
@@ -19,11 +24,13 @@ test sets, with the trained models held fixed.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 METRICS = ("balanced_accuracy", "auroc", "weighted_f1")
+SURVIVAL_METRICS = ("c_index",)
 MAX_RESAMPLES = 10_000
 
 
@@ -72,6 +79,27 @@ def compute(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
             "auroc": macro_auroc(y_true, proba), "weighted_f1": weighted_f1(y_true, pred)}
 
 
+def harrell_c(time: np.ndarray, event: np.ndarray, risk: np.ndarray,
+              *, tied_tol: float = 1e-8) -> float:
+    """Harrell's C-index (NaN when no pair is comparable)."""
+    time, event, risk = np.asarray(time, float), np.asarray(event, bool), np.asarray(risk)
+    ti, tj = time[:, None], time[None, :]
+    # i had the event first; j outlived i, or was censored at the same time.
+    comparable = event[:, None] & ((tj > ti) | ((tj == ti) & ~event[None, :]))
+    diff = risk[:, None] - risk[None, :]
+    tied = np.abs(diff) <= tied_tol
+    concordant = (diff > 0) & ~tied
+    n = comparable.sum()
+    if n == 0:
+        return float("nan")
+    return float(((concordant & comparable).sum() + 0.5 * (tied & comparable).sum()) / n)
+
+
+def compute_survival(time: np.ndarray, event: np.ndarray, risk: np.ndarray
+                     ) -> dict[str, float]:
+    return {"c_index": harrell_c(time, event, risk)}
+
+
 @dataclass(frozen=True)
 class Summary:
     mean: float
@@ -84,26 +112,28 @@ class Summary:
                 "ci_high": self.ci_high}
 
 
-def summarise(folds: list[tuple[np.ndarray, np.ndarray]], *, n_resamples: int = 1000,
-              seed: int = 0) -> dict[str, Summary]:
+def summarise(folds: list[tuple[np.ndarray, ...]], *, n_resamples: int = 1000,
+              seed: int = 0, score: Callable[..., dict[str, float]] = compute,
+              names: tuple[str, ...] = METRICS) -> dict[str, Summary]:
     """Mean, std over folds and bootstrap 95% interval of each metric; ``folds``: each fold's
-    test (y_true, proba)."""
+    test arrays for ``score`` ((y_true, proba) for ``compute``, (time, event, risk) for
+    ``compute_survival``), resampled together."""
     if not 1 <= n_resamples <= MAX_RESAMPLES:
         raise ValueError(f"n_resamples must be 1..{MAX_RESAMPLES}, got {n_resamples}")
-    per_fold = [compute(y, p) for y, p in folds]
+    per_fold = [score(*arrays) for arrays in folds]
     rng = np.random.default_rng(seed)
-    boot = np.full((n_resamples, len(folds), len(METRICS)), np.nan)
+    boot = np.full((n_resamples, len(folds), len(names)), np.nan)
     for b in range(n_resamples):
-        for f, (y, p) in enumerate(folds):
-            idx = rng.integers(0, len(y), len(y))
-            m = compute(y[idx], p[idx])
-            boot[b, f] = [m[k] for k in METRICS]
+        for f, arrays in enumerate(folds):
+            idx = rng.integers(0, len(arrays[0]), len(arrays[0]))
+            m = score(*(a[idx] for a in arrays))
+            boot[b, f] = [m[k] for k in names]
     out = {}
     with warnings.catch_warnings():
         # A resample whose every fold lacks a class has no AUROC: NaN, left out below.
         warnings.simplefilter("ignore", RuntimeWarning)
         means = np.nanmean(boot, axis=1)  # (resamples, metrics): the fold-mean per resample
-    for j, name in enumerate(METRICS):
+    for j, name in enumerate(names):
         vals = np.array([m[name] for m in per_fold], dtype=np.float64)
         ok = vals[np.isfinite(vals)]
         dist = means[:, j][np.isfinite(means[:, j])]

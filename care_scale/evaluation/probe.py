@@ -4,7 +4,8 @@ labels CSV + one model version's slide vectors (``embeddings``) -> samples (``la
 folds (``splits``: the CARE repository's split files, or stratified K-fold) -> per fold, the
 classifier fitted on train with its hyper-parameter chosen on validation (``classifiers``) and
 scored on test -> balanced accuracy, macro AUROC and weighted F1, mean and std over folds and a
-bootstrap 95% interval (``metrics``) -> a console table, JSON, and one row appended to the
+bootstrap 95% interval (``metrics``); for survival (``time``/``event`` columns) a penalised
+Cox model scored by Harrell's C-index -> a console table, JSON, and one row appended to the
 warehouse's ``probes`` table, so results are queried like the embeddings:
 
     care-scale sql --warehouse WH "SELECT target, feature, model, auroc_mean FROM probes"
@@ -23,7 +24,13 @@ import numpy as np
 
 from care_scale.evaluation.embeddings import FeatureKind, load_slide_vectors
 from care_scale.evaluation.labels import Unit, join_labels
-from care_scale.evaluation.metrics import METRICS, Summary, compute, summarise
+from care_scale.evaluation.metrics import (
+    SURVIVAL_METRICS,
+    Summary,
+    compute,
+    compute_survival,
+    summarise,
+)
 from care_scale.evaluation.splits import read_split_files, stratified_folds
 from care_scale.exceptions import LabelsError
 from care_scale.storage import redact
@@ -31,14 +38,16 @@ from care_scale.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
-ProbeModel = Literal["logistic", "knn"]
+ProbeModel = Literal["logistic", "knn", "cox"]
 
 
 @dataclass(frozen=True)
 class ProbeConfig:
     warehouse: str
     labels: str
-    target: str
+    target: str | None = None  # class-label column; None for survival
+    time: str | None = None  # survival: follow-up time column (with ``event``; model cox)
+    event: str | None = None
     feature: FeatureKind = "slide"
     model: ProbeModel = "logistic"
     unit: Unit = "auto"
@@ -50,6 +59,14 @@ class ProbeConfig:
     standardize: bool = True  # logistic: on train features (kNN always standardises)
     record: bool = True  # append the result to the warehouse's probes table
     storage_options: dict[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def survival(self) -> bool:
+        return self.time is not None or self.event is not None
+
+    @property
+    def target_name(self) -> str:
+        return f"survival:{self.time},{self.event}" if self.survival else str(self.target)
 
     def public(self) -> dict[str, Any]:
         """The config as recorded: storage options (credentials) left out, URIs redacted."""
@@ -77,7 +94,7 @@ class ProbeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"probe_id": self.probe_id, "model_version": self.model_version,
-                "target": self.config.target, "feature": self.config.feature,
+                "target": self.config.target_name, "feature": self.config.feature,
                 "model": self.config.model, "unit": self.unit,
                 "num_samples": self.num_samples, "classes": self.classes,
                 "metrics": {k: v.as_dict() for k, v in self.summary.items()},
@@ -86,15 +103,14 @@ class ProbeResult:
 
     def format(self) -> str:
         cfg = self.config
-        head = (f"probe {self.probe_id}: {cfg.target!r} from {cfg.feature} features, "
+        head = (f"probe {self.probe_id}: {cfg.target_name!r} from {cfg.feature} features, "
                 f"{cfg.model}, model version {self.model_version}\n"
                 f"{self.num_samples} {self.unit}s, classes "
                 + ", ".join(f"{c}: {n}" for c, n in self.classes.items())
                 + f"; {len(self.folds)} folds"
                 + (f" from {cfg.splits}" if cfg.splits else f" (stratified, seed {cfg.seed})"))
         lines = [head, "", f"{'metric':<18} {'mean':>7} {'std':>7}  95% CI (bootstrap)"]
-        for name in METRICS:
-            s = self.summary[name]
+        for name, s in self.summary.items():
             lines.append(f"{name:<18} {s.mean:7.4f} {s.std:7.4f}  [{s.ci_low:.4f}, "
                          f"{s.ci_high:.4f}]")
         lines += [f"warning: {w}" for w in self.warnings]
@@ -103,7 +119,7 @@ class ProbeResult:
     def probes_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {
             "probe_id": self.probe_id, "model_version": self.model_version,
-            "target": self.config.target, "feature": self.config.feature,
+            "target": self.config.target_name, "feature": self.config.feature,
             "model": self.config.model, "unit": self.unit,
             "labels_uri": redact(self.config.labels),
             "splits": redact(self.config.splits) if self.config.splits else "stratified",
@@ -132,12 +148,28 @@ def _fit(config: ProbeConfig, x: np.ndarray, y: np.ndarray,
     raise LabelsError(redact(config.labels), f"unknown probe model {config.model!r}")
 
 
+def _check(config: ProbeConfig) -> None:
+    from care_scale.exceptions import ConfigError
+
+    if config.survival:
+        if not (config.time and config.event):
+            raise ConfigError("survival probes need both --time and --event")
+        if config.model != "cox":
+            raise ConfigError(f"survival probes fit --model cox, not {config.model}")
+    elif not config.target:
+        raise ConfigError("a probe needs --target (or --time and --event for survival)")
+    elif config.model == "cox":
+        raise ConfigError("--model cox needs --time and --event")
+
+
 def run_probe(config: ProbeConfig) -> ProbeResult:
     """Fit and score the probe on every fold; append the result to ``probes`` (``record``)."""
+    _check(config)
     wh = Warehouse(config.warehouse, storage_options=config.storage_options)
     vectors = load_slide_vectors(wh, feature=config.feature, model_version=config.model_version)
-    samples = join_labels(config.labels, vectors, target=config.target, unit=config.unit,
-                          storage_options=config.storage_options)
+    samples = join_labels(config.labels, vectors, target=config.target,
+                          survival=(config.time, config.event) if config.survival else None,
+                          unit=config.unit, storage_options=config.storage_options)
     warnings = list(samples.warnings)
     if config.splits:
         folds, split_warnings = read_split_files(config.splits, samples,
@@ -150,6 +182,9 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     tests, fold_rows = [], []
     for fold in folds:
         y_train = samples.y[fold.train]
+        if config.survival:
+            tests.append(_survival_fold(samples, fold, fold_rows))
+            continue
         if len(np.unique(y_train)) < 2:
             raise LabelsError(redact(config.splits or config.labels),
                               f"{fold.name}: the training split holds one class only")
@@ -160,9 +195,27 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
         fold_rows.append({"name": fold.name, "train": len(fold.train), "val": len(fold.val),
                           "test": len(fold.test), "chosen": fitted.chosen,
                           **compute(samples.y[fold.test], proba)})
-    summary = summarise(tests, n_resamples=config.bootstrap, seed=config.seed)
+    if config.survival:
+        summary = summarise(tests, n_resamples=config.bootstrap, seed=config.seed,
+                            score=compute_survival, names=SURVIVAL_METRICS)
+    else:
+        summary = summarise(tests, n_resamples=config.bootstrap, seed=config.seed)
     result = ProbeResult(uuid.uuid4().hex[:12], vectors.model_version, config, samples.unit,
                          samples.class_counts(), fold_rows, summary, warnings, samples.dropped)
     if config.record:
         wh.append_probe({**result.probes_row(), "created_at": time.time()})
     return result
+
+
+def _survival_fold(samples: Any, fold: Any, fold_rows: list[dict[str, Any]]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from care_scale.evaluation.classifiers import fit_cox_probe
+
+    t, e, x = samples.time, samples.y, samples.x
+    val = (x[fold.val], t[fold.val], e[fold.val]) if len(fold.val) else None
+    fitted = fit_cox_probe(x[fold.train], t[fold.train], e[fold.train], val)
+    risk = fitted.risk(x[fold.test])
+    fold_rows.append({"name": fold.name, "train": len(fold.train), "val": len(fold.val),
+                      "test": len(fold.test), "chosen": fitted.chosen,
+                      **compute_survival(t[fold.test], e[fold.test], risk)})
+    return t[fold.test], e[fold.test], risk

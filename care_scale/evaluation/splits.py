@@ -42,7 +42,7 @@ def stratified_folds(samples: Samples, *, k: int, seed: int, source: str) -> lis
     if k < 2:
         raise LabelsError(source, f"--folds must be at least 2, got {k}")
     counts = samples.class_counts()
-    small = {c: n for c, n in counts.items() if n < k}
+    small = {c: n for c, n in counts.items() if 0 < n < k}  # survival: may lack censoring
     if small:
         raise LabelsError(source, "too few samples for " + f"{k} folds: " + ", ".join(
             f"class {c!r} has {n}" for c, n in small.items())

@@ -81,7 +81,7 @@ RUNS_SCHEMA = pa.schema([
 #: One row per ``care-scale probe`` run. The headline metrics are columns (mean, std over
 #: folds, bootstrap 95% interval), so SQL can rank probes; ``metrics_json`` has every fold and
 #: ``config_json`` everything needed to run the same probe again.
-_METRICS = ("balanced_accuracy", "auroc", "weighted_f1")
+_METRICS = ("balanced_accuracy", "auroc", "weighted_f1", "c_index")  # c_index: survival
 PROBES_SCHEMA = pa.schema(
     [("probe_id", pa.string()), ("model_version", pa.string()), ("target", pa.string()),
      ("feature", pa.string()), ("model", pa.string()), ("unit", pa.string()),
