@@ -11,7 +11,7 @@ from factories import DIM, write_cohort
 
 from care_scale.cli import main
 from care_scale.exceptions import TableError
-from care_scale.query import similar
+from care_scale.query import similar, sql
 from care_scale.warehouse import Warehouse
 
 
@@ -59,6 +59,14 @@ def test_roi_and_region_levels(cohort):
                    for r in regions if r["slide_id"] != "slide_0003"), reverse=True)[:4]
     assert [(r["slide_id"], r["region_id"]) for r in got] == [(s, i) for _, s, i in want]
     assert {"bbox_x0", "is_roi", "coverage", "num_patches"} <= set(got[0])
+    # The README's SQL gives the helper's answer.
+    readme = sql(wh.uri, """
+        WITH q AS (SELECT embedding AS e FROM regions WHERE slide_id = 'slide_0003' AND is_roi)
+        SELECT r.slide_id, r.region_id, list_cosine_similarity(r.embedding, q.e) AS similarity
+        FROM regions r, q WHERE r.slide_id <> 'slide_0003' ORDER BY similarity DESC LIMIT 4
+    """).to_pylist()
+    assert [(r["slide_id"], r["region_id"]) for r in readme] == [
+        (r["slide_id"], r["region_id"]) for r in got]
     other = similar(wh.uri, "slide_0003", k=1, level="region", region_id=0).to_pylist()
     assert other[0]["slide_id"] != "slide_0003"
 
