@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from care_scale.exceptions import TableError
+from care_scale.exceptions import ConfigError, TableError
 from care_scale.storage import redact
 from care_scale.warehouse import Warehouse
 from care_scale.warehouse.versions import pick_model_version
@@ -46,7 +46,7 @@ def load_slide_vectors(wh: Warehouse, *, feature: FeatureKind = "slide",
                        model_version: str | None = None) -> SlideVectors:
     """Every complete slide's vector of one model version (chosen, or the only one)."""
     if feature not in FEATURES:
-        raise TableError("slides", f"unknown feature {feature!r}; use {', '.join(FEATURES)}")
+        raise ConfigError(f"unknown --feature {feature!r}; use {', '.join(FEATURES)}")
     dt = wh.open("slides")
     if dt is None:
         raise TableError("slides", f"no table at {redact(wh.table_uri('slides'))}")

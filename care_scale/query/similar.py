@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from care_scale.exceptions import TableError
+from care_scale.exceptions import ConfigError, TableError
 from care_scale.storage import redact
 from care_scale.warehouse.versions import pick_model_version
 
@@ -67,9 +67,9 @@ def similar(warehouse: str, slide_id: str, *, k: int = 10, level: Level = "slide
     from care_scale.query.duckdb import connect_duckdb
 
     if level not in LEVELS:
-        raise TableError("slides", f"unknown level {level!r}; use {', '.join(LEVELS)}")
+        raise ConfigError(f"unknown level {level!r}; use {', '.join(LEVELS)}")
     if k < 1:
-        raise TableError("slides", f"k must be at least 1, got {k}")
+        raise ConfigError(f"--k must be at least 1, got {k}")
     con = connect_duckdb(warehouse, storage_options=storage_options)
     try:
         views = {r[0] for r in con.sql("SELECT view_name FROM duckdb_views() "
