@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from care_scale.evaluation.embeddings import FeatureKind, load_slide_vectors
-from care_scale.evaluation.labels import Unit, join_labels
+from care_scale.evaluation.labels import Samples, Unit, join_labels
 from care_scale.evaluation.metrics import (
     SURVIVAL_METRICS,
     Summary,
@@ -31,7 +31,7 @@ from care_scale.evaluation.metrics import (
     compute_survival,
     summarise,
 )
-from care_scale.evaluation.splits import read_split_files, stratified_folds
+from care_scale.evaluation.splits import Fold, read_split_files, stratified_folds
 from care_scale.exceptions import LabelsError
 from care_scale.storage import redact
 from care_scale.warehouse import Warehouse
@@ -178,23 +178,14 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     else:
         folds = stratified_folds(samples, k=config.folds, seed=config.seed,
                                  source=redact(config.labels))
-    n_classes = len(samples.classes)
+    run_fold = _survival_fold if config.survival else _classification_fold
     tests, fold_rows = [], []
     for fold in folds:
-        y_train = samples.y[fold.train]
-        if config.survival:
-            tests.append(_survival_fold(samples, fold, fold_rows))
-            continue
-        if len(np.unique(y_train)) < 2:
-            raise LabelsError(redact(config.splits or config.labels),
-                              f"{fold.name}: the training split holds one class only")
-        val = (samples.x[fold.val], samples.y[fold.val]) if len(fold.val) else None
-        fitted = _fit(config, samples.x[fold.train], y_train, val, n_classes)
-        proba = fitted.predict_proba(samples.x[fold.test], n_classes)
-        tests.append((samples.y[fold.test], proba))
+        arrays, chosen = run_fold(config, samples, fold)
+        tests.append(arrays)
         fold_rows.append({"name": fold.name, "train": len(fold.train), "val": len(fold.val),
-                          "test": len(fold.test), "chosen": fitted.chosen,
-                          **compute(samples.y[fold.test], proba)})
+                          "test": len(fold.test), "chosen": chosen,
+                          **(compute_survival if config.survival else compute)(*arrays)})
     if config.survival:
         summary = summarise(tests, n_resamples=config.bootstrap, seed=config.seed,
                             score=compute_survival, names=SURVIVAL_METRICS)
@@ -207,15 +198,25 @@ def run_probe(config: ProbeConfig) -> ProbeResult:
     return result
 
 
-def _survival_fold(samples: Any, fold: Any, fold_rows: list[dict[str, Any]]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _classification_fold(config: ProbeConfig, samples: Samples, fold: Fold
+                         ) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, Any]]:
+    """One fold's test (y_true, proba) and the hyper-parameters chosen on validation."""
+    x, y = samples.x, samples.y
+    if len(np.unique(y[fold.train])) < 2:
+        raise LabelsError(redact(config.splits or config.labels),
+                          f"{fold.name}: the training split holds one class only")
+    val = (x[fold.val], y[fold.val]) if len(fold.val) else None
+    fitted = _fit(config, x[fold.train], y[fold.train], val, len(samples.classes))
+    return (y[fold.test], fitted.predict_proba(x[fold.test], len(samples.classes))), \
+        fitted.chosen
+
+
+def _survival_fold(config: ProbeConfig, samples: Samples, fold: Fold
+                   ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict[str, Any]]:
+    """One fold's test (time, event, risk) and the Cox penalty chosen on validation."""
     from care_scale.evaluation.classifiers import fit_cox_probe
 
     t, e, x = samples.time, samples.y, samples.x
     val = (x[fold.val], t[fold.val], e[fold.val]) if len(fold.val) else None
     fitted = fit_cox_probe(x[fold.train], t[fold.train], e[fold.train], val)
-    risk = fitted.risk(x[fold.test])
-    fold_rows.append({"name": fold.name, "train": len(fold.train), "val": len(fold.val),
-                      "test": len(fold.test), "chosen": fitted.chosen,
-                      **compute_survival(t[fold.test], e[fold.test], risk)})
-    return t[fold.test], e[fold.test], risk
+    return (t[fold.test], e[fold.test], fitted.risk(x[fold.test])), fitted.chosen
