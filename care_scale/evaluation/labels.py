@@ -126,8 +126,8 @@ def join_labels(path: str, vectors: SlideVectors, *, target: str | None = None,
     _warn(warnings, dropped, "no_id", missing_ids, f"rows without a {key} (CSV line numbers)")
     rows = [r for r in rows if r.get(key)]
 
-    def value(r: dict[str, str]) -> str:
-        return ",".join(r[c] for c in wanted)
+    def value(r: dict[str, str]) -> tuple[str, ...]:
+        return tuple(r[c] for c in wanted)
 
     def missing(r: dict[str, str]) -> bool:
         return any(r[c].lower() in MISSING for c in wanted)
@@ -136,14 +136,14 @@ def join_labels(path: str, vectors: SlideVectors, *, target: str | None = None,
     _warn(warnings, dropped, "missing_value", no_value, f"rows without a value of {target!r}")
     rows = [r for r in rows if not missing(r)]
 
-    label: dict[str, str] = {}
+    label: dict[str, tuple[str, ...]] = {}
     dupes: list[str] = []
     for r in rows:
         sid, v = r[key], value(r)
         if sid in label:
             if label[sid] != v:
                 raise LabelsError(shown, f"{key} {sid!r} has two values of {target!r}: "
-                                         f"{label[sid]!r} and {v!r}")
+                                         f"{','.join(label[sid])!r} and {','.join(v)!r}")
             if not (unit == "case" and has_slide):  # one row per slide of a case: normal
                 dupes.append(sid)
         label[sid] = v
@@ -183,21 +183,20 @@ def join_labels(path: str, vectors: SlideVectors, *, target: str | None = None,
                    {i: members[i] for i in ids}, warnings, dropped)
     if survival:
         return _survival(base, [label[s] for s in ids], shown, survival)
-    classes = _sort_classes({label[s] for s in ids})
+    classes = _sort_classes({label[s][0] for s in ids})
     if len(classes) < 2:
         raise LabelsError(shown, f"{target!r} has one class only ({classes[0]!r}) among the "
                                  f"{len(ids)} usable rows")
     index = {c: i for i, c in enumerate(classes)}
-    base.y = np.array([index[label[s]] for s in ids], np.int64)
+    base.y = np.array([index[label[s][0]] for s in ids], np.int64)
     base.classes = classes
     return base
 
 
-def _survival(samples: Samples, values: list[str], shown: str,
+def _survival(samples: Samples, values: list[tuple[str, ...]], shown: str,
               columns: tuple[str, str]) -> Samples:
     times, events = [], []
-    for sid, v in zip(samples.ids, values):
-        t, e = v.split(",")
+    for sid, (t, e) in zip(samples.ids, values):
         try:
             time = float(t)
         except ValueError:
