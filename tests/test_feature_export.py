@@ -108,3 +108,18 @@ def test_trident_magnification_table():
     assert [trident_magnification(m) for m in (0.12, 0.25, 0.2527, 0.5, 1.0, 2.0)] == [
         80, 40, 40, 20, 10, 5]
     assert trident_magnification(None) is None and trident_magnification(5.0) is None
+
+
+def test_export_to_s3_and_read_back(tmp_path, s3_options, s3_bucket):
+    """Warehouse and output folder on the loopback S3 server; files read back over S3."""
+    wh = Warehouse(f"s3://{s3_bucket}/wh", storage_options=s3_options)
+    result = fake_result("s0", seed=3)
+    wh.write_results([result])
+    out = f"s3://{s3_bucket}/features/h5_files"
+    report = export_features(wh.uri, out, storage_options=s3_options)
+    assert [f.uri for f in report.files] == [f"{out}/s0.h5"]
+    pf = read_patch_features(f"{out}/s0.h5", storage_options=s3_options)
+    feats, coords = _expected(result)
+    assert pf.features.tobytes() == feats.tobytes() and np.array_equal(pf.coords, coords)
+    with pytest.raises(FeatureFileError, match="exist already"):
+        export_features(wh.uri, out, storage_options=s3_options)
