@@ -23,7 +23,8 @@ never contain credentials: URIs are passed through :func:`care_scale.storage.red
     ├── ExportError
     │   ├── ParityError              exported model disagrees with PyTorch
     │   └── TensorRTUnavailableError no CUDA device / TensorRT installed
-    └── TrainingDataError            molecular tables, sample ids, gene lists
+    ├── TrainingDataError            molecular tables, sample ids, gene lists
+    └── LabelsError                  labels CSV / split files of a probe (carries ``path``)
 """
 
 from __future__ import annotations
@@ -124,3 +125,12 @@ class TensorRTUnavailableError(ExportError):
 
 class TrainingDataError(CareScaleError, ValueError):
     """Training inputs are inconsistent (sample ids, NaN values, empty tables, gene lists)."""
+
+
+class LabelsError(CareScaleError, ValueError):
+    """A labels CSV or split file of ``care-scale probe`` cannot be used. ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")

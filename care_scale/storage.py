@@ -139,7 +139,13 @@ def join(base: str, *parts: str) -> str:
 
 def write_text(uri: str | os.PathLike, text: str,
                storage_options: dict[str, Any] | None = None) -> None:
-    """Replace the file at ``uri`` with ``text`` all at once, local or remote.
+    """Replace the file at ``uri`` with ``text`` all at once (see :func:`write_bytes`)."""
+    write_bytes(uri, text.encode(), storage_options)
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes,
+                storage_options: dict[str, Any] | None = None) -> None:
+    """Replace the file at ``uri`` with ``data`` all at once, local or remote.
 
     Local: written beside, then renamed, so a process killed mid-write (SIGKILL, node loss)
     never leaves a truncated file; readers see the old content or the new. Object stores: one
@@ -149,14 +155,14 @@ def write_text(uri: str | os.PathLike, text: str,
     if is_remote(uri):
         import fsspec
 
-        with fsspec.open(uri, "w", **to_fsspec(storage_options, uri)) as fh:
-            fh.write(text)
+        with fsspec.open(uri, "wb", **to_fsspec(storage_options, uri)) as fh:
+            fh.write(data)
         return
     path = strip_file_scheme(uri)
     tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

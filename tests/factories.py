@@ -42,3 +42,31 @@ def fake_result(slide_id: str, *, n: int = 30, seed: int = 0, mv: str = "care_ti
              "region_id": rop, "tissue_fraction": np.full(n, 0.9, np.float32),
              "feature": rng.normal(size=(n, FDIM)).astype(np.float32)}
     return SlideResult(slide=slide, regions=regions, patches=p)
+
+
+def write_cohort(wh, embeddings: np.ndarray, *, ids: list[str] | None = None,
+                 mv: str = "care_tiny-abc", metadata: list[dict] | None = None,
+                 seed: int = 0) -> list[str]:
+    """Many slides at once, straight into the slides and regions tables with the real schemas
+    (one Delta append each, not one file per slide as the job writes): slide embedding
+    ``embeddings[i]``, ROI and regions = it plus noise. No Ray, no patches."""
+    from deltalake import write_deltalake
+
+    from care_scale.warehouse import schemas as S
+
+    rng = np.random.default_rng(seed)
+    ids = ids or [f"slide_{i:04d}" for i in range(len(embeddings))]
+    results = []
+    for i, (sid, emb) in enumerate(zip(ids, embeddings)):
+        r = fake_result(sid, seed=i, mv=mv, patches=False)
+        r.slide["slide_embedding"] = np.asarray(emb, np.float32)
+        for reg in r.regions:
+            reg["embedding"] = (emb + 0.3 * rng.normal(size=DIM)).astype(np.float32)
+        r.slide["roi_embedding"] = r.regions[2]["embedding"]
+        r.slide["metadata"] = (metadata[i] if metadata else {})
+        results.append(r)
+    for name, build, schema in (("regions", wh._regions_table, S.regions_schema(DIM)),
+                                ("slides", wh._slides_table, S.slides_schema(DIM))):
+        wh._create(name, schema)
+        write_deltalake(wh.table_uri(name), build(results, DIM), mode="append")
+    return ids

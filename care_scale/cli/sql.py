@@ -44,10 +44,15 @@ def run(args: argparse.Namespace) -> int:
     from care_scale.query import sql
 
     table = sql(args.warehouse, args.query, storage_options=storage_options(args.storage_option))
+    print_rows(table, as_json=args.json)
+    return 0
+
+
+def print_rows(table: Any, *, as_json: bool) -> None:
+    """A query result (pyarrow.Table) on stdout: one JSON array of row objects, or a table."""
     rows = table.to_pylist()
-    if args.json:
+    if as_json:
         json.dump(rows, sys.stdout, default=str)
         sys.stdout.write("\n")
     else:
         print(format_table(rows, table.column_names))
-    return 0

@@ -1,7 +1,9 @@
 """Measurements of what a slide encoder learned (used by the demos and the tests).
 
 - ``probe_accuracy``: logistic regression on standardised slide embeddings, fit on training
-  slides, scored on held-out slides (the paper's linear-probe protocol);
+  slides, scored on held-out slides (a quick form of the paper's linear probe; the
+  classifiers are ``care_scale.evaluation.classifiers``'s, which ``care-scale probe`` runs
+  with the full protocol);
 - ``knn_accuracy``: cosine k-nearest-neighbour vote;
 - ``retrieval_top1``: slide -> molecular profile retrieval among held-out pairs, with its
   chance level 1/n;
@@ -40,24 +42,21 @@ def run_encoder(encoder: torch.nn.Module, slides: list[SlideFeatures], *, batch_
 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                    test_y: np.ndarray, *, seed: int = 0) -> float:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """Accuracy of the standardised logistic regression (C = 1; the full protocol with its C
+    grid is ``care-scale probe``, ``care_scale.evaluation``)."""
+    from care_scale.evaluation.classifiers import logistic
 
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=1.0,
-                                                             random_state=seed))
-    clf.fit(train_x, train_y)
+    clf = logistic(C=1.0, max_iter=3000, standardize=True, seed=seed).fit(train_x, train_y)
     return float((clf.predict(test_x) == test_y).mean())
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                  test_y: np.ndarray, *, k: int = 5) -> float:
-    a = train_x / (np.linalg.norm(train_x, axis=1, keepdims=True) + 1e-12)
-    b = test_x / (np.linalg.norm(test_x, axis=1, keepdims=True) + 1e-12)
-    nn_idx = np.argsort(-(b @ a.T), axis=1)[:, :k]
-    votes = train_y[nn_idx]
-    pred = np.array([np.bincount(v, minlength=int(train_y.max()) + 1).argmax() for v in votes])
-    return float((pred == test_y).mean())
+    """Accuracy of a cosine k-nearest-neighbour majority vote on raw embeddings."""
+    from care_scale.evaluation.classifiers import knn
+
+    clf = knn(k=min(k, len(train_y)), metric="cosine", standardize=False).fit(train_x, train_y)
+    return float((clf.predict(test_x) == test_y).mean())
 
 
 def retrieval_top1(slide_emb: np.ndarray, mol_emb: np.ndarray) -> tuple[float, float]:

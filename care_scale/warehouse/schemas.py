@@ -14,7 +14,8 @@ import pyarrow as pa
 
 SCHEMA_VERSION = 1
 VERSION_KEY = "care_scale.schema_version"
-TABLES = ("slides", "regions", "patches", "failures", "runs")
+# probes: results of `care-scale probe` (appended, one row per probe run; see PROBES_SCHEMA).
+TABLES = ("slides", "regions", "patches", "failures", "runs", "probes")
 # Merge keys: one row per key and model version (exactly once).
 KEYS = {
     "slides": ("slide_id", "model_version"),
@@ -22,6 +23,7 @@ KEYS = {
     "patches": ("slide_id", "model_version", "x", "y"),
     "failures": ("slide_id", "run_id", "stage"),
     "runs": ("run_id",),
+    "probes": ("probe_id",),
 }
 TS = pa.timestamp("us", tz="UTC")
 
@@ -75,3 +77,16 @@ RUNS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("config_json", pa.string()), ("started_at", TS),
     ("finished_at", TS), ("counts_json", pa.string()),
 ])
+
+#: One row per ``care-scale probe`` run. The headline metrics are columns (mean, std over
+#: folds, bootstrap 95% interval), so SQL can rank probes; ``metrics_json`` has every fold and
+#: ``config_json`` everything needed to run the same probe again.
+_METRICS = ("balanced_accuracy", "auroc", "weighted_f1", "c_index")  # c_index: survival
+PROBES_SCHEMA = pa.schema(
+    [("probe_id", pa.string()), ("model_version", pa.string()), ("target", pa.string()),
+     ("feature", pa.string()), ("model", pa.string()), ("unit", pa.string()),
+     ("labels_uri", pa.string()), ("splits", pa.string()), ("num_samples", pa.int64()),
+     ("num_classes", pa.int64()), ("num_folds", pa.int64())]
+    + [(f"{m}_{s}", pa.float64()) for m in _METRICS for s in ("mean", "std", "ci_low",
+                                                               "ci_high")]
+    + [("metrics_json", pa.string()), ("config_json", pa.string()), ("created_at", TS)])

@@ -384,6 +384,19 @@ class Warehouse:
 
         self._retry("runs", op)
 
+    def append_probe(self, row: dict[str, Any]) -> None:
+        """Add one ``probes`` row (columns of ``PROBES_SCHEMA``; ``created_at`` epoch s)."""
+        from deltalake import write_deltalake
+
+        self._create("probes", S.PROBES_SCHEMA)
+        table = pa.Table.from_pylist([{**row, "created_at": _ts(row.get("created_at")
+                                                                  or time.time())}],
+                                     schema=S.PROBES_SCHEMA)
+        # A plain append: probe ids are new uuids, so concurrent probes never collide.
+        self._retry("probes", lambda: write_deltalake(
+            self.table_uri("probes"), table, mode="append",
+            storage_options=self._opts("probes")))
+
     # -- maintenance ----------------------------------------------------------------------
     def _existing(self, table: str | None) -> list[str]:
         names = [table] if table else list(S.TABLES)
