@@ -4,9 +4,9 @@ creates the actors and hands their handles to the decode tasks.
 
 How tiles reach the encoders (the choice)
 -----------------------------------------
-A decode task tiles one slide, sends each decoded batch to an encoder actor
-(``actor.encode.remote(tiles)``: the batch goes into the object store, owned by the decode
-task, on its node), keeps at most ``concurrency.encode_in_flight`` batches in flight while it
+A decode task tiles one slide, sends its decoded tiles to an encoder actor in batches of
+``encode_batch_size`` (``actor.encode.remote(tiles)``: the batch goes into the object store,
+owned by the decode task, on its node), keeps at most ``concurrency.encode_in_flight`` batches in flight while it
 decodes the next one, and gathers the features that come back into the slide's shards
 (:mod:`care_scale.embed.shards`). When the slide is done it yields one row: the shard URIs, the
 tile count and the slide's metadata. Ray Data streams those rows (one per slide) to the
@@ -15,17 +15,19 @@ block of a few hundred bytes and one actor call: its cost grows with slides, not
 
 Load balancing: each decode task starts at a random actor and goes round the pool, one
 batch per actor in turn; an actor serves calls in arrival order. Back-pressure: a decode task
-waits when its own batches in flight reach the bound, so pixels in the object store are at
-most ``decode_tasks x encode_in_flight`` batches.
+waits when its own batches in flight exceed the bound, so pixels in the object store are at
+most ``decode_tasks x (encode_in_flight + 1)`` batches. Batches stay in flight from one slide
+to the next, so the encoders do not wait while a decode task opens the next slide.
 
 Alternatives rejected (``benchmarks/bench_driver.py``, 2-core AMD EPYC, AVX2 + AVX-512):
 
 - Ray Data's actor pool as a second ``map_batches`` stage (the design before this one): every
   tile batch is a block that the driver's streaming executor schedules twice (decode output,
   encoder task) and whose object reference the driver owns. Its driver paid 0.033-0.056
-  CPU-ms per tile (one driver keeps up with 17,000-28,000 tiles/s), above the 0.02 goal
-  however large the batches, because Ray core's per-object ownership work sits in the
-  driver whatever the Python side does.
+  CPU-ms per tile (one driver kept up with 17,000-28,000 tiles/s), above the 0.02 goal even
+  with batches of 256; our own driver code was ~0.005 of it (py-spy), the rest Ray Data's
+  executor and Ray core in the driver. This design: no per-tile term within the noise
+  (6 CPU-ms per slide and ~30 per second of run, see the README).
 - Decode inside the encoder actor (one process per GPU): no overlap of decode and inference
   unless the actor runs threads, and a GPU node's decode CPUs could serve only its own GPU.
 - Mixed-slide batches (what Ray Data's batching gave): full batches for the GPU, but a slide's
@@ -66,7 +68,8 @@ def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> A
 
 
 class PatchEncoder:
-    """One patch backend per actor; encodes tile batches in chunks of ``encode_batch_size``.
+    """One patch backend per actor; encodes the tile batches it is sent (one slide's tiles,
+    up to ``encode_batch_size`` of them; larger calls in chunks of that size).
 
     ``local_export``: the driver's ONNX export of exactly these weights
     (``pipeline.export_for_local_actors``); used when this actor's node has it, which spares

@@ -361,13 +361,24 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                     )
                 st.meta = _slide_meta(row, slide, grid, size, etag)
                 stage = STAGE_DECODE
-                start = 0
-                for tb in iter_tile_batches(slide, grid, batch_size=cfg.decode_batch_size,
-                                            num_workers=cfg.concurrency.decode_num_workers):
+                start, parts = 0, []
+                batches = iter_tile_batches(slide, grid, batch_size=cfg.decode_batch_size,
+                                            num_workers=cfg.concurrency.decode_num_workers)
+                for last, tb in _flag_last(batches):
+                    # Decode batches are joined up to one encoder batch (a GPU wants 256
+                    # tiles per call; decode memory wants fewer per batch); a call never
+                    # mixes slides, so only a slide's last call is short.
+                    parts.append(tb)
+                    if not last and sum(len(p.coords) for p in parts) < cfg.encode_batch_size:
+                        continue
+                    coords = np.concatenate([p.coords for p in parts])
+                    tissue = np.concatenate([p.tissue_fraction for p in parts])
+                    tiles = (parts[0].tiles if len(parts) == 1
+                             else np.concatenate([p.tiles for p in parts]))
+                    parts = []
                     st.sent += 1
-                    yield from take(router.submit(
-                        tb.tiles, (st, start, tb.coords, tb.tissue_fraction)))
-                    start += len(tb.coords)
+                    yield from take(router.submit(tiles, (st, start, coords, tissue)))
+                    start += len(coords)
                     if st.error is not None:
                         break  # an encoder failed on this slide: stop decoding it
             st.decoded = True
@@ -376,6 +387,19 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
             st.error = st.error or (stage, type(exc).__name__, redact(exc)[:2000])
         yield from take([])
     yield from take(router.drain())
+
+
+def _flag_last(items: Iterator[Any]) -> Iterator[tuple[bool, Any]]:
+    """``(is_last, item)`` for each item of ``items``."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield False, prev
+        prev = item
+    yield True, prev
 
 
 _CACHES: dict[str, Any] = {}
