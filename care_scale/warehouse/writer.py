@@ -151,14 +151,29 @@ class Warehouse:
         return dt
 
     def _create(self, name: str, schema: pa.Schema):
+        """The table ``name``, created if absent. Idempotent under races: when several
+        writers create a fresh warehouse at once, all but one commit of version 0 fail
+        (``CommitFailedError``: protocol changed); the losers then find the winner's table."""
         from deltalake import DeltaTable
+        from deltalake.exceptions import CommitFailedError
 
-        DeltaTable.create(self.table_uri(name), schema, mode="ignore",
-                          configuration={S.VERSION_KEY: str(S.SCHEMA_VERSION)},
-                          storage_options=self._opts(name),
-                          # Our own (non-"delta.") property key; the kernel rejects unknown
-                          # keys unless told to keep them.
-                          raise_if_key_not_exists=False)
+        for attempt in range(MAX_ATTEMPTS):
+            dt = self.open(name)
+            if dt is not None:
+                return dt
+            try:
+                DeltaTable.create(self.table_uri(name), schema, mode="ignore",
+                                  configuration={S.VERSION_KEY: str(S.SCHEMA_VERSION)},
+                                  storage_options=self._opts(name),
+                                  # Our own (non-"delta.") property key; the kernel rejects
+                                  # unknown keys unless told to keep them.
+                                  raise_if_key_not_exists=False)
+            except CommitFailedError as exc:
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise TableError(name, f"could not create it at "
+                                           f"{redact(self.table_uri(name))}: {redact(exc)}"
+                                     ) from exc
+                time.sleep(0.02 * (0.5 + random.random()))  # another writer's create won
         return self.open(name)
 
     def ensure_tables(self) -> None:
