@@ -111,6 +111,10 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
         )
     kwargs = {}
     for name, value in data.items():
+        if isinstance(value, dict) and _is_dataclass_type(hints[name]):
+            # Over the field's own default, not the nested class's: `--set
+            # slide_encoder.checkpoint=X` keeps the slide encoder's default name.
+            value = merge_trees(_default_tree(fields[name]), value)
         kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
     try:
         obj = cls(**kwargs)
@@ -120,6 +124,20 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
     if callable(validate):
         validate()
     return obj
+
+
+def _default_tree(f: dataclasses.Field) -> dict[str, Any]:
+    """The default of a dataclass-typed field as a mapping of its init fields ({} if none)."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    elif f.default is not dataclasses.MISSING:
+        default = f.default
+    else:
+        return {}
+    if not dataclasses.is_dataclass(default):
+        return {}
+    tree = dataclasses.asdict(default)  # nested dataclasses become mappings too
+    return {g.name: tree[g.name] for g in dataclasses.fields(default) if g.init}
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -42,6 +42,18 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.keep_patches is True and cfg.mpp_override == 0.25 and cfg.tags == ["a", "b"]
 
 
+def test_a_nested_override_keeps_the_fields_own_default():
+    """`--set slide_encoder.checkpoint=X` alone keeps the slide encoder's default name (the
+    field's default, ModelRef("care_tiny")), not the bare class's empty one."""
+    from care_scale.embed import EmbedConfig
+
+    cfg = load_config(EmbedConfig, None, ["slide_encoder.checkpoint=/models/care"])
+    assert (cfg.slide_encoder.name, cfg.slide_encoder.checkpoint) == ("care_tiny",
+                                                                      "/models/care")
+    assert cfg.patch_encoder.name == EmbedConfig().patch_encoder.name
+    assert load_config(EmbedConfig, None, ["slide_encoder.name=care"]).slide_encoder.name == "care"
+
+
 def test_defaults_without_file():
     cfg = load_config(Outer)
     assert cfg == Outer()
