@@ -66,6 +66,21 @@ def test_csv_manifest_columns_and_relative_uris(tmp_path):
     assert list_sources(str(tmp_path / "m.csv")) == got
 
 
+def test_relative_manifest_stores_absolute_uris_and_colliding_stems_get_folders(
+        tmp_path, monkeypatch):
+    """A manifest named by a relative path from its own folder: the stored URIs are absolute
+    (workers and later readers have other working directories), and two files with one stem
+    get their folders in the id (``a__x``, ``b__x``), as in a folder listing."""
+    _touch(tmp_path / "a" / "x.tif")
+    _touch(tmp_path / "b" / "x.tif")
+    (tmp_path / "m.csv").write_text("uri\na/x.tif\nb/x.tif\n")
+    monkeypatch.chdir(tmp_path)
+    got = read_manifest("m.csv")
+    assert [(s.slide_id, s.uri) for s in got] == [("a__x", str(tmp_path / "a" / "x.tif")),
+                                                  ("b__x", str(tmp_path / "b" / "x.tif"))]
+    assert [s.slide_id for s in list_sources(".")] == ["a__x", "b__x"]
+
+
 def test_manifest_duplicates_are_named(tmp_path):
     (tmp_path / "m.csv").write_text("slide_id,uri\nA,a.svs\nB,b.svs\nA,c.svs\nB,d.svs\nC,e.svs\n")
     with pytest.raises(ConfigError, match=r"duplicate slide_id\(s\): A, B"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -240,6 +241,20 @@ def unique_ids(uris: list[str], rel_paths: list[str]) -> list[str]:
     return ids
 
 
+def _below_common_folder(uris: list[str]) -> list[str]:
+    """Each URI's path below the folder all of them share (``/d/a/x.svs``, ``/d/b/x.svs`` ->
+    ``a/x.svs``, ``b/x.svs``), so colliding stems in a manifest get ids as in a folder
+    listing."""
+    dirs = [u.split("/")[:-1] for u in uris]
+    common = dirs[0]
+    for d in dirs[1:]:
+        n = 0
+        while n < min(len(common), len(d)) and common[n] == d[n]:
+            n += 1
+        common = common[:n]
+    return ["/".join(u.split("/")[len(common):]) for u in uris]
+
+
 def _looks_like_manifest(uri: str, storage_options: dict[str, Any] | None) -> bool:
     if not uri.lower().endswith(".parquet"):
         return True
@@ -293,7 +308,10 @@ def read_manifest(
         raise ConfigError(
             f"manifest {redact(uri)} has no 'uri' column (columns: {', '.join(columns)})"
         )
-    base = posixpath.dirname(strip_file_scheme(uri)) if not is_remote(uri) else uri.rsplit("/", 1)[0]
+    # Stored URIs are absolute: a manifest given as a relative path still names the same
+    # files from any working directory (and from every Ray worker).
+    base = (os.path.dirname(os.path.abspath(strip_file_scheme(uri))) if not is_remote(uri)
+            else uri.rsplit("/", 1)[0])
     reserved = {"slide_id", "uri", "mpp", "cohort"}
     uris, given_ids, out = [], [], []
     for n, row in enumerate(rows, start=2 if uri.lower().endswith(".csv") else 1):
@@ -308,7 +326,7 @@ def read_manifest(
         sid = row.get("slide_id")
         given_ids.append(str(sid).strip() if sid not in (None, "") else None)
         out.append((row, n))
-    derived = unique_ids(uris, [posixpath.basename(u) for u in uris])
+    derived = unique_ids(uris, _below_common_folder(uris))
     ids = [g if g else d for g, d in zip(given_ids, derived)]
     dupes = sorted(k for k, c in Counter(ids).items() if c > 1)
     if dupes:
