@@ -139,8 +139,9 @@ def test_torch_files_load_through_weights_only(tmp_path):
 def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"w": torch.zeros(2), "payload": Evil(str(marker))}, tmp_path / "evil.pth")
-    with pytest.raises(UnsafeCheckpointError, match="evil.pth"):
+    with pytest.raises(UnsafeCheckpointError, match="evil.pth") as err:
         resolve_weights(str(tmp_path / "evil.pth"))
+    assert "weights_only" not in str(err.value) and "safetensors" in str(err.value)
     with pytest.raises(UnsafeCheckpointError):
         create_slide_encoder("care_tiny", checkpoint=str(tmp_path / "evil.pth"))
     assert not marker.exists()

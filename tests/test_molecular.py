@@ -156,8 +156,9 @@ def test_rna_encoder_init_from_checkpoint_with_key_map(tmp_path):
     assert load_rna_checkpoint(enc, str(tmp_path / "ok.pt")) == ["gene_embedding.weight"]
     with open(tmp_path / "evil.pt", "wb") as fh:
         pickle.dump({"obj": os.getcwd}, fh)  # a global reference: needs arbitrary unpickling
-    with pytest.raises(UnsafeCheckpointError, match="weights_only"):
+    with pytest.raises(UnsafeCheckpointError, match="refused.*Unsupported") as err:
         load_rna_checkpoint(enc, str(tmp_path / "evil.pt"))
+    assert "weights_only=False" not in str(err.value)  # never advise arbitrary unpickling
     # protein tokens from a user embedding table (frozen, projected) or learned
     table = np.random.default_rng(0).standard_normal((15, 16)).astype(np.float32)
     penc = ProteinEncoder(15, dim=16, layers=1, heads=2, out_dim=8, pretrained=table)

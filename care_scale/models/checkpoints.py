@@ -108,11 +108,22 @@ def _load_torch(data: bytes, uri: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as exc:
         raise UnsafeCheckpointError(
             f"{redact(uri)}: refused: the torch file needs to unpickle objects that are not "
-            f"plain tensors/containers ({str(exc).splitlines()[0][:200]})"
-        ) from exc
+            f"plain tensors/containers ({_unpickle_reason(exc)}); loading it could run code. "
+            "Re-save its state dict as safetensors where it was made, or use the published "
+            "safetensors file"
+        ) from None
     except (RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointError(f"{redact(uri)}: unreadable torch file: {exc}") from exc
     return _unwrap(obj, uri)
+
+
+def _unpickle_reason(exc: Exception) -> str:
+    """What torch's weights-only unpickler refused, without the advice torch appends (to
+    retry with ``weights_only=False``: never advise that for a file of unknown origin)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if ("GLOBAL" in ln or "Unsupported" in ln)
+             and "weights_only" not in ln]
+    return (named[0] if named else "an object torch's weights-only loader does not allow")[:200]
 
 
 def resolve_weights(
@@ -176,7 +187,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
     names = source_names or {}
 
     def shown(key: str) -> str:
-        return key if key not in names else names[key]
+        return names.get(key, key)
 
     for key, value in state.items():
         if key in own and tuple(value.shape) != tuple(own[key].shape):

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from care_scale.exceptions import CheckpointError, UnsafeCheckpointError
+from care_scale.exceptions import CheckpointError
 from care_scale.storage import redact
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,10 @@ class ProteinEncoder(_TokenTransformer):
 
 
 def _read_state(uri: str, storage_options: dict[str, Any] | None) -> dict[str, torch.Tensor]:
-    import io
-    import pickle
-
+    """The tensors of a safetensors or torch file (weights-only; the model zoo's reader)."""
     import fsspec
 
+    from care_scale.models.checkpoints import _load_safetensors, _load_torch
     from care_scale.storage import to_fsspec
 
     try:
@@ -133,20 +132,8 @@ def _read_state(uri: str, storage_options: dict[str, Any] | None) -> dict[str, t
     except FileNotFoundError:
         raise CheckpointError(f"{redact(uri)}: no such checkpoint file") from None
     if str(uri).endswith(".safetensors"):
-        from safetensors.torch import load
-
-        return load(data)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as exc:
-        raise UnsafeCheckpointError(
-            f"{redact(uri)}: not loadable with weights_only=True ({type(exc).__name__}); "
-            "convert it to safetensors") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{redact(uri)}: holds {type(state).__name__}, not a state dict")
-    return state
+        return _load_safetensors(data, uri)[0]
+    return _load_torch(data, uri)
 
 
 def load_rna_checkpoint(encoder: nn.Module, uri: str, key_map: dict[str, str] | None = None, *,
