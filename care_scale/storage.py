@@ -43,15 +43,30 @@ def redact(text: Any) -> str:
         netloc = parts.netloc
         if "@" in netloc:
             netloc = "***@" + netloc.rsplit("@", 1)[1]
+        # Signing parameters of presigned S3 (v4 and v2), GCS and Azure SAS URLs.
         query = re.sub(
-            r"(?i)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|sig|token)=[^&]*",
-            r"\1=***",
+            r"(?i)(^|&)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|"
+            r"AWSAccessKeyId|X-Goog-Signature|X-Goog-Credential|sig|token)=[^&]*",
+            r"\1\2=***",
             parts.query,
         )
         return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
     text = re.sub(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"]+", _clean_uri, text)
     return _SECRET_RE.sub(r"\1***", text)
+
+
+def check_no_userinfo(uri: str, what: str) -> None:
+    """Refuse ``scheme://user:secret@host/...``: a URI is stored (runs, slides, failures) and
+    printed (ours and botocore's), so credentials must come as storage options or from the
+    AWS environment instead. Presigned URLs keep their signature (it is needed to read them);
+    it is redacted wherever the URI is stored or shown."""
+    parts = urlsplit(str(uri))
+    if parts.scheme and "@" in parts.netloc:
+        from care_scale.exceptions import ConfigError
+
+        raise ConfigError(f"{what} {redact(uri)} has credentials in it (user:...@): give them "
+                          "as --storage-option KEY=VALUE or AWS_* environment variables")
 
 
 def redact_options(options: dict[str, Any] | None) -> dict[str, Any]:

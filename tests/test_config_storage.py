@@ -95,6 +95,11 @@ def test_redact_removes_secrets():
     out = redact(text)
     assert "supersecret" not in out and "abcdef" not in out and "tok123" not in out
     assert "bucket/key" in out
+    # Presigned S3 v2/v4, GCS and Azure SAS parameters; other parameters are kept.
+    url = ("https://h/x.svs?design=a&Signature=S2SIG&AWSAccessKeyId=AKID&X-Goog-Signature=G"
+           "&sig=AZSIG&X-Amz-Security-Token=TOK")
+    assert redact(url) == ("https://h/x.svs?design=a&Signature=***&AWSAccessKeyId=***"
+                           "&X-Goog-Signature=***&sig=***&X-Amz-Security-Token=***")
     opts = redact_options({"aws_secret_access_key": "s", "aws_region": "us-east-1"})
     assert opts == {"aws_secret_access_key": "***", "aws_region": "us-east-1"}
 

@@ -539,3 +539,50 @@ def test_a_killed_encoder_actor_restarts_and_the_tables_equal_a_clean_run(ray_lo
     for name, keys in (("slides", ["slide_id"]), ("regions", ["slide_id", "region_id"]),
                        ("patches", ["slide_id", "x", "y"])):
         _assert_rows_equal(_rows(wh, name, keys), _rows(clean, name, keys))
+
+
+def test_presigned_urls_and_embedded_credentials_never_reach_tables_or_console(
+        ray_local, cohort, tmp_path, s3_server, s3_options, s3_bucket, capsys):
+    """A manifest of presigned URLs (real ones, from the loopback S3 server): the slide is
+    read, and neither its signature nor its token is stored in any table or shown; one that
+    fails (no such key) fails without them too. A URI with user:secret@ is refused, exit 2,
+    without echoing the secret."""
+    import boto3
+
+    from care_scale.cli import main
+
+    client = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing",
+                          aws_secret_access_key="testing-secret", region_name="us-east-1")
+    client.upload_file(str(cohort / "slide_0.tiff"), s3_bucket, "p/slide_0.tiff")
+    signed = {k: client.generate_presigned_url("get_object", ExpiresIn=600, Params={
+        "Bucket": s3_bucket, "Key": k}) for k in ("p/slide_0.tiff", "p/missing.tiff")}
+    from urllib.parse import parse_qs, quote, urlsplit
+
+    # The signature (SigV2 "Signature" or SigV4 "X-Amz-Signature"), raw and URL-encoded.
+    secrets = {form for v in signed.values()
+               for k, vals in parse_qs(urlsplit(v).query).items() if "Signature" in k
+               for form in (vals[0], quote(vals[0], safe=""))}
+    assert secrets and all(len(s) > 10 for s in secrets)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("slide_id,uri\n" + "".join(
+        f"{k.split('/')[1].split('.')[0]},{v}\n" for k, v in signed.items()))
+    wh = tmp_path / "wh"
+    code = main(["embed", str(manifest), "--warehouse", str(wh), "--set", "progress=log",
+                 "--set", "concurrency.decode_tasks=1", "--set", "encode_batch_size=16"])
+    out = capsys.readouterr()
+    assert code == 3  # one slide done, one failed
+    assert [s["slide_id"] for s in _table(wh, "slides").to_pylist()] == ["slide_0"]
+    assert [f["slide_id"] for f in _table(wh, "failures").to_pylist()] == ["missing"]
+    dumped = out.out + out.err + "".join(
+        json.dumps(_table(wh, name).to_pylist(), default=str)
+        for name in ("slides", "regions", "failures", "runs"))
+    assert "Signature=***" in dumped
+    assert not [s for s in secrets if s in dumped]
+
+    for flag, uri in (("source", "s3://AKIAX:topsecret123@bucket/cohort/"),
+                      ("warehouse", "s3://AKIAX:topsecret123@bucket/wh")):
+        args = (["embed", uri, "--warehouse", str(wh)] if flag == "source"
+                else ["embed", str(cohort), "--warehouse", uri])
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "has credentials in it" in err and "topsecret123" not in err

@@ -163,3 +163,7 @@ class EmbedConfig:
         missing = [n for n in ("source", "warehouse") if not getattr(self, n)]
         if missing:
             raise ConfigError(f"embedding job needs {' and '.join(missing)} (none given)")
+        from care_scale.storage import check_no_userinfo
+
+        check_no_userinfo(self.source, "source")
+        check_no_userinfo(self.warehouse, "warehouse")

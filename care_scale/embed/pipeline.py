@@ -553,6 +553,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                          ignored=[(redact(u), why) for u, why in listing.ignored])
     run_config = to_dict(config)
     run_config["storage_options"] = redact_options(config.storage_options)
+    run_config.update(source=redact(config.source), warehouse=redact(config.warehouse))
     run_config.update(model_version=version, care_version=care_version,
                       patch_version=patch_version, backend_kind=backend_kind)
     wh.start_run(run_id, run_config)

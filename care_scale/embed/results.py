@@ -16,6 +16,7 @@ import numpy as np
 
 from care_scale.embed.geometry import region_wkt
 from care_scale.embed.sources import SlideSource
+from care_scale.storage import redact
 
 # Stages named in the failures table.
 STAGE_OPEN = "open"
@@ -77,7 +78,7 @@ def slide_row(ctx: RowContext, src: SlideSource, meta: dict[str, Any], encoding:
               n_patches: int, backend: str) -> dict[str, Any]:
     return {
         "slide_id": src.slide_id,
-        "source_uri": src.uri,
+        "source_uri": redact(src.uri),  # a presigned URL's signature is not stored
         "source_size": meta.get("source_size"),
         "source_etag": meta.get("source_etag"),
         "width": meta.get("width"),
@@ -161,5 +162,7 @@ def feature_file_meta(row: dict[str, Any], coords: np.ndarray, patch_size_level0
 def build_failure(ctx: RowContext, src: SlideSource, stage: str, error_type: str, message: str) -> Any:
     from care_scale.warehouse import FailureRow
 
-    return FailureRow(slide_id=src.slide_id, uri=src.uri, run_id=ctx.run_id, stage=stage,
-                      error_type=error_type, message=message, model_version=ctx.version)
+    return FailureRow(slide_id=src.slide_id, uri=redact(src.uri), run_id=ctx.run_id,
+                      stage=stage,
+                      error_type=error_type, message=redact(message),
+                      model_version=ctx.version)

@@ -30,7 +30,7 @@ from typing import Any
 
 from care_scale.exceptions import ConfigError
 from care_scale.slides import SLIDE_EXTENSIONS as _SLIDE_EXTENSIONS
-from care_scale.storage import is_remote, redact, strip_file_scheme, url_to_fs
+from care_scale.storage import check_no_userinfo, is_remote, redact, strip_file_scheme, url_to_fs
 
 SLIDE_EXTENSIONS = tuple(sorted(_SLIDE_EXTENSIONS))  # defined once, by the slide layer
 FEATURE_EXTENSIONS = (".h5", ".hdf5", ".parquet", ".npy")
@@ -318,6 +318,7 @@ def read_manifest(
         slide_uri = (row.get("uri") or "").strip() if isinstance(row.get("uri"), str) else row.get("uri")
         if not slide_uri:
             raise ConfigError(f"manifest {redact(uri)} row {n}: empty uri")
+        check_no_userinfo(slide_uri, f"manifest {redact(uri)} row {n}: uri")
         if not is_remote(slide_uri) and not posixpath.isabs(strip_file_scheme(slide_uri)):
             slide_uri = posixpath.normpath(posixpath.join(base, slide_uri)) if not is_remote(
                 uri
