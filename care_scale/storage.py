@@ -56,6 +56,34 @@ def redact(text: Any) -> str:
     return _SECRET_RE.sub(r"\1***", text)
 
 
+_STORE_HINTS = (  # first match wins: missing credentials also show up as "forbidden"
+    (("nosuchbucket",), "the bucket does not exist"),
+    (("169.254.169.254", "imds", "failed to load credentials", "no credentials"),
+     ("no credentials found (only the instance metadata service was left to ask): give "
+      "them as storage options or AWS_* environment variables")),
+    (("connection refused", "tcp connect error", "dns error", "failed to lookup address",
+      "name or service not known", "endpointconnectionerror", "could not connect"),
+     "cannot connect to the store: check aws_endpoint_url / AWS_ENDPOINT_URL and the network"),
+    (("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "403 forbidden",
+      "status code: 403", "forbidden"),
+     "access denied: check the credentials and the bucket policy"),
+    (("timed out", "timeout"), "the store did not answer in time"),
+)
+
+
+def describe_store_error(exc: BaseException) -> str:
+    """One line for an object-store error (deltalake's and s3fs's run to many lines of
+    nested causes and XML): what to check, then the first line of the original."""
+    text = redact(exc)
+    first = next((re.sub(r"\x1b\[[0-9;]*m", "", ln).strip(" ↳") for ln in text.splitlines()
+                  if ln.strip()), type(exc).__name__)
+    low = text.lower()
+    for needles, hint in _STORE_HINTS:
+        if any(n in low for n in needles):
+            return f"{hint} ({first[:160]})"
+    return first[:300]
+
+
 def check_no_userinfo(uri: str, what: str) -> None:
     """Refuse ``scheme://user:secret@host/...``: a URI is stored (runs, slides, failures) and
     printed (ours and botocore's), so credentials must come as storage options or from the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import socket
 from importlib import metadata
 from pathlib import Path
 
@@ -144,3 +145,32 @@ def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert main(["models"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_store_errors_are_one_line_with_what_to_check(s3_server, s3_options, tmp_path,
+                                                      capsys):
+    """A wrong warehouse bucket or endpoint: exit 2 and one line naming the table's URI and
+    what to check (not a traceback of nested S3 errors), for embed, sql and tables."""
+    from care_scale.synthetic import write_synthetic_slide
+
+    write_synthetic_slide(tmp_path / "s.tiff", width=512, height=512, mpp=0.5, seed=0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]  # nothing listens here once the socket is closed
+    good = [x for k, v in s3_options.items() if k != "aws_endpoint_url"
+            for x in ("--storage-option", f"{k}={v}")]
+    cases = [
+        (["embed", str(tmp_path / "s.tiff"), "--warehouse", "s3://no-such-bucket-x/wh"],
+         s3_server, "the bucket does not exist"),
+        (["sql", "SELECT 1", "--warehouse", "s3://no-such-bucket-x/wh"], s3_server,
+         "the bucket does not exist"),
+        (["tables", "history", "--table", "slides", "--warehouse", "s3://any-bucket/wh"],
+         f"http://127.0.0.1:{closed}", "cannot connect to the store"),
+    ]
+    for args, endpoint, hint in cases:
+        code = main([*args, *good, "--storage-option", f"aws_endpoint_url={endpoint}"])
+        err = [ln for ln in capsys.readouterr().err.splitlines()
+               if ln.startswith(("StorageError", "TableError", "Traceback"))]
+        assert code == 2, (args, err)
+        assert len(err) == 1 and err[0].startswith("StorageError: table ") and hint in err[0]
+        assert "testing-secret" not in err[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from care_scale.exceptions import ConfigError, TableError
+from care_scale.exceptions import ConfigError, StorageError, TableError
 from care_scale.storage import is_remote, join, redact, to_delta
 from care_scale.warehouse import TABLES, Warehouse
 
@@ -99,6 +99,9 @@ def connect_duckdb(warehouse: str, *, storage_options: dict[str, Any] | None = N
             if not is_remote(uri):
                 uri = str(Path(uri).resolve())
             con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT * FROM delta_scan({_q(uri)})")
+        except StorageError:
+            con.close()
+            raise  # already one line naming the table and what to check
         except (OSError, duckdb.Error, DeltaError) as exc:
             # Unreachable storage, refused credentials: one line naming the table.
             con.close()

@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from care_scale.exceptions import SchemaVersionError, TableError
-from care_scale.storage import join, redact, to_delta, url_to_fs
+from care_scale.exceptions import SchemaVersionError, StorageError, TableError
+from care_scale.storage import describe_store_error, join, redact, to_delta, url_to_fs
 from care_scale.warehouse import schemas as S
 from care_scale.warehouse.files import DataFile, write_data_file
 from care_scale.warehouse.rows import FailureRow, SlideResult
@@ -140,9 +140,13 @@ class Warehouse:
         from deltalake import DeltaTable
 
         uri = self.table_uri(name)
-        if not DeltaTable.is_deltatable(uri, storage_options=self._opts(name)):
-            return None
-        dt = DeltaTable(uri, storage_options=self._opts(name))
+        try:
+            if not DeltaTable.is_deltatable(uri, storage_options=self._opts(name)):
+                return None
+            dt = DeltaTable(uri, storage_options=self._opts(name))
+        except OSError as exc:  # the store itself: wrong bucket, endpoint, credentials
+            raise StorageError(f"table {name} at {redact(uri)}: "
+                               f"{describe_store_error(exc)}") from None
         found = dt.metadata().configuration.get(S.VERSION_KEY)
         if found != str(S.SCHEMA_VERSION):
             raise SchemaVersionError(name,
