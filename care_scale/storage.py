@@ -84,6 +84,32 @@ def describe_store_error(exc: BaseException) -> str:
     return first[:300]
 
 
+_TRANSIENT = ("connection reset", "reset by peer", "broken pipe", "connection closed",
+              "incomplete", "timed out", "timeout", "slowdown", "service unavailable",
+              "internal error", "internalerror", " 500", " 502", " 503", " 504",
+              "error sending request", "unexpected eof", "connection aborted")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """An object-store error worth retrying: resets, timeouts, throttling, 5xx. Missing
+    buckets, refused credentials and bad endpoints are not (retrying cannot fix them)."""
+    low = str(exc).lower()
+    if any(n in low for n in ("nosuchbucket", "accessdenied", "invalidaccesskeyid",
+                              "connection refused", "dns error")):
+        return False
+    return any(n in low for n in _TRANSIENT)
+
+
+def store_error(what: str, exc: BaseException) -> Any:
+    """A one-line :class:`StorageError` for an object-store error on ``what`` (a table or
+    file named with its redacted URI); ``.transient`` says whether retrying may help."""
+    from care_scale.exceptions import StorageError
+
+    err = StorageError(f"{what}: {describe_store_error(exc)}")
+    err.transient = getattr(exc, "transient", None) or is_transient(exc)
+    return err
+
+
 def check_no_userinfo(uri: str, what: str) -> None:
     """Refuse ``scheme://user:secret@host/...``: a URI is stored (runs, slides, failures) and
     printed (ours and botocore's), so credentials must come as storage options or from the

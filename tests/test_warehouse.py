@@ -178,3 +178,34 @@ def test_four_processes_create_one_fresh_warehouse(where, tmp_path, request):
             assert dt.version() <= 3 and dt.to_pyarrow_table().num_rows == 0
             assert dt.metadata().configuration[schemas.VERSION_KEY] == str(
                 schemas.SCHEMA_VERSION)
+
+
+@pytest.mark.parametrize("fault", ["reset_before_log_get", "reset_after_commit_put",
+                                   "503_on_data_put"])
+def test_store_faults_are_ridden_through(fault, s3_server, s3_options, s3_bucket, tmp_path):
+    """A reset on a Delta-log read, a reset after a commit file's PUT (applied upstream, the
+    answer lost: an ambiguous commit) and a 503 on a data file: the writes end with tables
+    equal to a clean run, no row lost or duplicated."""
+    from faultproxy import Fault, FaultProxy
+
+    rules = {
+        "reset_before_log_get": Fault("GET", r"_delta_log", "reset_before", times=2),
+        "reset_after_commit_put": Fault("PUT", r"slides/_delta_log/0+1\.json", "reset_after"),
+        "503_on_data_put": Fault("PUT", r"regions/.*\.parquet", "503", times=2),
+    }
+    clean = Warehouse(f"s3://{s3_bucket}/clean", storage_options=s3_options)
+    clean.ensure_tables()
+    with FaultProxy(s3_server, [rules[fault]], log_file=tmp_path / "faults.jsonl") as proxy:
+        opts = {**s3_options, "aws_endpoint_url": proxy.url}
+        wh = Warehouse(f"s3://{s3_bucket}/faulty", storage_options=opts)
+        wh.ensure_tables()
+        for batch in (["a", "b"], ["c"]):
+            wh.write_results([fake_result(s, seed=i) for i, s in enumerate(batch)])
+            clean.write_results([fake_result(s, seed=i) for i, s in enumerate(batch)])
+        assert len(proxy.fired()) == rules[fault].times  # the faults did happen
+    for name, key in (("slides", "slide_id"), ("regions", "region_id"), ("patches", "x")):
+        a, b = (w.read(name).sort_by([("slide_id", "ascending"), (key, "ascending")])
+                for w in (Warehouse(f"s3://{s3_bucket}/faulty", storage_options=s3_options),
+                          clean))
+        drop = [c for c in a.column_names if "time" in c or c.endswith("_at")]
+        assert a.drop_columns(drop).equals(b.drop_columns(drop)), name

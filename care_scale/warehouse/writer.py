@@ -35,6 +35,7 @@ custom endpoint is given.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -44,13 +45,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from care_scale.exceptions import SchemaVersionError, StorageError, TableError
-from care_scale.storage import describe_store_error, join, redact, to_delta, url_to_fs
+from care_scale.exceptions import SchemaVersionError, TableError
+from care_scale.storage import join, redact, store_error, to_delta, url_to_fs
 from care_scale.warehouse import schemas as S
 from care_scale.warehouse.files import DataFile, write_data_file
 from care_scale.warehouse.rows import FailureRow, SlideResult
 
+log = logging.getLogger(__name__)
+
 MAX_ATTEMPTS = 30
+# Transient store errors (resets, timeouts, 5xx) retried per operation, on top of the
+# store client's own retries.
+MAX_TRANSIENT = 6
 # The tables whose rows workers write as data files, in commit order (slides last).
 FILE_TABLES = ("patches", "regions", "slides")
 _FILE_SCHEMAS = {"slides": S.slides_schema, "regions": S.regions_schema,
@@ -145,8 +151,7 @@ class Warehouse:
                 return None
             dt = DeltaTable(uri, storage_options=self._opts(name))
         except OSError as exc:  # the store itself: wrong bucket, endpoint, credentials
-            raise StorageError(f"table {name} at {redact(uri)}: "
-                               f"{describe_store_error(exc)}") from None
+            raise store_error(f"table {name} at {redact(uri)}", exc) from None
         found = dt.metadata().configuration.get(S.VERSION_KEY)
         if found != str(S.SCHEMA_VERSION):
             raise SchemaVersionError(name,
@@ -214,6 +219,7 @@ class Warehouse:
         """Run ``op`` (which reloads the table itself) until it commits."""
         from deltalake.exceptions import CommitFailedError
 
+        transient = 0
         for attempt in range(MAX_ATTEMPTS):
             try:
                 return op()
@@ -221,8 +227,17 @@ class Warehouse:
                 if attempt == MAX_ATTEMPTS - 1:
                     raise TableError(name, f"commit failed {MAX_ATTEMPTS} times: "
                                            f"{redact(exc)}") from exc
-                # Jittered exponential back-off: concurrent writers spread out.
-                time.sleep(min(5.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+            except OSError as exc:
+                # A reset, timeout or 5xx the object store client gave up on: retried a
+                # few times with the same back-off (every op reloads the table and is safe
+                # to repeat: commit_files finds its own applied commit). Others surface.
+                err = store_error(f"table {name} at {redact(self.table_uri(name))}", exc)
+                transient += 1
+                if not err.transient or transient > MAX_TRANSIENT:
+                    raise err from None
+                log.warning("%s; retrying", err)
+            # Jittered exponential back-off: concurrent writers spread out.
+            time.sleep(min(5.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
         return None
 
     def _merge(self, name: str, source: pa.Table) -> None:
@@ -349,9 +364,17 @@ class Warehouse:
                 dt.delete(_keys_predicate(keys))
                 dt = self.open(name)
                 exact, _ = replaced_files(dt, keys)
+            # Our own files already active: an earlier attempt of this very commit was
+            # applied although its answer was lost (a reset after the PUT). Then there is
+            # nothing left to do; never remove and re-add them.
+            ours = {f.path for f in files}
+            active = {p for p, _ in exact}
+            if ours <= active:
+                return
             now = int(time.time() * 1000)
-            actions = [RemoveAction(p, True, now, size=size) for p, size in exact]
-            actions += [f.add_action() for f in files]
+            actions = [RemoveAction(p, True, now, size=size) for p, size in exact
+                       if p not in ours]
+            actions += [f.add_action() for f in files if f.path not in active]
             dt.create_write_transaction(
                 actions, "append", dt.schema(),
                 commit_properties=CommitProperties(max_commit_retries=0))
