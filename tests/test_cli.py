@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 from importlib import metadata
 from pathlib import Path
@@ -144,3 +145,19 @@ def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert main(["models"]) == 141
     assert capsys.readouterr().err == ""
+
+
+def test_inspect_slide_backend_and_its_deprecated_alias(capsys):
+    # `--backend` is the inference kind on embed; the slide reader of inspect is
+    # --slide-backend, and the old spelling still works with a one-line note on stderr.
+    parser = build_parser()
+    assert parser.parse_args(["inspect", "s.svs"]).slide_backend == "auto"
+    assert parser.parse_args(["inspect", "s.svs", "--slide-backend", "tifffile"]
+                             ).slide_backend == "tifffile"
+    assert capsys.readouterr().err == ""
+    assert main(["inspect", "--demo", "--backend", "tifffile", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["backend"] == "tifffile"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "deprecated" in lines[0] and "--slide-backend" in lines[0]
+    assert "--backend" in COMMANDS["embed"] and "--slide-backend" not in COMMANDS["embed"]
