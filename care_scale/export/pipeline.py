@@ -123,7 +123,7 @@ def export_patch_encoder(
     from care_scale.models import model_version as _model_version
 
     if tensorrt:
-        from care_scale.export.tensorrt import require_tensorrt
+        from care_scale.inference.tensorrt_backend import require_tensorrt
 
         require_tensorrt()  # fail before minutes of export work, with the reason
     encoder = build_patch_encoder(model, checkpoint, storage_options).eval()

@@ -174,11 +174,12 @@ KINDS: dict[str, Kind] = {
 #: What a caller may ask for: a kind, or "auto".
 CHOICES: tuple[str, ...] = ("auto", *KINDS)
 
-#: Each reduced precision and the first kind that offers it (what ``kind="auto"`` takes).
-PRECISION_KIND: dict[str, str] = {}
-for _name, _kind in KINDS.items():
-    for _p in _kind.precisions[1:]:
-        PRECISION_KIND.setdefault(_p, _name)
+#: Each reduced precision and the first kind in ``KINDS`` that offers it (what
+#: ``kind="auto"`` takes for it). Built in reverse so that the first kind's entry wins.
+PRECISION_KIND: dict[str, str] = {
+    precision: name for name, facts in reversed(KINDS.items())
+    for precision in facts.precisions if precision != "fp32"
+}
 
 
 def check_kind(kind: str) -> None:
@@ -190,8 +191,8 @@ def check_precision(kind: str, precision: str) -> None:
     """``precision`` must be one ``kind`` offers (any, where the artifact fixes it)."""
     offered = KINDS[kind].precisions
     if offered and precision not in offered:
-        listed = " or ".join([", ".join(offered[:-1]), offered[-1]] if len(offered) > 1
-                             else offered)
+        listed = (f"{', '.join(offered[:-1])} or {offered[-1]}" if len(offered) > 1
+                  else offered[0])
         raise ConfigError(f"{kind} backend: precision must be {listed}, got {precision!r}")
 
 
