@@ -370,7 +370,6 @@ def export_slide_encoder_onnx(
     return OnnxExportInfo(path, opset, inputs, outputs, metadata)
 
 
-
 def quantize_patch_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> OnnxExportInfo:
     """Int8 variant of an exported patch encoder: dynamic quantisation, per-channel int8
     MatMul weights (VNNI kernels on AVX-512 CPUs), activations quantised at run time.

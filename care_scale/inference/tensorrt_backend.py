@@ -167,7 +167,6 @@ class TensorRTRuntime:
         return out.cpu().numpy()
 
 
-
 def manifest_info(manifest: Manifest) -> PatchModelInfo:
     spec = manifest.spec
     return PatchModelInfo(
