@@ -65,8 +65,8 @@ def quantize_int8(src: Path, dst: Path) -> Path:
 
 
 def bench_patch(name: str, batch: int, rounds: int, cache: Path, threads: int) -> None:
-    from care_scale.export.pipeline import cached_patch_export
-    from care_scale.inference import create_patch_backend
+    from care_scale.artifacts import ONNX_FILE
+    from care_scale.export import cached_export, create_patch_backend
     from care_scale.inference.onnx_backend import OnnxPatchBackend
     from care_scale.models import create_patch_encoder
 
@@ -82,7 +82,7 @@ def bench_patch(name: str, batch: int, rounds: int, cache: Path, threads: int) -
     t_inf = create_patch_backend("torch", encoder)
     t_cl = create_patch_backend("torch", create_patch_encoder(name), channels_last=True)
     t_bf = create_patch_backend("torch", create_patch_encoder(name), precision="bf16")
-    onnx_path = cached_patch_export(encoder, cache_dir=cache)
+    onnx_path = cached_export(encoder, cache_dir=cache) / ONNX_FILE
     ort = OnnxPatchBackend(onnx_path, threads=threads)
     ort_spin = OnnxPatchBackend(onnx_path, spinning=True, threads=threads)
     q_path = quantize_int8(onnx_path, onnx_path.with_name("model.int8.onnx"))
@@ -110,8 +110,8 @@ def bench_patch(name: str, batch: int, rounds: int, cache: Path, threads: int) -
 
 
 def bench_care(n: int, rounds: int, cache: Path, threads: int) -> None:
+    from care_scale.export import create_slide_backend
     from care_scale.export.parity import random_slide
-    from care_scale.inference import create_slide_backend
     from care_scale.models import create_slide_encoder
 
     care = create_slide_encoder("care")

@@ -14,14 +14,10 @@ from care_scale.exceptions import (
     ModelInputError,
     TensorRTUnavailableError,
 )
-from care_scale.export import export_patch_encoder
+from care_scale.export import create_patch_backend, create_slide_backend, export_patch_encoder
 from care_scale.export.parity import random_slide, random_tiles
-from care_scale.export.tensorrt import tensorrt_status
-from care_scale.inference import (
-    choose_patch_kind,
-    create_patch_backend,
-    create_slide_backend,
-)
+from care_scale.inference import choose_patch_kind
+from care_scale.inference.tensorrt_backend import tensorrt_status
 from care_scale.models import create_patch_encoder, create_slide_encoder, model_version
 
 torch.set_num_threads(2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import re
 import socket
 from importlib import metadata
@@ -174,3 +175,19 @@ def test_store_errors_are_one_line_with_what_to_check(s3_server, s3_options, tmp
         assert code == 2, (args, err)
         assert len(err) == 1 and err[0].startswith("StorageError: table ") and hint in err[0]
         assert "testing-secret" not in err[0]
+
+
+def test_inspect_slide_backend_and_its_deprecated_alias(capsys):
+    # `--backend` is the inference kind on embed; the slide reader of inspect is
+    # --slide-backend, and the old spelling still works with a one-line note on stderr.
+    parser = build_parser()
+    assert parser.parse_args(["inspect", "s.svs"]).slide_backend == "auto"
+    assert parser.parse_args(["inspect", "s.svs", "--slide-backend", "tifffile"]
+                             ).slide_backend == "tifffile"
+    assert capsys.readouterr().err == ""
+    assert main(["inspect", "--demo", "--backend", "tifffile", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["backend"] == "tifffile"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "deprecated" in lines[0] and "--slide-backend" in lines[0]
+    assert "--backend" in COMMANDS["embed"] and "--slide-backend" not in COMMANDS["embed"]

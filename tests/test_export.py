@@ -10,9 +10,9 @@ import onnx
 import pytest
 import torch
 
+from care_scale.artifacts import EngineRecord, fetch_onnx
 from care_scale.exceptions import ConfigError, ExportError, ParityError, TensorRTUnavailableError
 from care_scale.export import export_patch_encoder, export_slide_encoder, read_manifest
-from care_scale.export.artifacts import EngineRecord, fetch_onnx
 from care_scale.export.onnx_export import read_metadata
 from care_scale.export.parity import (
     check_patch_parity,
@@ -21,7 +21,7 @@ from care_scale.export.parity import (
     random_tiles,
     slide_grid_tiles,
 )
-from care_scale.export.tensorrt import GpuTarget, find_engine, tensorrt_status
+from care_scale.inference.tensorrt_backend import GpuTarget, find_engine, tensorrt_status
 from care_scale.models import create_patch_encoder, create_slide_encoder, model_version
 
 torch.set_num_threads(2)
@@ -190,7 +190,7 @@ def test_slide_parity_on_features_of_real_tiles(shared_data, care_tiny, tmp_path
 
 
 def test_artifacts_roundtrip_through_s3(micro, s3_options, s3_bucket, tmp_path):
-    from care_scale.inference import create_patch_backend
+    from care_scale.export import create_patch_backend
 
     uri = f"s3://{s3_bucket}/exports/micro"
     result = export_patch_encoder(micro, out=uri, storage_options=s3_options)
@@ -265,8 +265,9 @@ def test_cli_exports_print_parity_figures(tmp_path, capsys):
 
 @pytest.mark.gpu
 def test_tensorrt_engine_build_and_run(tmp_path):
-    from care_scale.export.tensorrt import EngineOptions, current_target
-    from care_scale.inference import create_patch_backend
+    from care_scale.export import create_patch_backend
+    from care_scale.export.tensorrt import EngineOptions
+    from care_scale.inference.tensorrt_backend import current_target
 
     result = export_patch_encoder(
         "vit_micro_patch16_64", out=str(tmp_path), tensorrt=True,

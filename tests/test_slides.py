@@ -303,7 +303,7 @@ def test_without_cucim_auto_reads_and_asking_for_it_says_how_to_install(
             open_slide(cmu, **kw)
         assert isinstance(info.value, CareScaleError)
         assert "pip install 'care-scale[cucim]'" in str(info.value)
-    assert cli_main(["inspect", str(cmu), "--backend", "cucim"]) == 2
+    assert cli_main(["inspect", str(cmu), "--slide-backend", "cucim"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("BackendUnavailableError:"), err
     assert "care-scale[cucim]" in err[0]
@@ -484,7 +484,7 @@ def test_cli_one_line_even_when_decoders_print(tmp_path):
     tifffile.imwrite(path, _he_like(512), tile=(256, 256), photometric="rgb",
                      compression="jpeg2000", metadata=None)
     proc = subprocess.run(
-        [sys.executable, "-m", "care_scale", "inspect", str(path), "--backend", "cucim"],
+        [sys.executable, "-m", "care_scale", "inspect", str(path), "--slide-backend", "cucim"],
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 2

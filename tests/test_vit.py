@@ -170,3 +170,28 @@ def test_slide_spec_names_its_patch_encoder_facts():
     spec = get_slide_encoder_spec("care_tiny")
     patch = get_patch_encoder_spec(spec.patch_encoder)
     assert patch.name == "vit_demo_patch16_112" and spec.in_dim == 192 and patch.mpp == 0.5
+
+
+def test_registry_imports_no_family_the_package_imports_them():
+    """timm's layout: the families register themselves when ``care_scale.models`` imports
+    them; the registry module names none of them (not even inside a function)."""
+    import ast
+    import inspect
+
+    import care_scale.models
+    from care_scale.models import registry
+
+    families = {"care_scale.models.care", "care_scale.models.vit"}
+    names = set()
+    for node in ast.walk(ast.parse(inspect.getsource(registry))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    assert not names & families
+    package = ast.parse(inspect.getsource(care_scale.models))
+    imported = {f"{n.module}.{a.name}" if n.module == "care_scale.models" else n.module
+                for n in ast.walk(package) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert families <= imported
+    assert {"vit_micro_patch16_64", "conch_v1_5"} <= set(list_patch_encoders())
+    assert "care_tiny" in list_slide_encoders()

@@ -75,7 +75,8 @@ def run_patch(args: argparse.Namespace) -> int:
     options = storage_options(args.storage_option)
     trt_options = None
     if args.tensorrt:
-        from care_scale.export.tensorrt import EngineOptions, require_tensorrt
+        from care_scale.export.tensorrt import EngineOptions
+        from care_scale.inference.tensorrt_backend import require_tensorrt
 
         require_tensorrt()  # the one-line error comes before any model is built
         calib = None
@@ -108,7 +109,7 @@ def run_slide(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--parity-sizes: {args.parity_sizes!r} is not a list of ints") from exc
     if args.tensorrt:
-        from care_scale.export.tensorrt import require_tensorrt
+        from care_scale.inference.tensorrt_backend import require_tensorrt
 
         require_tensorrt()
     result = export_slide_encoder(

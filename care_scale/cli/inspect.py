@@ -28,12 +28,26 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--target-mpp", type=float, default=0.5, help="tiling MPP (default 0.5)")
     p.add_argument("--patch-size", type=int, default=224, help="tile size in px (default 224)")
     p.add_argument("--min-tissue-fraction", type=float, default=0.5)
-    p.add_argument("--backend", default="auto", choices=["auto", "cucim", "openslide", "tifffile"])
+    readers = ["auto", "cucim", "openslide", "tifffile"]
+    p.add_argument("--slide-backend", dest="slide_backend", default="auto", choices=readers,
+                   help="slide reader (default auto: the first that opens the file)")
+    # The old spelling: on `embed`, --backend is the inference kind, so here it was renamed.
+    p.add_argument("--backend", dest="slide_backend", choices=readers,
+                   action=_DeprecatedAlias, help=argparse.SUPPRESS)
     p.add_argument("--thumbnail", metavar="OUT.png", default=None,
                    help="write a thumbnail PNG with the tissue contour drawn")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_storage_option_arg(p)
     p.set_defaults(func=run)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old option spelling that still works and says, once on stderr, what replaced it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: inspect {option_string} is deprecated; use --slide-backend (on embed, "
+              "--backend is the inference backend)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def inspect_slide(uri: str, *, storage_options: dict | None = None,
@@ -133,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
                 uri, storage_options=storage_options(args.storage_option),
                 mpp_override=args.mpp_override, target_mpp=args.target_mpp,
                 patch_size=args.patch_size, min_tissue_fraction=args.min_tissue_fraction,
-                backend=args.backend, thumbnail=args.thumbnail,
+                backend=args.slide_backend, thumbnail=args.thumbnail,
             )
     if args.json:
         print(json.dumps(info))

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from care_scale.artifacts import MANIFEST
 from care_scale.embed.config import EmbedConfig
 from care_scale.exceptions import CareScaleError
 from care_scale.storage import redact
@@ -52,8 +53,9 @@ from care_scale.storage import redact
 
 def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> Any:
     """The patch backend of one encoder actor: ``__call__(uint8 (B,H,W,3)) -> float32 (B,D)``,
-    ``.kind`` (what "auto" chose), ``.embed_dim``, ``.model_version``."""
-    from care_scale.inference import create_patch_backend as _create
+    ``.kind`` (what "auto" chose), ``.embed_dim``, ``.model_version``. Exports on the fly
+    (into this node's cache) where the kind needs artifacts and the config names none."""
+    from care_scale.export import create_patch_backend as _create
 
     return _create(
         config.backend,
@@ -78,7 +80,7 @@ class PatchEncoder:
     """
 
     def __init__(self, config: EmbedConfig, local_export: str | None = None):
-        if local_export and os.path.isfile(os.path.join(local_export, "manifest.json")):
+        if local_export and os.path.isfile(os.path.join(local_export, MANIFEST)):
             config = dataclasses.replace(
                 config, artifacts=local_export,
                 patch_encoder=dataclasses.replace(config.patch_encoder, checkpoint=None))

@@ -174,14 +174,18 @@ def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | N
     that can see it loads it with onnxruntime alone (``patch_stage.PatchEncoder`` checks it exists on
     its node and otherwise falls back). ``encoder``: the patch encoder the driver already built.
     """
-    if (config.features or config.artifacts or config.backend not in ("auto", "onnxruntime")
-            or config.concurrency.num_gpus_per_actor > 0):
-        return None  # TensorRT/GPU choices stay with the actors, on the GPU nodes
-    from care_scale.export.pipeline import cached_patch_export
+    if config.features or config.artifacts or config.concurrency.num_gpus_per_actor > 0:
+        return None  # nothing to export, given artifacts, or GPU choices made on the GPU nodes
+    from care_scale.inference import KINDS, choose_patch_kind
 
-    onnx_file = cached_patch_export(encoder if encoder is not None else _patch_encoder(config),
-                                    tile_size=config.patch_size)
-    return str(onnx_file.parent)
+    # The kind a CPU actor will choose; only one that runs from an on-the-fly export needs it.
+    kind, _ = choose_patch_kind(config.backend, device="cpu")
+    if not KINDS[kind].export_on_the_fly:
+        return None
+    from care_scale.export import cached_export
+
+    return str(cached_export(encoder if encoder is not None else _patch_encoder(config),
+                             tile_size=config.patch_size))
 
 
 def _actors_run_on_this_node(config: EmbedConfig) -> bool:

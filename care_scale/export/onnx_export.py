@@ -15,7 +15,7 @@ Graph contracts (what a runtime feeds and gets):
   Cast directly.
 - slide encoder (CARE, one slide per call): ``features`` float32 ``(N, in_dim)`` and ``grid``
   int64 ``(N, 2)`` (integer grid positions, as ``coords_to_grid`` makes them) -> the outputs in
-  ``SLIDE_OUTPUTS``, with ``N`` and the number of regions ``R`` dynamic. CARE's forward is
+  ``care_scale.artifacts.SLIDE_OUTPUTS``, with ``N`` and the number of regions ``R`` dynamic. CARE's forward is
   written without Python control flow on data (groups by sort + nonzero, exact integer ranking
   keys for top-k), so the tracer records TopK / ArgMax / ScatterElements / NonZero / masked
   attention and no graph surgery beyond the wrapper below is needed.
@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from care_scale.artifacts import META_PREFIX, SLIDE_INPUTS, SLIDE_OUTPUTS
 from care_scale.exceptions import ExportError
-from care_scale.inference.base import META_PREFIX
+from care_scale.inference.torch_backend import SlideEncoderGraph
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 17
@@ -303,40 +304,6 @@ def export_patch_encoder_onnx(
     return OnnxExportInfo(path, opset, inputs, outputs, metadata)
 
 
-SLIDE_INPUTS = ("features", "grid")
-#: name -> dynamic axes ("n" patches, "r" regions) of the CARE graph outputs.
-SLIDE_OUTPUTS: dict[str, dict[int, str]] = {
-    "slide_embedding": {},
-    "region_embeddings": {0: "regions"},
-    "region_of_patch": {0: "patches"},
-    "coverage": {0: "regions"},
-    "semantic_weight": {0: "regions"},
-    "fused_weight": {0: "regions"},
-    "roi_index": {},
-    "roi_embedding": {},
-    "num_regions": {},
-}
-
-
-class SlideEncoderGraph(nn.Module):
-    """Export view of CARE for one slide: ``(features (N, D), grid (N, 2))`` -> outputs.
-
-    A batch of one with ``num_valid = N`` computed in the graph (a Python int would be traced
-    as a constant and freeze N).
-    """
-
-    def __init__(self, care: nn.Module):
-        super().__init__()
-        if not hasattr(care, "config"):
-            raise ExportError(f"{type(care).__name__}: not a care-scale slide encoder")
-        self.care = care
-
-    def forward(self, features: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        num_valid = torch.ones_like(grid[:, 0]).sum().reshape(1)
-        out = self.care(features[None], num_valid, grid[None])
-        return tuple(getattr(out, name)[0] for name in SLIDE_OUTPUTS)
-
-
 def slide_metadata(care: nn.Module, *, model_version: str, opset: int) -> dict[str, str]:
     """``metadata_props`` of an exported CARE: its config and the patch features it expects."""
     import dataclasses
@@ -401,9 +368,6 @@ def export_slide_encoder_onnx(
                               "roi_embedding": {0: h}})
     inputs, outputs = io_signature(path)
     return OnnxExportInfo(path, opset, inputs, outputs, metadata)
-
-
-INT8_FILE = "model.int8.onnx"
 
 
 def quantize_patch_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> OnnxExportInfo:

@@ -21,18 +21,20 @@ from typing import Any
 
 from torch import nn
 
-from care_scale.exceptions import ConfigError
-from care_scale.export.artifacts import (
+from care_scale.artifacts import (
+    INT8_FILE,
+    MANIFEST,
     ONNX_FILE,
     Manifest,
+    default_cache_dir,
     sha256_file,
     upload_dir,
     utc_now,
     write_manifest,
 )
+from care_scale.exceptions import ConfigError
 from care_scale.export.onnx_export import (
     DEFAULT_OPSET,
-    INT8_FILE,
     PATCH_GRAPH_REVISION,
     export_patch_encoder_onnx,
     export_slide_encoder_onnx,
@@ -47,6 +49,7 @@ from care_scale.export.parity import (
     random_tiles,
     slide_tiles,
 )
+from care_scale.inference.kinds import build_patch_encoder, build_slide_encoder
 from care_scale.storage import redact
 
 log = logging.getLogger(__name__)
@@ -92,17 +95,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _patch_encoder(model: str | nn.Module, checkpoint: str | None,
-                   storage_options: dict[str, Any] | None) -> nn.Module:
-    if isinstance(model, nn.Module):
-        if checkpoint is not None:
-            raise ConfigError("pass either a built model or checkpoint=..., not both")
-        return model.eval()
-    from care_scale.models import create_patch_encoder
-
-    return create_patch_encoder(model, checkpoint, storage_options=storage_options)
-
-
 def export_patch_encoder(
     model: str | nn.Module,
     *,
@@ -131,10 +123,10 @@ def export_patch_encoder(
     from care_scale.models import model_version as _model_version
 
     if tensorrt:
-        from care_scale.export.tensorrt import require_tensorrt
+        from care_scale.inference.tensorrt_backend import require_tensorrt
 
         require_tensorrt()  # fail before minutes of export work, with the reason
-    encoder = _patch_encoder(model, checkpoint, storage_options)
+    encoder = build_patch_encoder(model, checkpoint, storage_options).eval()
     version = _model_version(encoder)
     tile = int(tile_size or encoder.spec.input_size)
     stage = Path(tempfile.mkdtemp(prefix="care-scale-export-"))
@@ -188,17 +180,6 @@ def export_patch_encoder(
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def _slide_encoder(model: str | nn.Module, checkpoint: str | None,
-                   storage_options: dict[str, Any] | None) -> nn.Module:
-    if isinstance(model, nn.Module):
-        if checkpoint is not None:
-            raise ConfigError("pass either a built model or checkpoint=..., not both")
-        return model.eval()
-    from care_scale.models import create_slide_encoder
-
-    return create_slide_encoder(model, checkpoint, storage_options=storage_options)
-
-
 def export_slide_encoder(
     model: str | nn.Module = "care",
     *,
@@ -227,7 +208,7 @@ def export_slide_encoder(
                           "in ONNX Runtime (CUDA execution provider on a GPU)")
     if len(set(parity_sizes)) < 2:
         raise ConfigError("parity_sizes needs two different patch counts (dynamic axis check)")
-    care = _slide_encoder(model, checkpoint, storage_options)
+    care = build_slide_encoder(model, checkpoint, storage_options).eval()
     version = _model_version(care)
     stage = Path(tempfile.mkdtemp(prefix="care-scale-export-"))
     try:
@@ -261,65 +242,52 @@ def export_slide_encoder(
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def cached_slide_export(care: nn.Module, *, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The ONNX file of ``care`` in the local export cache (see :func:`cached_patch_export`)."""
-    from care_scale.export.artifacts import default_cache_dir
-    from care_scale.models import model_version as _model_version
+def cached_export(model: nn.Module, *, tile_size: int | None = None,
+                  variant: str | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> Path:
+    """The artifact directory of ``model`` (a patch encoder or CARE) in the local export cache,
+    exporting it on first use: the one place that exports on the fly.
 
-    version = _model_version(care)
-    root = Path(cache_dir or default_cache_dir()) / "onnx"
-    target = root / version
-    if (target / "manifest.json").exists():
-        return target / ONNX_FILE
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
-    try:
-        export_slide_encoder(care, out=str(tmp), parity_sizes=(97, 400))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "manifest.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target / ONNX_FILE
-
-
-def cached_patch_export(encoder: nn.Module, *, tile_size: int | None = None,
-                        cache_dir: str | os.PathLike | None = None,
-                        variant: str | None = None) -> Path:
-    """The ONNX file of ``encoder`` in the local export cache, exporting it on first use.
-
-    Keyed by model version and tile size, so a changed checkpoint never reuses a stale graph.
-    Concurrent workers may export the same key; each writes its own temp dir and the first
-    rename wins (the others' identical results are dropped).
+    Used on the driver (the embedding job's export for the encoder actors) and by
+    :func:`care_scale.export.create_patch_backend` where a kind runs from artifacts and none
+    were given. Keyed by model version (and, for a patch encoder, tile size, graph revision
+    and ``variant``), so a changed checkpoint never reuses a stale graph. The directory is a
+    complete artifact directory (manifest, parity-checked). Concurrent workers may export the
+    same key; each writes its own temp dir and the first rename wins (the others' identical
+    results are dropped).
     """
-    from care_scale.export.artifacts import default_cache_dir
     from care_scale.models import model_version as _model_version
 
-    version = _model_version(encoder)
-    tile = int(tile_size or encoder.spec.input_size)
+    version = _model_version(model)
+    slide = hasattr(model, "config")  # CARE; patch encoders carry a spec only
+    if slide:
+        key = version
+    else:
+        if variant not in (None, "int8"):
+            raise ConfigError(f"unknown ONNX variant {variant!r}; known: int8")
+        tile = int(tile_size or model.spec.input_size)
+        # The graph layout's revision is part of the key: a cache written by an older
+        # exporter holds a graph that is correct but slower, and is simply not picked up.
+        key = (f"{version}-t{tile}-g{PATCH_GRAPH_REVISION}"
+               + ("" if variant is None else f"-{variant}"))
     root = Path(cache_dir or default_cache_dir()) / "onnx"
-    # The graph layout's revision is part of the key: a cache written by an older exporter
-    # holds a graph that is correct but slower, and is simply not picked up.
-    target = root / (f"{version}-t{tile}-g{PATCH_GRAPH_REVISION}"
-                     + ("" if variant is None else f"-{variant}"))
-    file = ONNX_FILE if variant is None else INT8_FILE
-    if variant not in (None, "int8"):
-        raise ConfigError(f"unknown ONNX variant {variant!r}; known: int8")
-    if (target / "manifest.json").exists():
-        return target / file
+    target = root / key
+    if (target / MANIFEST).exists():
+        return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
     try:
-        export_patch_encoder(encoder, out=str(tmp), tile_size=tile, parity_tiles=4,
-                             int8=variant == "int8")
+        if slide:
+            export_slide_encoder(model, out=str(tmp), parity_sizes=(97, 400))
+        else:
+            export_patch_encoder(model, out=str(tmp), tile_size=tile, parity_tiles=4,
+                                 int8=variant == "int8")
         try:
             os.rename(tmp, target)
         except OSError:  # another worker got there first; its export is the same
-            if not (target / "manifest.json").exists():
+            if not (target / MANIFEST).exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s (%d px tiles) into the cache %s", version, tile, target)
-    return target / file
+    log.info("exported %s into the cache %s", key, target)
+    return target

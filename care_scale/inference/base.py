@@ -16,12 +16,7 @@ import numpy as np
 
 from care_scale.exceptions import ModelInputError
 
-#: Prefix of care-scale's keys in an ONNX file's metadata_props (written by the exporter,
-#: read back by the runtime backends without importing torch or onnx).
-META_PREFIX = "care_scale."
-
 BackendKind = Literal["auto", "tensorrt", "onnxruntime", "torch"]
-KINDS: tuple[str, ...] = ("auto", "tensorrt", "onnxruntime", "torch")
 
 
 @dataclass(frozen=True)
@@ -156,7 +151,7 @@ class SlideBackend(ABC):
     @abstractmethod
     def run_grid(self, features: np.ndarray, grid: np.ndarray) -> dict[str, np.ndarray]:
         """features float32 (N, D), grid int64 (N, 2) -> the outputs named in
-        ``care_scale.export.onnx_export.SLIDE_OUTPUTS`` as numpy arrays."""
+        ``care_scale.artifacts.SLIDE_OUTPUTS`` as numpy arrays."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.model_name!r}, version={self.model_version!r})"

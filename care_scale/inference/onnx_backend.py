@@ -7,10 +7,11 @@ because a ViT is one chain of large ops and a second pool only competes for the 
 spinning off, because the decode threads of the embedding job share those cores and a
 spinning pool steals their time between batches.
 
-Where the graph comes from (see ``care_scale.inference.create_patch_backend``): an export
-artifact directory when one is given, else an on-the-fly export of the torch model into a
-cache directory keyed by model version and tile size (``$CARE_SCALE_CACHE`` or
-``~/.cache/care-scale``), checked for parity once when written and reused afterwards.
+Where the graph comes from: always an export artifact directory. When none is given,
+``care_scale.export.create_patch_backend`` exports the torch model on the fly into a cache
+directory keyed by model version and tile size (``$CARE_SCALE_CACHE`` or
+``~/.cache/care-scale``), checked for parity once when written and reused afterwards; this
+package only loads what is there.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from care_scale.artifacts import META_PREFIX
 from care_scale.exceptions import ExportError, ModelInputError
-from care_scale.inference.base import META_PREFIX, PatchBackend, PatchModelInfo, SlideBackend
+from care_scale.inference.base import PatchBackend, PatchModelInfo, SlideBackend
 
 log = logging.getLogger(__name__)
 

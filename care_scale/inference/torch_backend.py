@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from care_scale.exceptions import ConfigError
+from care_scale.artifacts import SLIDE_OUTPUTS
+from care_scale.exceptions import ConfigError, ExportError
 from care_scale.inference.base import PatchBackend, PatchModelInfo, SlideBackend
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -90,6 +91,26 @@ class TorchPatchBackend(PatchBackend):
         return out.cpu().numpy().astype(np.float32, copy=False)
 
 
+class SlideEncoderGraph(nn.Module):
+    """CARE for one slide: ``(features (N, D), grid (N, 2))`` -> the ``SLIDE_OUTPUTS``.
+
+    The torch backend runs this and the exporter traces it, so both give the same outputs.
+    A batch of one with ``num_valid = N`` computed in the graph (a Python int would be traced
+    as a constant and freeze N).
+    """
+
+    def __init__(self, care: nn.Module):
+        super().__init__()
+        if not hasattr(care, "config"):
+            raise ExportError(f"{type(care).__name__}: not a care-scale slide encoder")
+        self.care = care
+
+    def forward(self, features: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        num_valid = torch.ones_like(grid[:, 0]).sum().reshape(1)
+        out = self.care(features[None], num_valid, grid[None])
+        return tuple(getattr(out, name)[0] for name in SLIDE_OUTPUTS)
+
+
 class TorchSlideBackend(SlideBackend):
     """CARE in PyTorch (the reference the ONNX export is checked against)."""
 
@@ -97,7 +118,6 @@ class TorchSlideBackend(SlideBackend):
 
     def __init__(self, care: nn.Module, *, model_version: str | None = None,
                  device: str | torch.device | None = None):
-        from care_scale.export.onnx_export import SlideEncoderGraph
         from care_scale.models import model_version as _model_version
 
         self.device = resolve_device(device)
@@ -108,8 +128,6 @@ class TorchSlideBackend(SlideBackend):
                          in_dim=care.config.in_dim, embed_dim=care.config.hidden_dim)
 
     def run_grid(self, features: np.ndarray, grid: np.ndarray) -> dict[str, np.ndarray]:
-        from care_scale.export.onnx_export import SLIDE_OUTPUTS
-
         with torch.inference_mode():
             outs = self.graph(torch.from_numpy(features).to(self.device),
                               torch.from_numpy(grid).to(self.device))

@@ -4,8 +4,14 @@
     enc = create_patch_encoder("vit_demo_patch16_112")        # uint8 (B,H,W,3) -> (B,192)
     care = create_slide_encoder("care_tiny")                    # paired with that encoder
     result = care.encode(read_patch_features("slide.h5"))       # numpy SlideEncoding
+
+Importing this package imports every model family (``care``, ``vit``), which registers their
+models; the registry itself imports no family (timm's layout).
 """
 
+# The families, each registering its models on import. `care` comes first through the
+# names below; `vit` is imported for its registrations only.
+from care_scale.models import vit  # noqa: F401
 from care_scale.models.care import (
     CARE,
     CARE_OUTPUT_FIELDS,

@@ -100,4 +100,4 @@ def local_snapshot(repo: str, files: tuple[str, ...] = (), revision: str = "main
         return None
 
 
-__all__ = ["fetch_hint", "local_snapshot", "hub_cache_dir", "is_hf_uri", "parse_hf_uri", "resolve_hf_snapshot"]
+__all__ = ["fetch_hint", "hub_cache_dir", "is_hf_uri", "local_snapshot", "parse_hf_uri", "resolve_hf_snapshot"]

@@ -2,7 +2,9 @@
 
 Every fact about a model lives on its registry entry (embedding size, input size, image
 normalisation, microns per pixel, the patch encoder a slide encoder expects), so callers look
-facts up instead of branching on names. Modules register themselves with a decorator:
+facts up instead of branching on names. Family modules register themselves with a decorator
+when imported, and ``care_scale.models`` imports every family (timm's way): this module
+imports none of them, so a new family is one module plus one import line there.
 
     @register_patch_encoder(PatchEncoderSpec(name="vit_micro_patch16_64", ...))
     def vit_micro_patch16_64(spec: PatchEncoderSpec) -> nn.Module: ...
@@ -152,23 +154,15 @@ def register_slide_encoder(spec: SlideEncoderSpec, *, convert=None):
     return deco
 
 
-def _ensure_registered() -> None:
-    # The model modules register their entries when imported; importing defines classes only.
-    from care_scale.models import care, vit  # noqa: F401
-
-
 def list_patch_encoders() -> list[str]:
-    _ensure_registered()
     return sorted(_PATCH_ENCODERS)
 
 
 def list_slide_encoders() -> list[str]:
-    _ensure_registered()
     return sorted(_SLIDE_ENCODERS)
 
 
 def patch_encoder_entry(name: str) -> PatchEncoderEntry:
-    _ensure_registered()
     if name not in _PATCH_ENCODERS:
         raise ConfigError(
             f"unknown patch encoder {name!r}; registered: {', '.join(sorted(_PATCH_ENCODERS))}"
@@ -177,7 +171,6 @@ def patch_encoder_entry(name: str) -> PatchEncoderEntry:
 
 
 def slide_encoder_entry(name: str) -> SlideEncoderEntry:
-    _ensure_registered()
     if name not in _SLIDE_ENCODERS:
         raise ConfigError(
             f"unknown slide encoder {name!r}; registered: {', '.join(sorted(_SLIDE_ENCODERS))}"

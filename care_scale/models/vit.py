@@ -285,12 +285,13 @@ _register(PatchEncoderSpec(
 # TRIDENT's model_zoo/conchv1_5/conchv1_5.py): ViT-L/16 trunk with layer scale, built at
 # 224 px (14 x 14 position table) and run at 448 px, an attentional pooler (one query, 768
 # wide, 8 heads) and a LayerNorm; ImageNet mean/std; 512 px tiles at 20x resized to 448.
-_CONCH_V1_5 = dict(
-    embed_dim=768, input_size=448, patch_size=16, width=1024, depth=24, num_heads=16,
-    mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5, layer_scale_init=1.0, pool="attn_pool",
-    pool_heads=8, pos_embed_grid=14, tile_size=512, hf_repo="MahmoodLab/conchv1_5",
-    weight_files=("pytorch_model_vision.bin",),
-)
+_CONCH_V1_5 = {
+    "embed_dim": 768, "input_size": 448, "patch_size": 16, "width": 1024, "depth": 24,
+    "num_heads": 16, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "mpp": 0.5,
+    "layer_scale_init": 1.0, "pool": "attn_pool", "pool_heads": 8, "pos_embed_grid": 14,
+    "tile_size": 512, "hf_repo": "MahmoodLab/conchv1_5",
+    "weight_files": ("pytorch_model_vision.bin",),
+}
 _register(PatchEncoderSpec(
     name="conch_v1_5", **_CONCH_V1_5,
     source="MahmoodLab/conchv1_5 (gated): pytorch_model_vision.bin, loaded strictly",

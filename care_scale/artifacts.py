@@ -1,10 +1,14 @@
-"""Export artifact directories on local paths and fsspec URIs (s3://, gs://, ...).
+"""The export artifact format: directories on local paths and fsspec URIs (s3://, gs://, ...).
+
+A leaf module (it imports only storage and exceptions) because two sides share the format:
+``care_scale.export`` writes artifact directories, ``care_scale.inference`` reads them, and
+neither may import the other's package for it (the package graph has no cycle).
 
 One exported model is one directory::
 
     <out>/
       manifest.json                  what is inside, versions, parity figures (this module)
-      model.onnx                     ONNX graph with metadata_props (onnx_export.py)
+      model.onnx                     ONNX graph with metadata_props (export/onnx_export.py)
       model.int8.onnx                optional int8 (dynamic, per-channel) variant
       tensorrt/<engine key>.engine   TensorRT engines, one per GPU arch x TensorRT version
       tensorrt/<engine key>.cache    their timing caches (speed up the next build on that GPU)
@@ -31,11 +35,31 @@ from care_scale.storage import is_remote, join, redact, strip_file_scheme, url_t
 
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
 ENGINE_DIR = "tensorrt"
 FORMAT = "care-scale-export"
 FORMAT_VERSION = 1
 
 ArtifactKind = Literal["patch_encoder", "slide_encoder"]
+
+#: Prefix of care-scale's keys in an ONNX file's metadata_props (written by the exporter,
+#: read back by the runtime backends without importing torch or onnx).
+META_PREFIX = "care_scale."
+
+#: The CARE graph's inputs, and its outputs with their dynamic axes ("patches", "regions"):
+#: the contract between the exported graph, the torch reference and the backends.
+SLIDE_INPUTS = ("features", "grid")
+SLIDE_OUTPUTS: dict[str, dict[int, str]] = {
+    "slide_embedding": {},
+    "region_embeddings": {0: "regions"},
+    "region_of_patch": {0: "patches"},
+    "coverage": {0: "regions"},
+    "semantic_weight": {0: "regions"},
+    "fused_weight": {0: "regions"},
+    "roi_index": {},
+    "roi_embedding": {},
+    "num_regions": {},
+}
 
 
 @dataclass
