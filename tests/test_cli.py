@@ -123,6 +123,8 @@ def test_embed_flags_map_to_config_fields(tmp_path):
         "aws_conditional_put": "etag",  # --set merges, not replaces
     }
     assert _embed_config("x", "--warehouse", "y").mpp_override is None
+    assert _embed_config("x", "--warehouse", "y").precision == "fp32"
+    assert _embed_config("x", "--warehouse", "y", "--precision", "int8").precision == "int8"
 
 
 def test_bad_storage_option_does_not_echo_the_value():

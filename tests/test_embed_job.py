@@ -586,3 +586,18 @@ def test_presigned_urls_and_embedded_credentials_never_reach_tables_or_console(
         assert main(args) == 2
         err = capsys.readouterr().err
         assert "has credentials in it" in err and "topsecret123" not in err
+
+
+def test_precision_int8_is_its_own_model_version_close_to_fp32(ray_local, cohort, tmp_path):
+    """`precision: int8` runs the quantised ONNX graph in the actors: another model version
+    (a re-run at fp32 re-embeds), embeddings close to the fp32 ones."""
+    rows = {}
+    for precision in ("fp32", "int8"):
+        wh = tmp_path / precision
+        summary = run_embedding(_config(cohort / "slide_0.tiff", wh, precision=precision))
+        assert summary.done == 1 and summary.backend == "onnxruntime"
+        rows[precision] = _table(wh, "slides").to_pylist()[0]
+    a, b = rows["fp32"], rows["int8"]
+    assert b["model_version"] != a["model_version"] and "+int8" in b["model_version"]
+    x, y = np.asarray(a["slide_embedding"]), np.asarray(b["slide_embedding"])
+    assert float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) > 0.95

@@ -214,8 +214,8 @@ def test_every_file_of_a_folder_is_accounted_for(tmp_path):
     # And the other way round: slides among feature files.
     feats = scan_source(str(tmp_path), features=True)
     assert [s.slide_id for s in feats.sources] == ["feats"]
-    assert "without --features" in dict((posixpath.basename(u), w)
-                                        for u, w in feats.ignored)["s1.svs"]
+    assert "without --features" in {posixpath.basename(u): w
+                                        for u, w in feats.ignored}["s1.svs"]
     from care_scale.embed.progress import RunSummary
 
     text = RunSummary(run_id="r", warehouse="wh", model_version="v", backend="b",

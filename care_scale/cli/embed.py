@@ -22,6 +22,15 @@ EXIT_ERROR = 2
 EXIT_SLIDES_FAILED = 3
 
 
+def _choices(field: str) -> tuple[str, ...]:
+    """The values of an ``EmbedConfig`` Literal field (one spelling: the config's)."""
+    import typing
+
+    from care_scale.embed.config import EmbedConfig
+
+    return typing.get_args(typing.get_type_hints(EmbedConfig)[field])
+
+
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", nargs="?", metavar="SOURCE",
                    help="folder, URI prefix or glob (s3://bucket/cohort/*.svs), or a manifest "
@@ -32,8 +41,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also write patch features to the patches table")
     p.add_argument("--features", action="store_true", default=None,
                    help="SOURCE holds patch-feature files (.h5, .parquet, CARE .npy)")
-    p.add_argument("--backend", choices=("auto", "tensorrt", "onnxruntime", "torch"),
+    p.add_argument("--backend", choices=_choices("backend"),
                    help="patch-encoder inference backend")
+    p.add_argument("--precision", choices=_choices("precision"),
+                   help="patch-encoder precision (default fp32; bf16/fp16: torch autocast, "
+                        "int8: quantised ONNX; part of the model version)")
     add_mpp_override_arg(p)  # config field mpp_override (a manifest's mpp column wins)
     add_storage_option_arg(p)  # entries of the config field storage_options
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -83,6 +95,8 @@ def config_from_args(args: argparse.Namespace):
         flags["features"] = True
     if args.backend:
         flags["backend"] = args.backend
+    if args.precision:
+        flags["precision"] = args.precision
     if args.mpp_override is not None:
         flags["mpp_override"] = args.mpp_override
     options = storage_options(args.storage_option)

@@ -66,6 +66,7 @@ def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> A
         device=device,
         tile_size=config.patch_size,
         threads=config.concurrency.torch_threads,
+        precision=config.precision,
     )
 
 

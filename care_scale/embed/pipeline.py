@@ -174,8 +174,11 @@ def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | N
     that can see it loads it with onnxruntime alone (``patch_stage.PatchEncoder`` checks it exists on
     its node and otherwise falls back). ``encoder``: the patch encoder the driver already built.
     """
-    if config.features or config.artifacts or config.concurrency.num_gpus_per_actor > 0:
-        return None  # nothing to export, given artifacts, or GPU choices made on the GPU nodes
+    if (config.features or config.artifacts or config.concurrency.num_gpus_per_actor > 0
+            or config.precision != "fp32"):
+        # Nothing to export, given artifacts, GPU choices made on the GPU nodes, or a
+        # precision whose graph the actors make themselves.
+        return None
     from care_scale.inference import KINDS, choose_patch_kind
 
     # The kind a CPU actor will choose; only one that runs from an on-the-fly export needs it.
@@ -541,6 +544,8 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     care_version = model_version(care)
     patch_encoder = None if config.features else _patch_encoder(config)
     patch_version = "precomputed" if config.features else model_version(patch_encoder)
+    if not config.features and config.precision != "fp32":
+        patch_version += f"+{config.precision}"  # other embeddings: another model version
     version = job_model_version(config, care_version, patch_version)
     # The encoder actors report the backend they actually chose ("auto" resolves there).
     backend_kind = "features" if config.features else config.backend

@@ -108,7 +108,7 @@ def main() -> None:
     save_file({"tiles": torch.from_numpy(imgs), "normalized": x.contiguous(),
                "expected": y.contiguous()}, str(args.out / "conch_v1_5_micro_io.safetensors"))
     commit = subprocess.run(["git", "-C", str(args.trident), "rev-parse", "HEAD"],
-                            capture_output=True, text=True).stdout.strip()
+                            capture_output=True, text=True, check=True).stdout.strip()
     (args.out / "conch_v1_5_micro.json").write_text(json.dumps({
         "reference": f"mahmoodlab/TRIDENT@{commit}:{REF_FILE}",
         "torch": torch.__version__, "timm": timm.__version__,
