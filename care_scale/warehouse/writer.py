@@ -229,8 +229,10 @@ class Warehouse:
                                            f"{redact(exc)}") from exc
             except OSError as exc:
                 # A reset, timeout or 5xx the object store client gave up on: retried a
-                # few times with the same back-off (every op reloads the table and is safe
-                # to repeat: commit_files finds its own applied commit). Others surface.
+                # few times with the same back-off. Each op reloads the table; a repeat
+                # after an applied-but-unanswered commit is harmless for commit_files (it
+                # finds its own files) and for keyed merges (failures, runs); only a probes
+                # append could repeat its row (same probe_id). Others surface at once.
                 err = store_error(f"table {name} at {redact(self.table_uri(name))}", exc)
                 transient += 1
                 if not err.transient or transient > MAX_TRANSIENT:
