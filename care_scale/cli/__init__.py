@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"care_scale.cli.{name}")
-        except ModuleNotFoundError as exc:  # a command whose module is not written yet
-            if exc.name != f"care_scale.cli.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"care_scale.cli.{name}").add_parser(sub)
     return parser
 
 

@@ -16,7 +16,6 @@ import struct
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -437,6 +436,3 @@ def _rgb(region: np.ndarray) -> np.ndarray:
         return np.minimum(rgb, 255).astype(np.uint8)
     return region
 
-
-def local_file(path: str | os.PathLike) -> Path:
-    return Path(str(path)).expanduser()

@@ -38,10 +38,6 @@ class MolecularTable:
     features: list[str]
     values: np.ndarray  # (S, F) float32
 
-    def rows_for(self, sample_ids: list[str]) -> np.ndarray:
-        index = {s: i for i, s in enumerate(self.samples)}
-        return self.values[[index[s] for s in sample_ids]]
-
 
 def _read_frame(uri: str, storage_options: dict[str, Any] | None) -> Any:
     import fsspec

@@ -240,7 +240,9 @@ class Warehouse:
                 log.warning("%s; retrying", err)
             # Jittered exponential back-off: concurrent writers spread out.
             time.sleep(min(5.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
-        return None
+        # Only reached when the last attempt met a transient error: never report success.
+        raise TableError(name, f"no commit after {MAX_ATTEMPTS} attempts (conflicts and "
+                               "store errors)")
 
     def _merge(self, name: str, source: pa.Table) -> None:
         keys = S.KEYS[name]
