@@ -43,7 +43,10 @@ class BackendUnavailableError(ConfigError):
 
 
 class StorageError(CareScaleError, OSError):
-    """Reading or writing object storage (or the local staging cache) failed."""
+    """Reading or writing object storage (or the local staging cache) failed.
+    ``transient``: a reset, timeout or 5xx that a retry may cure."""
+
+    transient: bool = False
 
 
 class SlideError(CareScaleError):

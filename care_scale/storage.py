@@ -106,7 +106,8 @@ def store_error(what: str, exc: BaseException) -> Any:
     from care_scale.exceptions import StorageError
 
     err = StorageError(f"{what}: {describe_store_error(exc)}")
-    err.transient = getattr(exc, "transient", None) or is_transient(exc)
+    err.transient = (exc.transient if isinstance(exc, StorageError)
+                     else is_transient(exc))
     return err
 
 

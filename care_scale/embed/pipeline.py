@@ -294,19 +294,19 @@ class _SlideInFlight:
             self.error = (STAGE_ENCODE, *error)
             return
         self.backend = kind
+        self._staging(self.shards.add, start, coords, tissue, feats)
+
+    def _staging(self, call: Any, *args: Any) -> None:
+        """A staging store that cannot be written fails this slide, not the job."""
         try:
-            self.shards.add(start, coords, tissue, feats)
-        except OSError as exc:  # a staging store that cannot be written fails this slide
+            call(*args)
+        except OSError as exc:
             self.error = (STAGE_ENCODE, type(exc).__name__,
                           "staging features: " + redact(exc)[:2000])
 
     def row(self) -> dict:
         if self.error is None:
-            try:
-                self.shards.close()
-            except OSError as exc:
-                self.error = (STAGE_ENCODE, type(exc).__name__,
-                              "staging features: " + redact(exc)[:2000])
+            self._staging(self.shards.close)
         if self.error is not None:
             self.shards.discard()
             return _slide_row(self.slide_id, error=self.error)

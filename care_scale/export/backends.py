@@ -70,14 +70,14 @@ def create_patch_backend(
         variant = "int8" if precision == "int8" else None
         encoder = build_patch_encoder(model, checkpoint, storage_options)
 
-        def exporter(tile: int):
-            directory = cached_export(encoder, tile_size=tile, variant=variant,
-                                      cache_dir=cache_dir)
-            return fetch_onnx(str(directory), variant=variant)[0]
+        def export_dir(tile: int) -> str:
+            return str(cached_export(encoder, tile_size=tile, variant=variant,
+                                     cache_dir=cache_dir))
 
-        tile = int(tile_size or encoder.spec.input_size)
-        artifacts = str(cached_export(encoder, tile_size=tile, variant=variant,
-                                      cache_dir=cache_dir))
+        def exporter(tile: int):  # other tile sizes, exported on first use
+            return fetch_onnx(export_dir(tile), variant=variant)[0]
+
+        artifacts = export_dir(int(tile_size or encoder.spec.input_size))
         model, checkpoint = None, None  # the export is of exactly this encoder
     return load_patch_backend(chosen, model, checkpoint=checkpoint, artifacts=artifacts,
                               storage_options=storage_options, device=device,
