@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from care_scale.exceptions import CheckpointError
-from care_scale.models import create_patch_encoder, create_slide_encoder
+from care_scale.models import create_patch_encoder
 from care_scale.models.hub import hub_cache_dir, parse_hf_uri, resolve_hf_snapshot
 from care_scale.models.registry import get_patch_encoder_spec
 
@@ -152,17 +152,6 @@ def test_a_plain_folder_with_the_published_file_name_loads(tmp_path):
     torch.save(state, tmp_path / "conch" / "pytorch_model_vision.bin")
     enc = create_patch_encoder("conch_v1_5_micro", str(tmp_path / "conch"))
     assert enc.trained
-
-
-def test_a_transformers_snapshot_as_care_checkpoint_is_a_clear_error(hf_cache):
-    fake_snapshot(hf_cache, "Zipper-1/CARE", {
-        "config.json": json.dumps({"architectures": ["CAREModel"], "model_type": "care",
-                                   "auto_map": {"AutoModel": "modeling_care.CAREModel"}}
-                                  ).encode(),
-        "model.safetensors": save({"encoder.weight": torch.zeros(2, 2)}),
-    })
-    with pytest.raises(CheckpointError, match="transformers snapshot .*modeling code"):
-        create_slide_encoder("care", "hf:Zipper-1/CARE")
 
 
 def test_models_command_lists_the_registry_and_finds_local_snapshots(hf_cache, tmp_path,

@@ -86,11 +86,18 @@ class TilingPresetWarning(UserWarning):
 
 
 def resolve_models(config: EmbedConfig) -> EmbedConfig:
-    """Fill what the registry decides: an empty patch encoder name (the one the slide
-    encoder's entry pairs with) and unset tiling (the slide encoder's preset). A tiling the
+    """Fill what the registry decides: the slide encoder an ``hf:`` checkpoint is published
+    as, an empty patch encoder name (the one the slide encoder's entry pairs with) and unset
+    tiling (the slide encoder's preset). A tiling the
     user set that differs from the preset is kept, with a warning naming both."""
     from care_scale.models import get_slide_encoder_spec
+    from care_scale.models.registry import slide_encoder_for_checkpoint
 
+    ref = config.slide_encoder
+    owner = slide_encoder_for_checkpoint(ref.name, ref.checkpoint)
+    if owner != ref.name:
+        log.info("slide encoder %s: %s is its published repository", owner, ref.checkpoint)
+        config = dataclasses.replace(config, slide_encoder=dataclasses.replace(ref, name=owner))
     spec = get_slide_encoder_spec(config.slide_encoder.name)
     if not config.patch_encoder.name:
         config = dataclasses.replace(config, patch_encoder=dataclasses.replace(

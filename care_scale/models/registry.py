@@ -178,6 +178,19 @@ def slide_encoder_entry(name: str) -> SlideEncoderEntry:
     return _SLIDE_ENCODERS[name]
 
 
+def slide_encoder_for_checkpoint(name: str, checkpoint: str | None) -> str:
+    """The slide encoder an ``hf:`` checkpoint belongs to: the entry whose published
+    repository it names, when the entry ``name`` has no published repository of its own (the
+    default ``care_tiny`` with ``hf:Zipper-1/CARE`` means ``care``); else ``name``."""
+    from care_scale.models.hub import is_hf_uri, parse_hf_uri
+
+    if not checkpoint or not is_hf_uri(checkpoint) or slide_encoder_entry(name).spec.hf_repo:
+        return name
+    repo = parse_hf_uri(checkpoint)[0]
+    owners = [n for n, e in _SLIDE_ENCODERS.items() if e.spec.hf_repo == repo]
+    return owners[0] if len(owners) == 1 else name
+
+
 def get_patch_encoder_spec(name: str) -> PatchEncoderSpec:
     return patch_encoder_entry(name).spec
 
@@ -272,12 +285,15 @@ def create_slide_encoder(
     *,
     storage_options: dict[str, Any] | None = None,
     strict: bool = True,
+    trust_remote_code: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered slide encoder (CARE); ``overrides`` change :class:`CareConfig` fields.
 
     With a checkpoint directory, its ``config.json`` defines the architecture (overrides are
-    applied on top); a bare weights file uses the registry defaults plus overrides.
+    applied on top); a bare weights file uses the registry defaults plus overrides. A
+    transformers snapshot with modeling code of its own (the official ``hf:Zipper-1/CARE``)
+    runs that code only with ``trust_remote_code=True`` (:mod:`care_scale.models.remote`).
     """
     from care_scale.models.checkpoints import resolve_weights
 
@@ -285,6 +301,19 @@ def create_slide_encoder(
     cfg: dict[str, Any] = dict(entry.spec.config)
     state = None
     if checkpoint is not None:
+        from care_scale.models import remote
+
+        folder, snap_cfg = remote.read_snapshot_config(checkpoint, storage_options)
+        if folder is not None and remote.is_remote_code_config(snap_cfg):
+            extra = sorted(set(overrides) - {"in_dim"})
+            if extra:
+                raise ConfigError(f"{redact(checkpoint)}: its architecture comes from the "
+                                  f"snapshot's own code; overrides {extra} do not apply")
+            return remote.load_remote_slide_encoder(
+                checkpoint, folder, snap_cfg,
+                in_dim=int(overrides.get("in_dim", entry.spec.in_dim)),
+                trust_remote_code=trust_remote_code, name=name,
+                storage_options=storage_options)
         state, ckpt_cfg = resolve_weights(checkpoint, storage_options=storage_options)
         if ckpt_cfg is not None and _is_transformers_config(ckpt_cfg):
             raise CheckpointError(
