@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from care_scale.exceptions import CheckpointError, ConfigError
+from care_scale.exceptions import CareScaleWarning, CheckpointError, ConfigError
 from care_scale.storage import redact
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 UNTRAINED_SEED = 0
 
 
-class UntrainedWeightsWarning(UserWarning):
+class UntrainedWeightsWarning(CareScaleWarning):
     """A model runs on seeded random weights: its embeddings carry no biological meaning."""
 
 
@@ -200,13 +200,13 @@ def get_slide_encoder_spec(name: str) -> SlideEncoderSpec:
 
 
 def warn_untrained(name: str, reason: str = "no checkpoint given") -> None:
-    """Say loudly, in the log and as a Python warning, that weights are random."""
+    """Say loudly that weights are random: one Python warning (the CLI prints it as one
+    line; a log record as well would show it twice)."""
     msg = (
         f"{name}: {reason}, running on UNTRAINED weights (seed {UNTRAINED_SEED}). "
         "Embeddings are reproducible but carry no biological meaning; pass checkpoint=... "
         "for real use."
     )
-    log.warning(msg)
     warnings.warn(msg, UntrainedWeightsWarning, stacklevel=3)
 
 
