@@ -215,6 +215,23 @@ def test_conch_v1_5_exports_to_onnx_with_parity(tmp_path):
 ZOO = json.loads((REF / "patch_encoders_micro.json").read_text())["models"]
 
 
+def published_config(name: str) -> dict:
+    """The config.json beside the weights: transformers' own (Phikon-v2), else timm's hub
+    layout with the literal arguments the fixture's model was created with."""
+    config = REF / f"{name}_micro.config.json"
+    if config.exists():
+        return json.loads(config.read_text())
+    import ast
+
+    args = {}
+    for key, text in ZOO[name]["timm_kwargs"].items():
+        try:
+            args[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):  # a class such as mlp_layer: not a JSON value
+            continue
+    return {"architecture": ZOO[name]["timm_model"], "model_args": args}
+
+
 def zoo_snapshot(hf_cache: Path, tmp_path: Path, name: str, state=None) -> str:
     """A user's snapshot of ``name``'s repository, at test size: the published file names
     (timm's ``pytorch_model.bin``; Phikon-v2's ``model.safetensors`` + ``config.json``)."""
@@ -223,9 +240,7 @@ def zoo_snapshot(hf_cache: Path, tmp_path: Path, name: str, state=None) -> str:
     state = state if state is not None else load_file(str(weights))
     (file,) = spec.weight_files
     files = {file: save(state) if file.endswith(".safetensors") else torch_bytes(state, tmp_path)}
-    config = REF / f"{name}_micro.config.json"
-    files["config.json"] = (config.read_bytes() if config.exists()
-                            else json.dumps({"architecture": ZOO[name].get("timm_model")}).encode())
+    files["config.json"] = json.dumps(published_config(name)).encode()
     repo = f"test-org/{name}-micro"
     fake_snapshot(hf_cache, repo, files)
     return f"hf:{repo}"
@@ -267,6 +282,21 @@ def test_published_encoder_refuses_a_renamed_key(name, hf_cache, tmp_path):
     assert "1 missing keys ['blocks.0.mlp.fc1.weight']" in msg  # in our names
     assert old.replace("fc1", "w12") in msg  # unexpected, as the file names it
     assert f"test-org/{name}-micro" in msg
+
+
+@pytest.mark.parametrize(("name", "field"), [("phikon_v2", "num_attention_heads"),
+                                           ("uni2_h", "num_heads"), ("virchow2", "reg_tokens")])
+def test_a_config_that_contradicts_the_entry_is_refused(name, field, hf_cache, tmp_path):
+    """Heads cannot be seen in a state dict's shapes: the snapshot's config.json is checked."""
+    cfg = published_config(name)
+    args = cfg.get("model_args", cfg)
+    args[field] = args.get(field, 2) * 2
+    uri = zoo_snapshot(hf_cache, tmp_path, name)
+    snap = resolve_hf_snapshot(uri)
+    (snap / "config.json").unlink()
+    (snap / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"contradicts the registry entry: {field}="):
+        create_patch_encoder(f"{name}_micro", uri)
 
 
 def test_phikon_v2_with_an_attention_projection_missing_names_the_rest(hf_cache, tmp_path):

@@ -175,6 +175,43 @@ def resolve_weights(
                           f"{', '.join(dict.fromkeys(names))})")
 
 
+#: config.json field -> PatchEncoderSpec attribute, in the two layouts published snapshots
+#: have: transformers' config (top level; Phikon-v2) and timm's hub config (``model_args``).
+TRANSFORMERS_CONFIG_FIELDS = {
+    "hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
+    "patch_size": "patch_size", "mlp_ratio": "mlp_ratio", "qkv_bias": "qkv_bias"}
+TIMM_CONFIG_FIELDS = {
+    "embed_dim": "width", "depth": "depth", "num_heads": "num_heads",
+    "patch_size": "patch_size", "mlp_ratio": "mlp_ratio", "reg_tokens": "reg_tokens",
+    "no_embed_class": "no_embed_class"}
+
+
+def check_published_config(cfg: dict[str, Any], spec: Any, source: str) -> None:
+    """A published snapshot's ``config.json`` must not contradict the registry entry it is
+    loaded as: fields a state dict cannot show (the number of heads) would otherwise load
+    silently wrong. Only the fields present are compared; care-scale's own configs are
+    skipped (their architecture is the entry)."""
+    if "format" in cfg:
+        return
+    args = cfg.get("model_args")
+    given, fields = ((args, TIMM_CONFIG_FIELDS) if isinstance(args, dict)
+                     else (cfg, TRANSFORMERS_CONFIG_FIELDS))
+    bad = [f"{key}={given[key]!r} (entry {spec.name}: {attr}={getattr(spec, attr)!r})"
+           for key, attr in fields.items()
+           if key in given and not _same_value(given[key], getattr(spec, attr))]
+    if bad:
+        raise CheckpointError(f"{redact(source)}: config.json contradicts the registry entry: "
+                              f"{', '.join(bad)}")
+
+
+def _same_value(given: Any, ours: Any) -> bool:
+    if isinstance(ours, bool) or isinstance(given, bool):
+        return given is ours
+    if isinstance(given, (int, float)) and isinstance(ours, (int, float)):
+        return math.isclose(given, ours, rel_tol=1e-6)
+    return False
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
               strict: bool = True, source_names: dict[str, str] | None = None) -> LoadReport:
     """Load ``state`` into ``model``; shape mismatches are refused with the key named.

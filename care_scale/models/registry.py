@@ -249,7 +249,7 @@ def create_patch_encoder(
     The returned module has ``.spec`` (:class:`PatchEncoderSpec`), ``.name`` and takes uint8
     tiles ``(B, H, W, 3)``, returning float32 ``(B, spec.embed_dim)``.
     """
-    from care_scale.models.checkpoints import resolve_weights
+    from care_scale.models.checkpoints import check_published_config, resolve_weights
 
     entry = patch_encoder_entry(name)
     state = None
@@ -261,6 +261,8 @@ def create_patch_encoder(
                 f"{redact(checkpoint)}: holds a {ckpt_cfg.get('kind')} "
                 f"({ckpt_cfg.get('name')}), not a patch encoder"
             )
+        if ckpt_cfg is not None:
+            check_published_config(ckpt_cfg, entry.spec, checkpoint)
     model = _seeded_build(lambda: entry.build(entry.spec))
     model.name = name
     model.spec = entry.spec
