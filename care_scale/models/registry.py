@@ -60,9 +60,21 @@ class PatchEncoderSpec:
     mpp: float = 0.5
     layer_scale_init: float | None = None
     qkv_bias: bool = True
-    #: What the feature is: the final-norm class token ("token"), or an attentional pooler
-    #: over all tokens followed by a LayerNorm ("attn_pool", CONCH v1.5's contrastive head).
-    pool: Literal["token", "attn_pool"] = "token"
+    #: Block MLP: timm's ``Mlp`` with GELU ("gelu"), or ``SwiGLUPacked`` ("swiglu_packed":
+    #: one ``fc1`` to ``int(width * mlp_ratio)``, SiLU(first half) x second half, ``fc2`` from
+    #: half that; UNI2-h, Virchow2, H-optimus-0, Prov-GigaPath).
+    mlp: Literal["gelu", "swiglu_packed"] = "gelu"
+    #: Register tokens after the class token (timm ``reg_tokens``; key ``reg_token``).
+    reg_tokens: int = 0
+    #: timm's ``no_embed_class``: the position table covers the patch tokens only and is added
+    #: before the class/register tokens are prepended (UNI2-h, H-optimus-0); False: it also has
+    #: rows for the class and register tokens (UNI, Virchow2, GigaPath, Phikon-v2, CONCH v1.5).
+    no_embed_class: bool = False
+    #: What the feature is: the final-norm class token ("token"); the class token concatenated
+    #: with the mean of the patch tokens, registers excluded ("token+mean_patch", Virchow2:
+    #: ``embed_dim == 2 * width``); or an attentional pooler over all tokens followed by a
+    #: LayerNorm ("attn_pool", CONCH v1.5's contrastive head).
+    pool: Literal["token", "token+mean_patch", "attn_pool"] = "token"
     #: Heads of the attentional pooler (its query width is ``embed_dim``).
     pool_heads: int = 8
     #: Grid the position table is stored at, when the published model keeps it at another
@@ -72,6 +84,11 @@ class PatchEncoderSpec:
     #: Tile side (px, at ``mpp``) the slide is cut at before the encoder resizes it to
     #: ``input_size`` (CONCH v1.5: 512 px at 0.5 um/px, resized to 448); None: input_size.
     tile_size: int | None = None
+    #: The reference transform's resize filter (torchvision ``InterpolationMode``; antialiased
+    #: as PIL resizes) and the side it resizes to before a centre crop to ``input_size``
+    #: (Prov-GigaPath: Resize(256, bicubic) + CenterCrop(224)); None: straight to input_size.
+    resize_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    resize_size: int | None = None
     #: Hugging Face repository of the published weights, and the files a snapshot must hold.
     hf_repo: str = ""
     weight_files: tuple[str, ...] = ()
@@ -82,6 +99,16 @@ class PatchEncoderSpec:
     def grid(self) -> int:
         """Side of the position table's token grid."""
         return self.pos_embed_grid or self.input_size // self.patch_size
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patch tokens: the class token and the registers."""
+        return 1 + self.reg_tokens
+
+    @property
+    def pos_embed_rows(self) -> int:
+        """Rows of the stored position table (timm's ``embed_len``)."""
+        return self.grid ** 2 + (0 if self.no_embed_class else self.prefix_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,7 +262,7 @@ def create_patch_encoder(
     The returned module has ``.spec`` (:class:`PatchEncoderSpec`), ``.name`` and takes uint8
     tiles ``(B, H, W, 3)``, returning float32 ``(B, spec.embed_dim)``.
     """
-    from care_scale.models.checkpoints import resolve_weights
+    from care_scale.models.checkpoints import check_published_config, resolve_weights
 
     entry = patch_encoder_entry(name)
     state = None
@@ -247,6 +274,8 @@ def create_patch_encoder(
                 f"{redact(checkpoint)}: holds a {ckpt_cfg.get('kind')} "
                 f"({ckpt_cfg.get('name')}), not a patch encoder"
             )
+        if ckpt_cfg is not None:
+            check_published_config(ckpt_cfg, entry.spec, checkpoint)
     model = _seeded_build(lambda: entry.build(entry.spec))
     model.name = name
     model.spec = entry.spec
