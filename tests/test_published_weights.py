@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
 from care_scale.exceptions import CheckpointError
 from care_scale.models import create_patch_encoder
