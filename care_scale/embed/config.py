@@ -119,7 +119,9 @@ class EmbedConfig:
     # Patch-encoder precision: fp32 everywhere; bf16 / fp16 autocast on torch (bf16 pays on
     # CPUs with AVX-512 BF16 or AMX, fp16 on CUDA); int8 the dynamically quantised ONNX graph
     # (VNNI CPUs). Not fp32 changes the embeddings, so it is part of the model version.
-    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+    # auto: the fastest one this CPU has whose features stay within cosine 0.999 of fp32 on
+    # the run's first slide (care_scale.inference.precision); recorded in the runs table.
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "fp32"
     # Where exported ONNX files / TensorRT engines live (create_patch_backend's artifacts).
     artifacts: str | None = None
     decode_batch_size: int = 64

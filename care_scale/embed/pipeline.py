@@ -550,6 +550,12 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     # export); the actors load their own copies.
     care = create_slide_encoder(config)
     check_pairing(config, care, sources)
+    wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
+    from care_scale.embed.calibrate import resolve_precision
+
+    config, precision_choice = resolve_precision(
+        config, sources, cache=_slide_cache(config),
+        runs=wh.run_configs() if config.precision == "auto" else ())
     care_version = model_version(care)
     patch_encoder = None if config.features else _patch_encoder(config)
     patch_version = "precomputed" if config.features else model_version(patch_encoder)
@@ -559,7 +565,6 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     # The encoder actors report the backend they actually chose ("auto" resolves there).
     backend_kind = "features" if config.features else config.backend
 
-    wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
     wh.ensure_tables()
     done_ids = wh.completed_slide_ids(version)
     todo = [s for s in sources if s.slide_id not in done_ids]
@@ -568,12 +573,15 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                          skipped=len(sources) - len(todo),
                          untrained=[m.name for m in (care, patch_encoder)
                                     if m is not None and not m.trained],
-                         ignored=[(redact(u), why) for u, why in listing.ignored])
+                         ignored=[(redact(u), why) for u, why in listing.ignored],
+                         precision_note=precision_choice.reason if precision_choice else "")
     run_config = to_dict(config)
     run_config["storage_options"] = redact_options(config.storage_options)
     run_config.update(source=redact(config.source), warehouse=redact(config.warehouse))
     run_config.update(model_version=version, care_version=care_version,
                       patch_version=patch_version, backend_kind=backend_kind)
+    if precision_choice is not None:  # what `precision: auto` measured, and chose
+        run_config["precision_auto"] = precision_choice.as_record()
     wh.start_run(run_id, run_config)
     progress = Progress(len(sources), skipped=summary.skipped, mode=config.progress)
     ctx = RowContext(run_id=run_id, version=version, care_version=care_version,
