@@ -1,7 +1,8 @@
 """TRIDENT-compatible tiling: coordinates equal TRIDENT's own, and its rules one by one.
 
-The reference (tests/data/reference/trident_cmu1_small.json, made by make_trident_coords.py
-beside it) is TRIDENT's code run on CMU-1-Small-Region.svs: Otsu segmentation, then patching.
+The references (tests/data/reference/trident_*.json, made by make_trident_coords.py beside
+them) are TRIDENT's code run on CMU-1-Small-Region.svs (one level) and a two-level synthetic
+pyramid: Otsu segmentation, then patching.
 """
 
 from __future__ import annotations
@@ -22,16 +23,20 @@ from care_scale.tiling import TILING_MODES, tile_grid
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
+REFERENCES = {"trident_cmu1_small": CMU,
+              "trident_synthetic_pyramid": DATA / "reference" / "synthetic_pyramid_20x.tif"}
 REF = json.loads((DATA / "reference" / "trident_cmu1_small.json").read_text())
-MASKS = np.load(DATA / "reference" / "trident_cmu1_small_masks.npz")
 READERS = [b for b in BACKENDS if backend_available(b) and b != "cucim"]
 
 
 @pytest.mark.parametrize("backend", READERS)
-def test_coordinates_equal_tridents_on_cmu_small_region(backend):
-    assert REF["trident_commit"] == trident.TRIDENT_COMMIT
-    with open_slide(CMU, backend=backend) as s:
-        for name, case in REF["cases"].items():
+@pytest.mark.parametrize("reference", sorted(REFERENCES))
+def test_coordinates_equal_tridents(reference, backend):
+    ref = json.loads((DATA / "reference" / f"{reference}.json").read_text())
+    masks = np.load(DATA / "reference" / f"{reference}_masks.npz")
+    assert ref["trident_commit"] == trident.TRIDENT_COMMIT
+    with open_slide(REFERENCES[reference], backend=backend) as s:
+        for name, case in ref["cases"].items():
             grid = tile_grid(s, mode="trident", target_mpp=10 / case["target_mag"],
                              patch_size=case["patch_size"],
                              stride=case["patch_size"] - case["overlap"],
@@ -43,10 +48,11 @@ def test_coordinates_equal_tridents_on_cmu_small_region(backend):
             assert grid.magnification == case["attrs"]["level0_magnification"] == case[
                 "slide_mag"], name
             assert grid.mpp == case["slide_mpp"], name
-            mask = MASKS["mask_file" if case["mpp"] is None else f"mask_mpp{case['mpp']}"]
+            mask = masks["mask_file" if case["mpp"] is None else f"mask_mpp{case['mpp']}"]
             np.testing.assert_array_equal(grid.tissue.mask, mask.astype(bool), err_msg=name)
             assert len(grid.tissue_fraction) == len(grid.coords)
-            assert ((grid.tissue_fraction > 0) & (grid.tissue_fraction <= 1)).all(), name
+            share = grid.tissue_fraction
+            assert ((share >= case["min_tissue_proportion"]) & (share <= 1)).all(), name
 
 
 def test_the_native_grid_is_the_one_that_differs():

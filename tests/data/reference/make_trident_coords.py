@@ -1,4 +1,9 @@
-"""Make TRIDENT's own patch coordinates for CMU-1-Small-Region.svs (reference fixture).
+"""Make TRIDENT's own patch coordinates for two slides (reference fixtures).
+
+``CMU-1-Small-Region.svs`` (one level, 20x) and ``synthetic_pyramid_20x.tif`` beside this
+script (two levels, downsample 1 and 4, 0.5 um/px, written once by care-scale's
+``write_synthetic_slide(path, width=2048, height=1536, mpp=0.5, seed=5, n_types=3,
+jpeg_quality=70)`` and kept as a file so JPEG encoder versions cannot move its pixels).
 
 Run once, in a separate virtual environment with what TRIDENT's patching needs (not
 care-scale's environment)::
@@ -18,8 +23,9 @@ Otsu segmenter uses (``Compose``, ``ToTensor`` for numpy tiles, as torchvision d
 TRIDENT's package ``__init__`` (which imports every model family) is bypassed by importing its
 modules from the source folder directly.
 
-Writes ``trident_cmu1_small.json`` (per case: TRIDENT's arguments, the coords and the coords
-attributes it writes) and ``trident_cmu1_small_masks.npz`` (its 1.25x tissue mask per MPP).
+Writes, per slide, ``NAME.json`` (per case: TRIDENT's arguments, the coords and the coords
+attributes it writes) and ``NAME_masks.npz`` (its 1.25x tissue mask per MPP), NAME
+``trident_cmu1_small`` and ``trident_synthetic_pyramid``.
 """
 
 from __future__ import annotations
@@ -34,17 +40,25 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SLIDE = HERE.parent / "CMU-1-Small-Region.svs"
-
 #: (name, slide mpp passed to TRIDENT or None for the file's, target mag, patch size,
 #:  overlap, min_tissue_proportion)
-CASES = [
+CMU_CASES = [
     ("care_20x_512", None, 20, 512, 0, 0.0),  # the CARE authors' --patch_size 512 --mag 20
     ("20x_256_min05", None, 20, 256, 0, 0.5),
     ("10x_256", None, 10, 256, 0, 0.0),
     ("20x_512_overlap128", None, 20, 512, 128, 0.0),
     ("mpp025_20x_512", 0.25, 20, 512, 0, 0.0),  # as if 40x: step 1024 level-0 px
 ]
+PYRAMID_CASES = [
+    ("20x_256", None, 20, 256, 0, 0.0),
+    ("10x_256", None, 10, 256, 0, 0.0),  # downsample 2: read at level 0, 512 px
+    ("5x_128", None, 5, 128, 0, 0.0),  # downsample 4: level 1 exactly, 128 px read
+    ("20x_512_min025", None, 20, 512, 0, 0.25),
+]
+SLIDES = {
+    "trident_cmu1_small": (HERE.parent / "CMU-1-Small-Region.svs", CMU_CASES),
+    "trident_synthetic_pyramid": (HERE / "synthetic_pyramid_20x.tif", PYRAMID_CASES),
+}
 
 
 def _torchvision_transforms() -> None:
@@ -91,12 +105,20 @@ def main(src: str) -> None:
     from trident.segmentation_models.load import segmentation_model_factory
     from trident.wsi_objects.OpenSlideWSI import OpenSlideWSI
 
+    for name, (slide, cases) in SLIDES.items():
+        run_slide(name, slide, cases, commit, segmentation_model_factory, OpenSlideWSI, h5py,
+                  {"shapely": shapely.__version__,
+                   "geos": ".".join(map(str, shapely.geos_version)),
+                   "geopandas": geopandas.__version__, "scikit-image": skimage.__version__,
+                   "torch": torch.__version__})
+
+
+def run_slide(out_name, SLIDE, CASES, commit, segmentation_model_factory, OpenSlideWSI, h5py,
+              versions) -> None:
     out: dict = {
         "slide": SLIDE.name,
         "trident_commit": commit,
-        "versions": {"shapely": shapely.__version__, "geos": ".".join(map(str, shapely.geos_version)),
-                     "geopandas": geopandas.__version__, "scikit-image": skimage.__version__,
-                     "torch": torch.__version__},
+        "versions": versions,
         "segmenter": "otsu", "holes_are_tissue": True,
         "cases": {},
     }
@@ -138,8 +160,8 @@ def main(src: str) -> None:
             }
             print(name, len(coords), "patches; mag", wsi.mag, "mpp", wsi.mpp)
             wsi.release()
-    (HERE / "trident_cmu1_small.json").write_text(json.dumps(out, indent=1) + "\n")
-    np.savez_compressed(HERE / "trident_cmu1_small_masks.npz", **masks)
+    (HERE / f"{out_name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    np.savez_compressed(HERE / f"{out_name}_masks.npz", **masks)
 
 
 if __name__ == "__main__":
