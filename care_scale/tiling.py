@@ -85,6 +85,10 @@ class TilingModeSpec:
     name: str
     min_tissue_fraction: float
     build: Callable[..., TileGrid]
+    #: Pixel value of what a tile reads past the slide's edge.
+    edge_fill: int
+    #: (N, s, s, 3) uint8 tiles -> (N, size, size, 3), when the level read is not the target.
+    resize: Callable[[np.ndarray, int], np.ndarray]
     description: str
 
 
@@ -164,13 +168,34 @@ def _trident_grid(slide, *, target_mpp: float, patch_size: int, stride: int | No
     )
 
 
+def _resize_cv2(tiles: np.ndarray, size: int) -> np.ndarray:
+    """Area averaging when shrinking (no aliasing), bilinear when enlarging."""
+    import cv2
+
+    interp = cv2.INTER_AREA if tiles.shape[1] > size else cv2.INTER_LINEAR
+    out = np.empty((len(tiles), size, size, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        out[i] = cv2.resize(t, (size, size), interpolation=interp)
+    return out
+
+
+def _resize_pil(tiles: np.ndarray, size: int) -> np.ndarray:
+    """PIL's ``Image.resize`` default (bicubic), as TRIDENT's feature extraction resizes."""
+    from PIL import Image
+
+    out = np.empty((len(tiles), size, size, 3), np.uint8)
+    for i, t in enumerate(tiles):
+        out[i] = np.asarray(Image.fromarray(t).resize((size, size)))
+    return out
+
+
 TILING_MODES: dict[str, TilingModeSpec] = {
     "native": TilingModeSpec(
-        "native", 0.5, _native_grid,
+        "native", 0.5, _native_grid, 255, _resize_cv2,
         "care-scale's grid: step from the slide's MPP, tiles inside the slide, thumbnail "
         "saturation mask, kept at >= 50% tissue"),
     "trident": TilingModeSpec(
-        "trident", 0.0, _trident_grid,
+        "trident", 0.0, _trident_grid, 0, _resize_pil,
         "TRIDENT's grid (commit a91fa84): step from the magnification bucket, from (0, 0), its "
         "Otsu segmenter, kept when touching tissue; coordinates equal a TRIDENT run's"),
 }
@@ -186,20 +211,15 @@ def tiling_mode(name: str) -> TilingModeSpec:
 
 def iter_tile_batches(slide, grid: TileGrid, *, batch_size: int = 64,
                       num_workers: int = 2) -> Iterator[TileBatch]:
-    """Decode the grid's tiles in order, ``batch_size`` at a time (last batch may be short)."""
-    import cv2
-
+    """Decode the grid's tiles in order, ``batch_size`` at a time (last batch may be short),
+    filled past the slide's edge and resized as the grid's tiling mode does."""
+    spec = tiling_mode(grid.mode)
     n = len(grid)
     for start in range(0, n, batch_size):
         coords = grid.coords[start : start + batch_size]
         tiles = slide.read_regions(coords, (grid.read_size, grid.read_size), level=grid.level,
-                                   num_workers=num_workers)
+                                   num_workers=num_workers, fill=spec.edge_fill)
         if grid.read_size != grid.patch_size:
-            # Area averaging when shrinking (no aliasing), bilinear when enlarging.
-            interp = cv2.INTER_AREA if grid.read_size > grid.patch_size else cv2.INTER_LINEAR
-            out = np.empty((len(tiles), grid.patch_size, grid.patch_size, 3), np.uint8)
-            for i, t in enumerate(tiles):
-                out[i] = cv2.resize(t, (grid.patch_size, grid.patch_size), interpolation=interp)
-            tiles = out
+            tiles = spec.resize(tiles, grid.patch_size)
         yield TileBatch(coords=coords, tiles=tiles,
                         tissue_fraction=grid.tissue_fraction[start : start + batch_size])

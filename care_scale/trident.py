@@ -23,12 +23,14 @@ Followed: mahmoodlab/TRIDENT at commit a91fa84 (2026-06-24), as ``run_batch_of_s
   (``min_tissue_proportion`` 0, TRIDENT's default), else when the intersection covers at least
   that share of the square.
 
+Decoding (``care_scale.tiling.iter_tile_batches`` in this mode): pixels past the slide's edge
+are black (OpenSlide's transparent, as TRIDENT converts it to RGB), and tiles read at another
+size are resized with PIL's default bicubic, as TRIDENT's feature extraction does.
+
 What differs: a slide with objective power but no MPP, which TRIDENT refuses, is tiled at its
-objective power (``10 / power`` um/px, TRIDENT's own magnification rule read backwards);
-tiles read past the slide's edge are white here where OpenSlide gives TRIDENT black; tiles
-are resized as the rest of care-scale does (area / bilinear), TRIDENT uses PIL's bicubic.
-The tissue mask reads TRIDENT's padding as black, as it does. ``shapely`` does the polygon
-work, as it does in TRIDENT (GeoPandas is a wrapper over it there).
+objective power (``10 / power`` um/px, TRIDENT's own magnification rule read backwards).
+TRIDENT's deep-learning segmenters (HEST, its default; GrandQC) and ``--remove_holes`` are not
+reproduced. ``shapely`` does the polygon work, as it does in TRIDENT (GeoPandas wraps it).
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ pyramid: Otsu segmentation, then patching.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from care_scale import trident
 from care_scale.exceptions import ConfigError, MissingMPPError, UnsupportedResolutionError
 from care_scale.slides import BACKENDS, backend_available, open_slide
 from care_scale.synthetic import write_synthetic_slide
-from care_scale.tiling import TILING_MODES, tile_grid
+from care_scale.tiling import TILING_MODES, iter_tile_batches, tile_grid
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "CMU-1-Small-Region.svs"
@@ -35,6 +36,7 @@ def test_coordinates_equal_tridents(reference, backend):
     ref = json.loads((DATA / "reference" / f"{reference}.json").read_text())
     masks = np.load(DATA / "reference" / f"{reference}_masks.npz")
     assert ref["trident_commit"] == trident.TRIDENT_COMMIT
+    edges = False
     with open_slide(REFERENCES[reference], backend=backend) as s:
         for name, case in ref["cases"].items():
             grid = tile_grid(s, mode="trident", target_mpp=10 / case["target_mag"],
@@ -53,6 +55,16 @@ def test_coordinates_equal_tridents(reference, backend):
             assert len(grid.tissue_fraction) == len(grid.coords)
             share = grid.tissue_fraction
             assert ((share >= case["min_tissue_proportion"]) & (share <= 1)).all(), name
+            # The same pixels as TRIDENT's feature extraction: black past the slide's edge,
+            # PIL's bicubic where the level read is not the target.
+            tiles = np.concatenate([b.tiles for b in iter_tile_batches(s, grid)])
+            digests = [hashlib.sha256(np.ascontiguousarray(t).tobytes()).hexdigest()[:16]
+                       for t in tiles]
+            assert digests == case["tile_sha256_16"], name
+            edge = grid.coords.max(axis=0) + grid.patch_size_level0 > s.dimensions
+            edges = edges or bool(edge.any())
+    # CMU-1-Small-Region's tiles run past its edge (2220 x 2967 px); the pyramid's fit exactly.
+    assert edges == (reference == "trident_cmu1_small")
 
 
 def test_the_native_grid_is_the_one_that_differs():

@@ -24,12 +24,14 @@ TRIDENT's package ``__init__`` (which imports every model family) is bypassed by
 modules from the source folder directly.
 
 Writes, per slide, ``NAME.json`` (per case: TRIDENT's arguments, the coords and the coords
-attributes it writes) and ``NAME_masks.npz`` (its 1.25x tissue mask per MPP), NAME
+attributes it writes, and a digest of the pixels its feature extraction reads for each patch)
+and ``NAME_masks.npz`` (its 1.25x tissue mask per MPP), NAME
 ``trident_cmu1_small`` and ``trident_synthetic_pyramid``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -153,10 +155,18 @@ def run_slide(out_name, SLIDE, CASES, commit, segmentation_model_factory, OpenSl
                          for k, v in f["coords"].attrs.items()}
             attrs = {k: (str(v) if isinstance(v, bytes) else v) for k, v in attrs.items()
                      if k not in ("savetodir",)}
+            # The pixels TRIDENT's feature extraction reads for each patch (extract_patch_features'
+            # patcher, PIL tiles), as the first 16 hex digits of sha256 of the RGB array.
+            patcher = wsi.create_patcher(patch_size=attrs["patch_size"],
+                                         src_mag=attrs["level0_magnification"],
+                                         dst_mag=attrs["target_magnification"],
+                                         custom_coords=coords, coords_only=False, pil=True)
+            digests = [hashlib.sha256(np.ascontiguousarray(np.asarray(tile)).tobytes())
+                       .hexdigest()[:16] for tile, _, _ in patcher]
             out["cases"][name] = {
                 "mpp": mpp, "target_mag": mag, "patch_size": patch, "overlap": overlap,
                 "min_tissue_proportion": min_prop, "slide_mpp": wsi.mpp, "slide_mag": wsi.mag,
-                "attrs": attrs, "coords": coords.astype(int).tolist(),
+                "attrs": attrs, "coords": coords.astype(int).tolist(), "tile_sha256_16": digests,
             }
             print(name, len(coords), "patches; mag", wsi.mag, "mpp", wsi.mpp)
             wsi.release()
