@@ -27,7 +27,7 @@ CMU = DATA / "CMU-1-Small-Region.svs"
 REFERENCES = {"trident_cmu1_small": CMU,
               "trident_synthetic_pyramid": DATA / "reference" / "synthetic_pyramid_20x.tif"}
 REF = json.loads((DATA / "reference" / "trident_cmu1_small.json").read_text())
-READERS = [b for b in BACKENDS if backend_available(b) and b != "cucim"]
+READERS = [b for b in BACKENDS if backend_available(b)]
 
 
 @pytest.mark.parametrize("backend", READERS)
@@ -218,3 +218,14 @@ def test_modes_are_one_table():
     assert TILING_MODES["trident"].min_tissue_fraction == 0.0
     with open_slide(CMU) as s, pytest.raises(ConfigError, match="unknown tiling mode 'clam'"):
         tile_grid(s, mode="clam")
+
+
+def test_inspect_tiles_in_either_mode(capsys):
+    from care_scale.cli import main
+
+    assert main(["inspect", str(CMU), "--tiling", "trident", "--patch-size", "512", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["tiling"], info["tile_count"], info["patch_size_level0"]) == ("trident", 18, 512)
+    assert main(["inspect", str(CMU), "--patch-size", "512", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["tiling"], info["tile_count"], info["patch_size_level0"]) == ("native", 6, 513)
