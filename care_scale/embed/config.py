@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from care_scale.exceptions import ConfigError
+from care_scale.tiling import TilingMode
 
 
 @dataclass
@@ -104,10 +105,15 @@ class EmbedConfig:
     warehouse: str = ""
     # SOURCE holds patch-feature files (.h5 / .parquet / CARE .npy) instead of slides.
     features: bool = False
-    # Tiling; None: the slide encoder's preset (its registry entry: CARE 512 px at 0.5 um/px).
+    # Tiling; None: the slide encoder's preset (its registry entry: CARE 512 px at 0.5 um/px,
+    # tiled as TRIDENT does). tiling: native (care-scale's grid) | trident (TRIDENT's grid,
+    # Otsu mask and keep rule; see care_scale/tiling.py).
     target_mpp: float | None = None
     patch_size: int | None = None
-    min_tissue_fraction: float = 0.5
+    tiling: TilingMode | None = None
+    # Share of a tile that must be tissue; None: the tiling mode's default (native 0.5,
+    # trident 0: a tile touching tissue is kept, TRIDENT's default).
+    min_tissue_fraction: float | None = None
     tissue: TissueConfig = field(default_factory=TissueConfig)
     # Used when a slide has no MPP metadata (a manifest's per-slide mpp column wins).
     mpp_override: float | None = None
@@ -148,7 +154,7 @@ class EmbedConfig:
             raise ConfigError(f"target_mpp must be > 0, got {self.target_mpp}")
         if self.patch_size is not None and self.patch_size < 8:
             raise ConfigError(f"patch_size must be >= 8, got {self.patch_size}")
-        if not 0.0 <= self.min_tissue_fraction <= 1.0:
+        if self.min_tissue_fraction is not None and not 0.0 <= self.min_tissue_fraction <= 1.0:
             raise ConfigError(
                 f"min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}"
             )

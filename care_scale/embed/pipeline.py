@@ -102,7 +102,7 @@ def resolve_models(config: EmbedConfig) -> EmbedConfig:
     if not config.patch_encoder.name:
         config = dataclasses.replace(config, patch_encoder=dataclasses.replace(
             config.patch_encoder, name=spec.patch_encoder))
-    preset = {"patch_size": spec.tile_size, "target_mpp": spec.mpp}
+    preset = {"patch_size": spec.tile_size, "target_mpp": spec.mpp, "tiling": spec.tiling}
     fill = {}
     for key, value in preset.items():
         given = getattr(config, key)
@@ -113,6 +113,11 @@ def resolve_models(config: EmbedConfig) -> EmbedConfig:
                    "it was trained on); embeddings from other tilings are not the published "
                    "model's")
             warnings.warn(msg, TilingPresetWarning, stacklevel=2)
+    if config.min_tissue_fraction is None:
+        from care_scale.tiling import tiling_mode
+
+        fill["min_tissue_fraction"] = tiling_mode(
+            fill.get("tiling", config.tiling)).min_tissue_fraction
     return dataclasses.replace(config, **fill) if fill else config
 
 
@@ -213,19 +218,21 @@ def _actors_run_on_this_node(config: EmbedConfig) -> bool:
 def job_model_version(config: EmbedConfig, care_version: str, patch_version: str) -> str:
     """The key of "this slide is done": both encoders plus the tiling that feeds them.
 
-    Changing the CARE checkpoint, the patch encoder, the target MPP, patch size or tissue
-    threshold changes the embeddings, so it changes the version and re-embeds every slide.
+    Changing the CARE checkpoint, the patch encoder, the target MPP, patch size, tiling mode
+    or tissue threshold changes the embeddings, so it changes the version and re-embeds every
+    slide. The native mode is left out of the key: its versions stay those made before tiling
+    modes existed.
     """
-    tiling = json.dumps(
-        {
-            "target_mpp": config.target_mpp,
-            "patch_size": config.patch_size,
-            "min_tissue_fraction": config.min_tissue_fraction,
-            "tissue": to_dict(config.tissue),
-            "features": config.features,
-        },
-        sort_keys=True,
-    )
+    key = {
+        "target_mpp": config.target_mpp,
+        "patch_size": config.patch_size,
+        "min_tissue_fraction": config.min_tissue_fraction,
+        "tissue": to_dict(config.tissue),
+        "features": config.features,
+    }
+    if config.tiling not in (None, "native"):
+        key["tiling"] = config.tiling
+    tiling = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(tiling.encode()).hexdigest()[:8]
     return f"{care_version}+{patch_version}+t{digest}"
 
@@ -362,7 +369,7 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                 grid = tile_grid(
                     slide, target_mpp=cfg.target_mpp, patch_size=cfg.patch_size,
                     min_tissue_fraction=cfg.min_tissue_fraction, tissue=cfg.tissue.params(),
-                    mpp_override=mpp_override,
+                    mpp_override=mpp_override, mode=cfg.tiling or "native",
                 )
                 st.n_tiles = len(grid)
                 if st.n_tiles == 0:
@@ -370,7 +377,8 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
 
                     raise NoTissueError(
                         redact(row["uri"]),
-                        f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction}",
+                        f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction} "
+                        f"({cfg.tiling} tiling)",
                     )
                 st.meta = _slide_meta(row, slide, grid, size, etag)
                 stage = STAGE_DECODE
