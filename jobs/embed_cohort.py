@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from care_scale.cli.embed import build_parser, run_from_args
+from care_scale.cli import main
 
 if __name__ == "__main__":
-    sys.exit(run_from_args(build_parser().parse_args()))
+    sys.exit(main(["embed", *sys.argv[1:]]))

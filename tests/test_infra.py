@@ -269,11 +269,12 @@ def test_rayjob_points_at_a_real_entry_point_and_config(path):
 
 
 def test_embed_job_config_goes_through_the_jobs_own_argument_parsing():
-    from care_scale.cli.embed import build_parser, config_from_args
+    from care_scale.cli import build_parser
+    from care_scale.cli.embed import config_from_args
 
     (_, job), = [(p, j) for p, j in _rayjobs() if "embed_cohort" in j["spec"]["entrypoint"]]
     argv = shlex.split(job["spec"]["entrypoint"])[2:]
-    cfg = config_from_args(build_parser().parse_args(argv))
+    cfg = config_from_args(build_parser().parse_args(["embed", *argv]))
     cfg.require_io()
 
 

@@ -7,7 +7,7 @@
 
 import sys
 
-from care_scale.training.entry import script_main
+from care_scale.cli import main
 
 if __name__ == "__main__":
-    sys.exit(script_main("stage2"))
+    sys.exit(main(["train", "stage2", *sys.argv[1:]]))

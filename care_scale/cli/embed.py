@@ -13,7 +13,6 @@ but some slides failed (each is a row in the ``failures`` table and a line of th
 from __future__ import annotations
 
 import argparse
-import sys
 
 from care_scale.cli.options import add_mpp_override_arg, add_storage_option_arg, storage_options
 
@@ -65,16 +64,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=handle)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The same arguments for ``jobs/embed_cohort.py`` (no sub-command)."""
-    p = argparse.ArgumentParser(
-        prog="embed_cohort.py", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_arguments(p)
-    return p
-
-
 def config_from_args(args: argparse.Namespace):
     """The typed EmbedConfig: YAML file, then named flags, then ``--set`` overrides.
 
@@ -117,14 +106,3 @@ def handle(args: argparse.Namespace) -> int:
         summary = run_embedding(config_from_args(args))
         print(summary.format())
     return EXIT_SLIDES_FAILED if summary.failed else EXIT_OK
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """``handle`` with care-scale errors as one stderr line and exit 2 (for jobs/ scripts)."""
-    from care_scale.exceptions import CareScaleError
-
-    try:
-        return handle(args)
-    except CareScaleError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_ERROR

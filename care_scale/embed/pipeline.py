@@ -526,7 +526,8 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
                  + c.encoder_actors * c.num_cpus_per_actor),
             gpu=(c.slide_encoder_actors * c.num_gpus_per_slide_actor
                  + c.encoder_actors * c.num_gpus_per_actor))
-    ds = ray.data.from_arrow(_source_blocks(todo, c.decode_tasks))
+    blocks = _source_blocks(todo, c.decode_tasks)
+    ds = ray.data.from_arrow(blocks)
     # Only now: making the input blocks runs a one-CPU Ray task, which on a small node would
     # wait forever behind the actors' reservation.
     pool = EncoderPool(config, local_export=local_export)
@@ -534,7 +535,9 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
         # The whole input block per call: batches stay in flight from one slide to the next.
         embed_slides, batch_size=None,
         fn_kwargs={"params": {"config": config, "staging": staging, "encoders": pool.actors}},
-        compute=ray.data.TaskPoolStrategy(size=c.decode_tasks), num_cpus=c.decode_num_cpus,
+        # No more tasks than input blocks (a one-slide run needs one; Ray Data warns else).
+        compute=ray.data.TaskPoolStrategy(size=min(c.decode_tasks, len(blocks))),
+        num_cpus=c.decode_num_cpus,
         memory=c.decode_memory_bytes or None,
         resources=dict(c.decode_resources) or None,
     )

@@ -1,8 +1,7 @@
-"""Shared body of ``train/stage*.py`` and ``care-scale train``: parse, train, print JSON."""
+"""The body of ``care-scale train`` (and so of ``train/stage*.py``): train, print JSON."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
@@ -27,22 +26,3 @@ def main_stage(stage: str, *, config: str | None = None, overrides: list[str] | 
                       "seconds": round(result.seconds, 1)}), flush=True)
     return 0
 
-
-def script_main(stage: str, argv: list[str] | None = None) -> int:
-    """``python train/stage1_ssl.py [--config X] [--set k=v ...] [--demo]``."""
-    import sys
-
-    from care_scale.exceptions import CareScaleError
-
-    p = argparse.ArgumentParser(prog=f"train/{stage}", description=f"CARE {stage} on Ray Train")
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--demo", action="store_true")
-    p.add_argument("--workdir")
-    args = p.parse_args(argv)
-    try:
-        return main_stage(stage, config=args.config, overrides=args.overrides, demo=args.demo,
-                          workdir=args.workdir)
-    except CareScaleError as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
