@@ -22,10 +22,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import get_args
 
 import numpy as np
 
+from care_scale.choices import TilingMode
 from care_scale.exceptions import ConfigError, MissingMPPError
 from care_scale.tissue import TissueMask, TissueParams, detect_tissue
 
@@ -75,7 +76,6 @@ def slide_mpp(slide, mpp_override: float | None = None) -> tuple[float, str]:
         "pass an MPP override (--mpp-override / mpp_override=)")
 
 
-TilingMode = Literal["native", "trident"]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from care_scale.choices import TensorRTPrecision, values
 from care_scale.cli.options import add_storage_option_arg, storage_options
 from care_scale.exceptions import ConfigError
 
@@ -48,7 +49,7 @@ def add_parser(subparsers) -> None:
     pe.add_argument("--int8", action="store_true",
                     help="also write model.int8.onnx (dynamic int8, per-channel weights; "
                          "faster on CPUs with VNNI, ~3e-2 relative error, own model version)")
-    pe.add_argument("--precision", choices=("fp16", "fp32", "int8"), default="fp16",
+    pe.add_argument("--precision", choices=values(TensorRTPrecision), default="fp16",
                     help="TensorRT precision (int8 needs --calibration-slide)")
     pe.add_argument("--calibration-slide", help="slide whose tiles calibrate INT8")
     pe.add_argument("--min-batch", type=int, default=1)

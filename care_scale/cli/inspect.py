@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from care_scale.choices import TilingMode, values
 from care_scale.cli.options import add_mpp_override_arg, add_storage_option_arg, storage_options
 
 
@@ -27,11 +28,7 @@ def add_parser(subparsers: Any) -> None:
     add_mpp_override_arg(p)
     p.add_argument("--target-mpp", type=float, default=0.5, help="tiling MPP (default 0.5)")
     p.add_argument("--patch-size", type=int, default=224, help="tile size in px (default 224)")
-    from typing import get_args
-
-    from care_scale.tiling import TilingMode
-
-    p.add_argument("--tiling", choices=list(get_args(TilingMode)), default="native",
+    p.add_argument("--tiling", choices=values(TilingMode), default="native",
                    help="tiling mode: native (care-scale's grid) or trident (TRIDENT's grid, "
                    "Otsu mask and keep rule); default native")
     p.add_argument("--min-tissue-fraction", type=float, default=None,

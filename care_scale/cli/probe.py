@@ -8,6 +8,7 @@ import json
 import sys
 from typing import Any
 
+from care_scale.choices import FeatureKind, ProbeModel, Unit, values
 from care_scale.cli.options import add_storage_option_arg, storage_options
 
 
@@ -29,13 +30,13 @@ def add_parser(subparsers: Any) -> None:
                    help="survival: follow-up time column (> 0); with --event")
     p.add_argument("--event", default=None, metavar="COLUMN",
                    help="survival: event column (1 = event observed, 0 = censored)")
-    p.add_argument("--feature", default="slide", choices=["slide", "roi", "regions_mean"],
+    p.add_argument("--feature", default="slide", choices=values(FeatureKind),
                    help="slide embedding, ROI embedding, or the mean of region embeddings "
                    "(default slide)")
-    p.add_argument("--model", default=None, choices=["logistic", "knn", "cox"],
+    p.add_argument("--model", default=None, choices=values(ProbeModel),
                    help="logistic regression (C chosen on validation), kNN, or cox (survival; "
                    "default: logistic, cox with --time/--event)")
-    p.add_argument("--unit", default="auto", choices=["auto", "slide", "case"],
+    p.add_argument("--unit", default="auto", choices=values(Unit),
                    help="one sample per slide, or per case with its slides averaged (default: "
                    "slide when the CSV has slide_id, else case)")
     p.add_argument("--splits", default=None, metavar="DIR",

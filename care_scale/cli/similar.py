@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from care_scale.choices import Level, values
 from care_scale.cli.options import add_storage_option_arg, storage_options
 
 
@@ -17,7 +18,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("slide_id", metavar="SLIDE_ID", help="the query slide")
     p.add_argument("--warehouse", required=True, help="warehouse URI (path or s3://...)")
     p.add_argument("--k", type=int, default=10, help="how many neighbours (default 10)")
-    p.add_argument("--level", default="slide", choices=["slide", "region", "roi"],
+    p.add_argument("--level", default="slide", choices=values(Level),
                    help="compare slide embeddings, regions, or ROI embeddings (default slide)")
     p.add_argument("--region-id", type=int, default=None,
                    help="region level: the query region (default: the slide's ROI)")

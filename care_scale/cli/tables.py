@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import Any
 
+from care_scale.choices import FeatureFormat, values
 from care_scale.cli.options import add_storage_option_arg, storage_options
 
 # care_scale.warehouse.schemas.TABLES, spelt out: importing it would import pyarrow with the CLI.
@@ -31,7 +32,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="export-features: folder for the files (created if missing; never "
                    "emptied)")
-    p.add_argument("--format", default="h5", choices=["h5", "pt"],
+    p.add_argument("--format", default="h5", choices=values(FeatureFormat),
                    help="export-features: h5 (features + coords with TRIDENT's attributes) or "
                    "pt (CLAM's pt_files tensor); default h5")
     p.add_argument("--slides", nargs="+", default=None, metavar="ID",

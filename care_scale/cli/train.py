@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from care_scale.choices import Stage, values
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="pretrain CARE: stage1 (self-supervised) or stage2 (RNA/protein alignment)",
         description="Train CARE with Ray Train. Resumes from the latest checkpoint when "
         "<run.storage_path>/<run.name> already holds one.")
-    p.add_argument("stage", choices=["stage1", "stage2"])
+    p.add_argument("stage", choices=values(Stage))
     p.add_argument("--config", help="YAML config (local path or URI)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set optim.lr=1e-4 (repeatable)")

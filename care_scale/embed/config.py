@@ -21,8 +21,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from care_scale.choices import TilingMode
 from care_scale.exceptions import ConfigError
-from care_scale.tiling import TilingMode
 
 
 @dataclass

@@ -14,17 +14,17 @@ complete, so regions of a slide whose run crashed are never averaged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from care_scale.choices import FeatureKind, values
 from care_scale.exceptions import ConfigError, TableError
 from care_scale.storage import redact
 from care_scale.warehouse import Warehouse
 from care_scale.warehouse.versions import pick_model_version
 
-FeatureKind = Literal["slide", "roi", "regions_mean"]
-FEATURES: tuple[str, ...] = ("slide", "roi", "regions_mean")
+FEATURES: tuple[str, ...] = values(FeatureKind)
 
 
 @dataclass

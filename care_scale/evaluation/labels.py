@@ -28,13 +28,13 @@ from typing import Literal
 
 import numpy as np
 
+from care_scale.choices import Unit
 from care_scale.evaluation.embeddings import SlideVectors
 from care_scale.exceptions import LabelsError
 from care_scale.storage import redact, strip_file_scheme, to_fsspec
 
 log = logging.getLogger(__name__)
 
-Unit = Literal["auto", "slide", "case"]
 MISSING = frozenset({"", "na", "nan", "none", "null", "n/a"})
 
 

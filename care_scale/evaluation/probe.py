@@ -18,12 +18,13 @@ import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from care_scale.evaluation.embeddings import FeatureKind, load_slide_vectors
-from care_scale.evaluation.labels import Samples, Unit, join_labels
+from care_scale.choices import FeatureKind, ProbeModel, Unit
+from care_scale.evaluation.embeddings import load_slide_vectors
+from care_scale.evaluation.labels import Samples, join_labels
 from care_scale.evaluation.metrics import (
     SURVIVAL_METRICS,
     Summary,
@@ -38,7 +39,6 @@ from care_scale.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
-ProbeModel = Literal["logistic", "knn", "cox"]
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,12 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from care_scale.artifacts import ENGINE_DIR, EngineRecord, sha256_file
+from care_scale.choices import TensorRTPrecision
 from care_scale.exceptions import ExportError
 from care_scale.inference.tensorrt_backend import (
     GpuTarget,
@@ -44,7 +45,7 @@ from care_scale.inference.tensorrt_backend import (
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp16", "fp32", "int8"]
+Precision = TensorRTPrecision
 
 
 @dataclass(frozen=True)

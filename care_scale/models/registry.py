@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from care_scale.choices import TilingMode
 from care_scale.exceptions import CareScaleWarning, CheckpointError, ConfigError
 from care_scale.storage import redact
-from care_scale.tiling import TilingMode
 
 log = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ Only complete slides (with a ``slides`` row) are candidates, as everywhere else.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
+from care_scale.choices import Level, values
 from care_scale.exceptions import ConfigError, TableError
 from care_scale.storage import redact
 from care_scale.warehouse.versions import pick_model_version
 
-Level = Literal["slide", "region", "roi"]
-LEVELS: tuple[str, ...] = ("slide", "region", "roi")
+LEVELS: tuple[str, ...] = values(Level)
 
 _SLIDE_SQL = """
 WITH q AS (SELECT {col} AS e FROM slides WHERE slide_id = ? AND model_version = ?)

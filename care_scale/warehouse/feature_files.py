@@ -28,10 +28,11 @@ import io
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from care_scale.choices import FeatureFormat, values
 from care_scale.exceptions import FeatureFileError, TableError
 from care_scale.storage import join, redact, url_to_fs, write_bytes
 from care_scale.warehouse.versions import pick_model_version
@@ -39,7 +40,6 @@ from care_scale.warehouse.writer import Warehouse
 
 log = logging.getLogger(__name__)
 
-FeatureFormat = Literal["h5", "pt"]
 _SLIDE_COLUMNS = ["slide_id", "model_version", "width", "height", "mpp", "target_mpp",
                   "patch_size", "patch_size_level0", "patch_encoder_version"]
 
@@ -156,7 +156,7 @@ def export_features(warehouse: str, out: str, *, format: FeatureFormat = "h5",
     ``model_version``: required when the tables hold several; ``overwrite``: replace existing
     files (otherwise any existing target file is an error and nothing is written).
     """
-    if format not in ("h5", "pt"):
+    if format not in values(FeatureFormat):
         raise FeatureFileError(f"{redact(out)}: unknown format {format!r}; use h5 or pt")
     wh = Warehouse(warehouse, storage_options=storage_options)
     patches_dt = wh.open("patches")
