@@ -14,6 +14,14 @@ from dataclasses import dataclass, field
 from typing import Literal, TextIO
 
 
+def rate_text(per_second: float) -> str:
+    """``1,204`` / ``9.3`` / ``0.07``: whole numbers where they say enough, else 2 digits
+    (a big encoder on a CPU makes well under one tile per second)."""
+    if per_second >= 10:
+        return f"{per_second:,.0f}"
+    return f"{per_second:.2g}" if per_second > 0 else "0"
+
+
 @dataclass
 class RunSummary:
     """What one run did; returned by ``run_embedding`` and printed at the end."""
@@ -42,7 +50,7 @@ class RunSummary:
             (f"run {self.run_id}: {self.done} slide(s) embedded, {self.skipped} already done, "
              f"{self.failed} failed, of {self.total} listed"),
             (f"  {self.tiles:,} tiles in {self.seconds:.1f} s "
-             f"({self.tiles_per_second:,.0f} tiles/s), backend {self.backend}"),
+             f"({rate_text(self.tiles_per_second)} tiles/s), backend {self.backend}"),
             f"  model version {self.model_version}",
             f"  warehouse {self.warehouse}",
         ]
@@ -121,7 +129,7 @@ class Progress:
             eta = "-:--:--" if todo > finished else _hms(0)
         return (
             f"slides {finished}/{todo} (skipped {self.skipped}, failed {self.failed}) | "
-            f"tiles {self.tiles:,} @ {rate:,.0f}/s | ETA {eta}"
+            f"tiles {self.tiles:,} @ {rate_text(rate)}/s | ETA {eta}"
         )
 
     def draw(self, *, force: bool = False) -> None:
