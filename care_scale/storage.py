@@ -10,6 +10,7 @@ secrets from anything that may reach a log, a table or an exception.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any
@@ -169,12 +170,50 @@ def to_fsspec(options: dict[str, Any] | None, uri: str | None = None) -> dict[st
     return kwargs
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_file_credentials(profile: str | None, files: tuple[str | None, str | None]
+                             ) -> tuple[tuple[str, str], ...]:
+    """Keys of the AWS shared credentials / config file as botocore reads them (profile
+    ``AWS_PROFILE``, files ``AWS_SHARED_CREDENTIALS_FILE`` / ``AWS_CONFIG_FILE``); () when the
+    chain finds none there. Cached per process, per profile and file paths."""
+    import botocore.session
+
+    session = botocore.session.Session(profile=profile)
+    creds = session.get_credentials()
+    if creds is None or creds.method not in ("shared-credentials-file", "config-file"):
+        return ()  # env vars, web identity, container and instance roles: object_store's own
+    frozen = creds.get_frozen_credentials()
+    out = [("aws_access_key_id", frozen.access_key), ("aws_secret_access_key", frozen.secret_key)]
+    if frozen.token:
+        out.append(("aws_session_token", frozen.token))
+    region = session.get_config_variable("region")
+    if region:
+        out.append(("aws_region", region))
+    return tuple(out)
+
+
+def shared_file_credentials() -> dict[str, str]:
+    """What the AWS shared credentials/config file gives for this process's profile.
+
+    s3fs (botocore) reads those files; deltalake's object_store does not (it goes on to the
+    instance metadata service and fails). Handing deltalake the same keys makes the slides
+    and the warehouse see one credential chain: explicit options, then ``AWS_*`` variables
+    (object_store reads them), then these files, then roles (object_store again)."""
+    try:
+        return dict(_shared_file_credentials(
+            os.environ.get("AWS_PROFILE") or None,
+            (os.environ.get("AWS_SHARED_CREDENTIALS_FILE"), os.environ.get("AWS_CONFIG_FILE"))))
+    except ImportError:  # botocore comes with s3fs; without it there is no S3 anyway
+        return {}
+
+
 def to_delta(options: dict[str, Any] | None, uri: str | None = None) -> dict[str, str]:
     """``storage_options`` for ``deltalake`` (object_store keys, all values as strings).
 
     On S3, deltalake commits with conditional PUT. S3-compatible servers (MinIO, moto, Ceph)
     need ``aws_conditional_put: etag``; we set it whenever a custom endpoint is used and the
-    user did not choose otherwise.
+    user did not choose otherwise. Keys that only the AWS shared credentials file holds are
+    added (:func:`shared_file_credentials`).
     """
     out = {str(k).lower(): str(v) for k, v in (options or {}).items() if v is not None}
     for src, dst in (("key", "aws_access_key_id"), ("secret", "aws_secret_access_key"),
@@ -182,8 +221,16 @@ def to_delta(options: dict[str, Any] | None, uri: str | None = None) -> dict[str
                      ("region_name", "aws_region")):
         if src in out and dst not in out:
             out[dst] = out.pop(src)
+    s3 = uri is not None and urlsplit(uri).scheme in ("s3", "s3a")
+    if (s3 and "aws_access_key_id" not in out and not os.environ.get("AWS_ACCESS_KEY_ID")
+            and str(out.get("aws_skip_signature", "")).lower() != "true"):
+        shared = shared_file_credentials()
+        if "aws_region" in out or os.environ.get("AWS_REGION") or os.environ.get(
+                "AWS_DEFAULT_REGION"):
+            shared.pop("aws_region", None)
+        out.update(shared)
     endpoint = out.get("aws_endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
-    if uri is not None and urlsplit(uri).scheme in ("s3", "s3a") and endpoint:
+    if s3 and endpoint:
         out.setdefault("aws_conditional_put", "etag")
         if endpoint.startswith("http://"):
             out.setdefault("aws_allow_http", "true")

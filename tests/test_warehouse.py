@@ -209,3 +209,43 @@ def test_store_faults_are_ridden_through(fault, s3_server, s3_options, s3_bucket
                           clean))
         drop = [c for c in a.column_names if "time" in c or c.endswith("_at")]
         assert a.drop_columns(drop).equals(b.drop_columns(drop)), name
+
+
+def test_credentials_only_in_the_aws_shared_file_reach_the_warehouse(
+        s3_options, s3_bucket, tmp_path, monkeypatch):
+    """The AWS credentials file (a named profile) is all there is: deltalake gets the keys
+    botocore reads there, as s3fs does, instead of asking the instance metadata service."""
+    import fsspec
+
+    from care_scale.storage import _shared_file_credentials, to_delta
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    creds = tmp_path / "credentials"
+    creds.write_text(f"[lab]\naws_access_key_id = {s3_options['aws_access_key_id']}\n"
+                     f"aws_secret_access_key = {s3_options['aws_secret_access_key']}\n")
+    config = tmp_path / "config"
+    config.write_text("[profile lab]\nregion = us-east-1\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to fall on
+    _shared_file_credentials.cache_clear()
+    endpoint_only = {"aws_endpoint_url": s3_options["aws_endpoint_url"]}
+    uri = f"s3://{s3_bucket}/wh"
+    opts = to_delta(endpoint_only, uri + "/slides")
+    assert opts["aws_access_key_id"] == s3_options["aws_access_key_id"]
+    assert opts["aws_region"] == "us-east-1"
+    wh = Warehouse(uri, storage_options=endpoint_only)
+    wh.write_results([fake_result(f"s{i}", seed=i) for i in range(2)])
+    assert wh.completed_slide_ids(fake_result("s0").slide["model_version"]) == {"s0", "s1"}
+    # s3fs (slides, staging) reads the same file without help.
+    from care_scale.storage import to_fsspec
+
+    fs = fsspec.filesystem("s3", **to_fsspec(endpoint_only))
+    assert fs.ls(f"{s3_bucket}/wh")
+    # Explicit keys win over the file; nothing is added to them.
+    explicit = to_delta({**endpoint_only, "aws_access_key_id": "other"}, uri)
+    assert explicit["aws_access_key_id"] == "other" and "aws_secret_access_key" not in explicit
+    _shared_file_credentials.cache_clear()
