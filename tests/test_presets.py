@@ -89,3 +89,24 @@ def test_conch_sized_feature_files_into_the_default_say_which_encoder_fits(tmp_p
     assert "768-d features" in err[0] and "care_tiny takes 192-d input" in err[0]
     assert "--set slide_encoder.name=care (takes 768-d)" in err[0]
     assert not (tmp_path / "wh").exists()
+
+
+def test_a_missing_or_foreign_artifacts_folder_is_one_line_before_any_slide(tmp_path, capsys):
+    from care_scale.export import export_patch_encoder
+
+    src = tmp_path / "slides"
+    src.mkdir()
+    (src / "a.svs").write_bytes(b"not read: the artifacts check comes first")
+    rc = main(["embed", str(src), "--warehouse", str(tmp_path / "wh"),
+               "--set", f"artifacts={tmp_path / 'missing'}"])
+    err = [ln for ln in capsys.readouterr().err.splitlines()
+           if not ln.startswith("UntrainedWeightsWarning: ")]
+    assert rc == 2 and len(err) == 1 and "no manifest.json" in err[0], err
+    other = tmp_path / "other"
+    export_patch_encoder("vit_micro_patch16_64", out=str(other), parity_tiles=2)
+    rc = main(["embed", str(src), "--warehouse", str(tmp_path / "wh"),
+               "--set", f"artifacts={other}"])
+    err = [ln for ln in capsys.readouterr().err.splitlines()
+           if not ln.startswith("UntrainedWeightsWarning: ")]
+    assert rc == 2 and "'vit_micro_patch16_64'" in err[0] and "vit_demo_patch16_112" in err[0]
+    assert not (tmp_path / "wh").exists()

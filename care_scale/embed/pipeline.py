@@ -149,6 +149,22 @@ def check_pairing(config: EmbedConfig, care: Any, sources: list[SlideSource]) ->
                           + feature_size_advice(config, in_dim, patch.embed_dim))
 
 
+def check_artifacts(config: EmbedConfig) -> None:
+    """A given ``artifacts`` directory must exist and hold this job's patch encoder; checked in
+    the driver before any slide (else every encoder actor fails to start and every slide
+    becomes a failures row)."""
+    if not config.artifacts or config.features:
+        return
+    from care_scale.artifacts import read_manifest
+
+    manifest = read_manifest(config.artifacts, storage_options=config.storage_options or None)
+    if manifest.kind != "patch_encoder" or manifest.model != config.patch_encoder.name:
+        raise ConfigError(f"{redact(config.artifacts)}: holds the {manifest.kind} "
+                          f"{manifest.model!r}, but the job's patch encoder is "
+                          f"{config.patch_encoder.name!r} (--set artifacts=... or "
+                          "--set patch_encoder.name=...)")
+
+
 def feature_size_advice(config: EmbedConfig, in_dim: int, dim: int) -> str:
     """What to change when ``dim``-d patch features meet a slide encoder taking ``in_dim``."""
     from care_scale.models import get_slide_encoder_spec, list_slide_encoders
@@ -566,6 +582,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     # export); the actors load their own copies.
     care = create_slide_encoder(config)
     check_pairing(config, care, sources)
+    check_artifacts(config)
     wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
     from care_scale.embed.calibrate import resolve_precision
 
