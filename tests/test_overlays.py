@@ -280,3 +280,48 @@ def test_show_errors_are_one_line(embedded, tmp_path, capsys):
     code = main(["show", "nope", "--warehouse", embedded["wh"], "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"TableError: slides: no slide 'nope' in {embedded['wh']}"
+
+
+# -- the job's --overlays --------------------------------------------------------------------
+
+
+def test_job_overlays_on_s3_match_the_tables(ray_local, tmp_path, s3_options, s3_bucket):
+    """``overlays: true`` with slides and warehouse on S3: every embedded slide gets its five
+    files under WH/overlays/<slide_id>/, and its GeoJSON says what its regions rows say."""
+    import fsspec
+
+    from care_scale.config import load_config
+    from care_scale.embed import EmbedConfig, run_embedding
+    from care_scale.storage import to_fsspec
+
+    fs = fsspec.filesystem("s3", **to_fsspec(s3_options))
+    for i in range(2):
+        p = write_synthetic_slide(tmp_path / f"s{i}.tiff", width=2048, height=1536, mpp=0.5,
+                                  seed=10 + i).path
+        fs.put(str(p), f"{s3_bucket}/cohort/{p.name}")
+    wh = f"s3://{s3_bucket}/wh"
+    cfg = load_config(EmbedConfig, None, {
+        "source": f"s3://{s3_bucket}/cohort/", "warehouse": wh, "overlays": True,
+        "progress": "none", "storage_options": s3_options, "decode_batch_size": 16,
+        "encode_batch_size": 16, "concurrency": {"decode_tasks": 1, "encoder_actors": 1}})
+    summary = run_embedding(cfg)
+    assert summary.done == 2 and summary.failed == 0
+    whobj = Warehouse(wh, storage_options=s3_options)
+    for sid in ("s0", "s1"):
+        folder = f"{s3_bucket}/wh/overlays/{sid}"
+        assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(folder)) == [
+            "heatmap.png", "regions.geojson", "regions.png", "thumbnail.jpg", "tissue.geojson"]
+        doc = json.loads(fs.cat(f"{folder}/regions.geojson"))
+        _, regions, _ = slide_rows(whobj, sid, None)
+        got = {f["properties"]["measurements"]["region_id"]:
+               (f["properties"]["measurements"]["num_patches"],
+                shapely.geometry.shape(f["geometry"])) for f in doc["features"]}
+        assert sorted(got) == sorted(r["region_id"] for r in regions)
+        for r in regions:
+            n, g = got[r["region_id"]]
+            assert n == r["num_patches"] and g.equals(shapely.from_wkt(r["geometry"]))
+        with Image.open(fs.open(f"{folder}/regions.png")) as im:
+            assert max(im.size) >= 1600
+        tissue = json.loads(fs.cat(f"{folder}/tissue.geojson"))
+        assert tissue["features"] and all(
+            shapely.geometry.shape(f["geometry"]).is_valid for f in tissue["features"])

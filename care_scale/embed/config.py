@@ -123,6 +123,9 @@ class EmbedConfig:
     encode_batch_size: int = 64
     concurrency: Concurrency = field(default_factory=Concurrency)
     keep_patches: bool = False
+    # Pictures and QuPath GeoJSON of every embedded slide in <warehouse>/overlays/<slide_id>/
+    # (care_scale.overlays.files), made by the workers that have the slide and the regions.
+    overlays: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     # Local staging cache for remote slides (bounded; per node).
     cache_dir: str | None = None

@@ -367,6 +367,8 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                         f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction}",
                     )
                 st.meta = _slide_meta(row, slide, grid, size, etag)
+                if cfg.overlays:
+                    _overlay_tissue(cfg, row["slide_id"], slide, grid)
                 stage = STAGE_DECODE
                 start, parts = 0, []
                 batches = iter_tile_batches(slide, grid, batch_size=cfg.decode_batch_size,
@@ -394,6 +396,20 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
             st.error = st.error or (stage, type(exc).__name__, redact(exc)[:2000])
         yield from take([])
     yield from take(router.drain())
+
+
+def _overlay_tissue(cfg: EmbedConfig, slide_id: str, slide: Any, grid: Any) -> None:
+    """``--overlays``: the thumbnail tissue detection has just read (cached by the slide, so
+    no extra read) and the tissue contours, into the slide's overlay folder. A store that
+    cannot take them costs the slide its pictures, not its embedding."""
+    from care_scale.overlays.files import overlay_folder, write_tissue
+
+    try:
+        write_tissue(overlay_folder(cfg.warehouse, slide_id), slide_id,
+                     slide.thumbnail(cfg.tissue.thumbnail_max_side), grid.tissue.contours,
+                     cfg.storage_options or None)
+    except (CareScaleError, OSError, ValueError) as exc:
+        log.warning("%s: overlay thumbnail not written: %s", slide_id, redact(exc))
 
 
 def _flag_last(items: Iterator[Any]) -> Iterator[tuple[bool, Any]]:
