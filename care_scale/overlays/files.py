@@ -99,14 +99,15 @@ def write_regions(folder: str, thumbnail: np.ndarray, shapes: Any,
                   storage_options: dict[str, Any] | None) -> dict[str, str]:
     """Regions GeoJSON, regions picture and heatmap of ``shapes`` (a ``SlideShapes``)."""
     from care_scale.overlays.geojson import dumps, regions_geojson
-    from care_scale.overlays.render import png_bytes, render_heatmap, render_regions
+    from care_scale.overlays.render import layout, png_bytes, render_heatmap, render_regions
 
+    lay = layout(thumbnail, shapes)
+    regions = png_bytes(render_regions(thumbnail, shapes, prepared=lay))
+    heatmap = png_bytes(render_heatmap(thumbnail, shapes, prepared=lay))
     return {REGIONS_GEOJSON: put(folder, REGIONS_GEOJSON, dumps(regions_geojson(shapes)).encode(),
                                  storage_options),
-            REGIONS_PNG: put(folder, REGIONS_PNG, png_bytes(render_regions(thumbnail, shapes)),
-                             storage_options),
-            HEATMAP_PNG: put(folder, HEATMAP_PNG, png_bytes(render_heatmap(thumbnail, shapes)),
-                             storage_options)}
+            REGIONS_PNG: put(folder, REGIONS_PNG, regions, storage_options),
+            HEATMAP_PNG: put(folder, HEATMAP_PNG, heatmap, storage_options)}
 
 
 def finish_from_folder(folder: str, slide: dict[str, Any], regions: list[dict[str, Any]],
