@@ -39,6 +39,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="job YAML file (local or fsspec URI)")
     p.add_argument("--keep-patches", action="store_true", default=None,
                    help="also write patch features to the patches table")
+    p.add_argument("--annotations", metavar="DIR", default=None,
+                   help="folder of QuPath/GeoJSON files, SLIDE_ID.geojson: tile only the "
+                   "annotated areas (annotations.exclude_classes: areas to leave out)")
     p.add_argument("--overlays", action="store_true", default=None,
                    help="also write pictures and QuPath GeoJSON of each slide's regions to "
                    "WAREHOUSE/overlays/SLIDE_ID/")
@@ -96,6 +99,8 @@ def config_from_args(args: argparse.Namespace):
         flags["keep_patches"] = True
     if args.overlays:
         flags["overlays"] = True
+    if args.annotations:
+        flags["annotations"] = {"dir": args.annotations}
     if args.features:
         flags["features"] = True
     if args.backend:

@@ -46,6 +46,20 @@ class TissueConfig:
 
 
 @dataclass
+class AnnotationConfig:
+    """Annotations that restrict tiling (``care_scale.annotations``): one QuPath / GeoJSON
+    file per slide, from the manifest's ``annotations`` column or ``dir/<slide_id>.geojson``;
+    features of ``exclude_classes`` (e.g. ``[Pen]``) mark areas to leave out."""
+
+    dir: str | None = None
+    exclude_classes: list[str] = field(default_factory=list)
+
+    @property
+    def used(self) -> bool:
+        return bool(self.dir or self.exclude_classes)
+
+
+@dataclass
 class ModelRef:
     """A registry name plus an optional checkpoint directory (local path or fsspec URI)."""
 
@@ -106,6 +120,7 @@ class EmbedConfig:
     patch_size: int | None = None
     min_tissue_fraction: float = 0.5
     tissue: TissueConfig = field(default_factory=TissueConfig)
+    annotations: AnnotationConfig = field(default_factory=AnnotationConfig)
     # Used when a slide has no MPP metadata (a manifest's per-slide mpp column wins).
     mpp_override: float | None = None
     # An empty name means "the patch encoder the slide encoder's registry entry pairs with".

@@ -217,6 +217,8 @@ def job_model_version(config: EmbedConfig, care_version: str, patch_version: str
             "min_tissue_fraction": config.min_tissue_fraction,
             "tissue": to_dict(config.tissue),
             "features": config.features,
+            # Only when used, so that versions made without annotations stay what they were.
+            **({"annotations": to_dict(config.annotations)} if config.annotations.used else {}),
         },
         sort_keys=True,
     )
@@ -244,10 +246,26 @@ def _slide_row(slide_id: str, *, n_tiles: int = 0, shards: list[str] = (), meta:
     return out
 
 
+def _annotations(cfg: EmbedConfig, row: dict[str, Any], grid: Any, opts: Any
+                 ) -> tuple[Any, dict[str, str]] | None:
+    """The grid restricted to the slide's annotation file and what the slides row records,
+    or None when the slide has no annotation file."""
+    from care_scale.annotations import annotation_uri, read_annotations
+
+    uri = annotation_uri(row["slide_id"], row.get("annotations"), cfg.annotations.dir, opts)
+    if uri is None:
+        return None
+    ann = read_annotations(uri, exclude_classes=cfg.annotations.exclude_classes,
+                           storage_options=opts)
+    kept = ann.restrict(grid)
+    return kept, ann.record(len(grid), len(kept), cfg.annotations.exclude_classes)
+
+
 def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
-                etag: str | None) -> str:
+                etag: str | None, *, annotations: dict[str, str] | None = None) -> str:
     return json.dumps(
         {
+            "annotations": annotations or {},
             "uri": row["uri"],
             "source_size": size,
             "source_etag": etag,
@@ -358,15 +376,20 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                     min_tissue_fraction=cfg.min_tissue_fraction, tissue=cfg.tissue.params(),
                     mpp_override=mpp_override,
                 )
+                annotated = _annotations(cfg, row, grid, opts)
+                if annotated is not None:
+                    grid, ann_meta = annotated
                 st.n_tiles = len(grid)
                 if st.n_tiles == 0:
                     from care_scale.exceptions import NoTissueError
 
                     raise NoTissueError(
                         redact(row["uri"]),
-                        f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction}",
+                        f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction}"
+                        + (" inside its annotations" if annotated is not None else ""),
                     )
-                st.meta = _slide_meta(row, slide, grid, size, etag)
+                st.meta = _slide_meta(row, slide, grid, size, etag,
+                                      annotations=ann_meta if annotated is not None else None)
                 if cfg.overlays:
                     _overlay_tissue(cfg, row["slide_id"], slide, grid)
                 stage = STAGE_DECODE

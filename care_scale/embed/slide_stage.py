@@ -95,6 +95,10 @@ class SlideEncoderActor:
         self.care = create_slide_encoder(config)
         self.opts = config.storage_options or None
         self.wh = Warehouse(config.warehouse, storage_options=self.opts)
+        if config.overlays:
+            # Imported while the first slide is still being decoded, not on its critical path.
+            import PIL.ImageDraw  # noqa: F401
+            import shapely  # noqa: F401
 
     def encode_shards(self, src_row: dict[str, Any], meta: dict[str, Any], shards: list[str],
                       backend: str) -> Outcome:
