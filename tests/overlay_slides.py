@@ -8,6 +8,7 @@ has real ``slides`` / ``regions`` / ``patches`` rows of a slide whose tissue map
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 
 import numpy as np
 
@@ -20,14 +21,19 @@ from care_scale.tiling import iter_tile_batches, tile_grid
 from care_scale.warehouse import Warehouse
 
 
+@lru_cache(maxsize=1)
+def _models():
+    """The tiny patch encoder and CARE on their seeded weights, built once per process."""
+    return (create_patch_encoder("vit_demo_patch16_112").eval(),
+            create_slide_encoder("care_tiny").eval())
+
+
 def embed_one(uri: str, warehouse: str, slide_id: str, *, patch_size: int = 224,
-              keep_patches: bool = True, seed: int = 0) -> dict:
+              keep_patches: bool = True) -> dict:
     """Embed ``uri`` into ``warehouse``; returns the slide's meta (as the job's stream row)."""
     import torch
 
-    torch.manual_seed(seed)
-    patch = create_patch_encoder("vit_demo_patch16_112").eval()
-    care = create_slide_encoder("care_tiny").eval()
+    patch, care = _models()
     with open_slide(uri) as slide:
         grid = tile_grid(slide, target_mpp=0.5, patch_size=patch_size, min_tissue_fraction=0.5)
         meta = json.loads(_slide_meta({"uri": uri}, slide, grid, None, None))

@@ -121,8 +121,8 @@ def test_job_tiles_inside_the_annotations_and_records_them(ray_local, slide, tmp
     ann_dir.mkdir()
     (ann_dir / "s0.geojson").write_text(json.dumps(_qupath([("Tumor", TUMOUR),
                                                             ("Pen", PEN)])))
-    other = write_synthetic_slide(tmp_path / "cohort" / "s1.tif", width=2048, height=1536,
-                                  mpp=0.5, seed=4).path
+    write_synthetic_slide(tmp_path / "cohort" / "s1.tif", width=2048, height=1536, mpp=0.5,
+                          seed=4)
     (tmp_path / "cohort" / "s0.tif").symlink_to(slide.path)
     cfg = load_config(EmbedConfig, None, {
         "source": str(tmp_path / "cohort"), "warehouse": str(tmp_path / "wh"),

@@ -35,7 +35,7 @@ QUPATH_EXAMPLE = DATA / "qupath" / "qupath_export.geojson"
 def embedded(tmp_path_factory):
     """A warehouse with a generated slide (known tissue map) and the real CMU-1 region."""
     root = tmp_path_factory.mktemp("overlays")
-    syn = write_synthetic_slide(root / "syn.tif", width=5120, height=3584, mpp=0.5, seed=3)
+    syn = write_synthetic_slide(root / "syn.tif", width=4608, height=3072, mpp=0.5, seed=3)
     wh = str(root / "wh")
     embed_one(str(syn.path), wh, "syn")
     embed_one(str(DATA / "CMU-1-Small-Region.svs"), wh, "cmu1")

@@ -80,6 +80,8 @@ def _table_rows(wh: Any, name: str, columns: list[str], run_id: str | None) -> l
 def read_report_data(warehouse: str, *, run_id: str | None = None, max_slides: int = 200,
                      storage_options: dict[str, Any] | None = None) -> ReportData:
     """The tables' rows for the page; ``run_id``: only that run's slides, failures, run."""
+    import pyarrow.compute as pc
+
     from care_scale.overlays import files
     from care_scale.warehouse import Warehouse
 
@@ -97,7 +99,11 @@ def read_report_data(warehouse: str, *, run_id: str | None = None, max_slides: i
                                                         "error_type", "message", "failed_at"],
                                        run_id), key=lambda r: (r["slide_id"], r["stage"]))
     shown = {(s["slide_id"], s["model_version"]) for s in data.slides[:max_slides]}
-    for r in _table_rows(wh, "regions", _REGION_COLS, None):
+    regions = wh.open("regions")
+    rows = [] if regions is None or not shown else regions.to_pyarrow_dataset().to_table(
+        columns=_REGION_COLS, filter=pc.field("slide_id").isin(sorted({s for s, _ in shown}))
+    ).to_pylist()
+    for r in rows:
         if (r["slide_id"], r["model_version"]) in shown:
             data.regions.setdefault(f"{r['slide_id']}|{r['model_version']}", []).append(r)
     for s in data.slides[:max_slides]:
