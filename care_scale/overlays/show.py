@@ -108,6 +108,7 @@ def show_slide(warehouse: str, slide_id: str, *, out: str = "overlays",
                storage_options: dict[str, Any] | None = None) -> ShowResult:
     """Write ``out/<slide_id>/`` regions.png, heatmap.png, regions.geojson, tissue.geojson."""
     from care_scale.overlays import files
+    from care_scale.overlays.geojson import dumps, tissue_geojson
     from care_scale.overlays.render import MAX_SIDE
     from care_scale.overlays.shapes import shapes_from_rows
     from care_scale.slides import open_slide
@@ -123,8 +124,6 @@ def show_slide(warehouse: str, slide_id: str, *, out: str = "overlays",
         contours = detect_tissue(slide, params).contours
     shapes = shapes_from_rows(slide_row, regions, patches=patches, tissue=contours)
     written = files.write_regions(folder, thumb, shapes, storage_options)
-    from care_scale.overlays.geojson import dumps, tissue_geojson
-
     written[files.TISSUE_GEOJSON] = files.put(
         folder, files.TISSUE_GEOJSON, dumps(tissue_geojson(slide_id, contours)).encode(),
         storage_options)
