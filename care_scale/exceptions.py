@@ -35,6 +35,11 @@ class CareScaleError(Exception):
     """Base class of every error care-scale raises on purpose."""
 
 
+class CareScaleWarning(UserWarning):
+    """Base class of care-scale's warnings. The CLI prints each as one line
+    (``UntrainedWeightsWarning: ...``); library users get ordinary Python warnings."""
+
+
 class ConfigError(CareScaleError, ValueError):
     """A configuration value is missing, unknown or invalid."""
 

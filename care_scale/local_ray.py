@@ -41,7 +41,29 @@ def init_local(**kwargs: Any) -> None:
                     LOOPBACK_ENV)
     import ray
 
+    quiet_console()
     ray.init(address="local", **kwargs)
 
 
-__all__ = ["LOOPBACK_ENV", "init_local", "loopback_only"]
+#: Ray's loggers whose console handler care-scale raises, and to what level.
+_QUIET = {"ray": logging.WARNING, "ray.data": logging.ERROR}
+#: The local cluster's "token authentication is enabled" notice (it is, and stays so).
+_AUTH_NOTICE = "ray._private.authentication.authentication_token_setup"
+
+
+def quiet_console() -> None:
+    """Ray's own console lines (cluster started, Ray Data's plans and progress-bar notices,
+    its false "no available CPUs" alarm while our actors hold them) off stderr: care-scale's
+    jobs print their own progress line and summary. Ray's log files keep them
+    (/tmp/ray/session_latest/logs). Call after ``import ray`` / ``import ray.data``, which
+    install those handlers; idempotent."""
+    for name, level in _QUIET.items():
+        for handler in logging.getLogger(name).handlers:
+            # The console (Ray's PlainRayHandler), not Ray's log files (FileHandler / its own).
+            if (isinstance(handler, logging.StreamHandler)
+                    and not isinstance(handler, logging.FileHandler)):
+                handler.setLevel(level)
+    logging.getLogger(_AUTH_NOTICE).setLevel(logging.ERROR)
+
+
+__all__ = ["LOOPBACK_ENV", "init_local", "loopback_only", "quiet_console"]

@@ -70,3 +70,41 @@ def write_cohort(wh, embeddings: np.ndarray, *, ids: list[str] | None = None,
         wh._create(name, schema)
         write_deltalake(wh.table_uri(name), build(results, DIM), mode="append")
     return ids
+
+
+def write_dicom_wsm(path, *, image_type: bool = True, side: int = 16) -> None:
+    """A minimal VL Whole Slide Microscopy instance (explicit VR little endian, one RGB
+    frame of ``side`` px, TILED_FULL), written byte by byte (no DICOM library needed);
+    ``image_type=False`` leaves out ImageType (0008,0008), as some exporters do."""
+    import struct
+
+    def el(group: int, elem: int, vr: str, value) -> bytes:
+        if isinstance(value, str):
+            value = value.encode()
+            if len(value) % 2:
+                value += b"\0" if vr == "UI" else b" "
+        if vr in ("OB", "OW", "SQ", "UN", "UT"):
+            return struct.pack("<HH2sHI", group, elem, vr.encode(), 0, len(value)) + value
+        return struct.pack("<HH2sH", group, elem, vr.encode(), len(value)) + value
+
+    def us(v: int) -> bytes:
+        return struct.pack("<H", v)
+
+    def ul(v: int) -> bytes:
+        return struct.pack("<I", v)
+
+    wsm = "1.2.840.10008.5.1.4.1.1.77.1.6"
+    meta = (el(2, 1, "OB", b"\0\1") + el(2, 2, "UI", wsm) + el(2, 3, "UI", "1.2.3.4.5")
+            + el(2, 0x10, "UI", "1.2.840.10008.1.2.1"))
+    body = [el(8, 8, "CS", "DERIVED\\PRIMARY\\VOLUME\\NONE")] if image_type else []
+    body += [
+        el(8, 0x16, "UI", wsm), el(8, 0x18, "UI", "1.2.3.4.5"), el(0x20, 0x0D, "UI", "1.2.3"),
+        el(0x20, 0x0E, "UI", "1.2.3.4"), el(0x20, 0x9311, "CS", "TILED_FULL"),
+        el(0x28, 2, "US", us(3)), el(0x28, 4, "CS", "RGB"), el(0x28, 6, "US", us(0)),
+        el(0x28, 8, "IS", "1"), el(0x28, 0x10, "US", us(side)), el(0x28, 0x11, "US", us(side)),
+        el(0x28, 0x100, "US", us(8)), el(0x28, 0x101, "US", us(8)), el(0x28, 0x102, "US", us(7)),
+        el(0x28, 0x103, "US", us(0)), el(0x48, 6, "UL", ul(side)), el(0x48, 7, "UL", ul(side)),
+        el(0x7FE0, 0x10, "OB", bytes(side * side * 3)),
+    ]
+    path.write_bytes(b"\0" * 128 + b"DICM" + el(2, 0, "UL", ul(len(meta))) + meta
+                     + b"".join(body))

@@ -193,3 +193,33 @@ def test_inspect_slide_backend_and_its_deprecated_alias(capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "deprecated" in lines[0] and "--slide-backend" in lines[0]
     assert "--backend" in COMMANDS["embed"] and "--slide-backend" not in COMMANDS["embed"]
+
+
+@pytest.mark.slow
+def test_embed_console_is_our_lines_only(tmp_path):
+    """A real `care-scale embed` in its own process (its own local Ray, warnings shown as
+    the CLI shows them): the untrained warning once per model, as one line; no Ray lines."""
+    import subprocess
+    import sys
+
+    import h5py
+    import numpy as np
+
+    src = tmp_path / "feats"
+    src.mkdir()
+    xs, ys = np.meshgrid(np.arange(5) * 224, np.arange(4) * 224)
+    with h5py.File(src / "a.h5", "w") as f:
+        f["features"] = np.random.default_rng(0).normal(size=(20, 192)).astype(np.float32)
+        f["coords"] = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "PYTHONWARNINGS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "care_scale", "embed", str(src), "--features", "--warehouse",
+         str(tmp_path / "wh"), "--set", "progress=log", "--set", "num_cpus=2"],
+        env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    untrained = [ln for ln in lines if ln.startswith("UntrainedWeightsWarning: care_tiny:")]
+    assert len(untrained) == 1, lines
+    assert all(ln.startswith(("UntrainedWeightsWarning: ", "slides ")) for ln in lines), lines
+    assert "UNTRAINED weights: care_tiny" in proc.stdout

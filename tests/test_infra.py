@@ -525,7 +525,8 @@ def test_requirement_pins_cover_pyproject():
     cucim_deps = [Requirement(d) for d in extras["cucim"]]
     assert {canonicalize_name(r.name) for r in cucim_deps} == {"cucim-cu12"}
     assert set(map(str, cucim_deps)) <= {str(Requirement(d)) for d in extras["gpu"]}
-    for pins_file, extra in (("requirements-cucim.txt", "cucim"), ("requirements-gpu.txt", "gpu")):
+    for pins_file, extra in (("requirements-cucim.txt", "cucim"), ("requirements-gpu.txt", "gpu"),
+                             ("requirements.txt", "hf")):
         pins = _pins(DOCKER / pins_file)
         for dep in extras[extra]:
             req = Requirement(dep)

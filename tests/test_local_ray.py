@@ -11,19 +11,9 @@ import sys
 
 import pytest
 
-# In a fresh process (the switch works only before the first `import ray`): start the local
-# cluster the job would, run a task, then list the TCP listeners of every process below it.
-_CHILD = r"""
+# The TCP listeners of every process below this one (a child script's helper).
+_LISTENERS = r"""
 import json, os, re, subprocess
-from care_scale.local_ray import init_local
-init_local(num_cpus=1, include_dashboard=False, log_to_driver=False)
-import ray
-
-@ray.remote
-def ping():
-    return os.getpid()
-
-ray.get(ping.remote())
 
 def children(pid):
     out = []
@@ -37,27 +27,87 @@ def children(pid):
                 out += [int(p)] + children(int(p))
     return out
 
-tree = {os.getpid(), *children(os.getpid())}
-listeners = []
-for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines():
-    pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
-    if pids & tree:
-        listeners.append(line.split()[3])
-ray.shutdown()
-print("RESULT " + json.dumps(listeners))
+def listeners():
+    tree = {os.getpid(), *children(os.getpid())}
+    out = []
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True,
+                               timeout=10).stdout.splitlines():
+        pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if pids & tree:
+            out.append(line.split()[3])
+    return out
 """
+
+# In a fresh process (the switch works only before the first `import ray`): start the local
+# cluster the job would, run a task, then list the TCP listeners of every process below it.
+_CHILD = _LISTENERS + r"""
+from care_scale.local_ray import init_local
+init_local(num_cpus=1, include_dashboard=False, log_to_driver=False)
+import ray
+
+@ray.remote
+def ping():
+    return os.getpid()
+
+ray.get(ping.remote())
+found = listeners()
+ray.shutdown()
+print("RESULT " + json.dumps(found))
+"""
+
+# A two-worker Ray Train run (torch.distributed over gloo), its listeners sampled throughout.
+_TRAIN_CHILD = _LISTENERS + r"""
+import sys, threading, time
+from care_scale.config import load_config
+from care_scale.training.config import Stage1Config
+from care_scale.training.loop import fit
+
+seen, done = set(), threading.Event()
+
+def sample():
+    deadline = time.monotonic() + 300
+    while not done.is_set() and time.monotonic() < deadline:
+        seen.update(listeners())
+        time.sleep(0.3)
+
+t = threading.Thread(target=sample, daemon=True)
+t.start()
+cfg = load_config(Stage1Config, None, [
+    "data.synthetic=true", "data.synthetic_slides=8", "model.name=care_tiny",
+    "run.num_workers=2", f"run.storage_path={sys.argv[1]}", "run.checkpoint_every=4",
+    "optim.batch_size=2", "optim.warmup_steps=1", "optim.steps=4",
+    "ssl.out_dim=16", "ssl.patch_out_dim=16"])
+fit("stage1", cfg)
+done.set()
+t.join(15)
+print("RESULT " + json.dumps(sorted(seen)))
+"""
+
+_LOOPBACK = r"(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]):\d+$"
+
+
+def _run_child(script: str, *args: str, timeout: int) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",
+                                                          "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[0][len("RESULT "):])
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` (iproute2) to list sockets")
 def test_local_cluster_listens_on_loopback_only():
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",
-                                                          "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True,
-                          text=True, timeout=180, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    listeners = json.loads(lines[0][len("RESULT "):])
+    listeners = _run_child(_CHILD, timeout=180)
     assert len(listeners) >= 3  # GCS, raylet, object manager at least: the check saw them
-    assert all(re.match(r"(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]):\d+$", a)
-               for a in listeners), listeners
+    assert all(re.match(_LOOPBACK, a) for a in listeners), listeners
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` (iproute2) to list sockets")
+def test_training_workers_process_group_listens_on_loopback_only(tmp_path):
+    """Ray Train's own setup serves the torch.distributed store on `*:port`; ours binds it."""
+    listeners = _run_child(_TRAIN_CHILD, str(tmp_path), timeout=400)
+    assert len(listeners) >= 4, listeners  # Ray's own, and the store: the sampling saw them
+    assert all(re.match(_LOOPBACK, a) for a in listeners), listeners

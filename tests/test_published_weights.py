@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from care_scale.exceptions import CheckpointError
-from care_scale.models import create_patch_encoder, create_slide_encoder
+from care_scale.models import create_patch_encoder
 from care_scale.models.hub import hub_cache_dir, parse_hf_uri, resolve_hf_snapshot
 from care_scale.models.registry import get_patch_encoder_spec
 
@@ -154,17 +154,6 @@ def test_a_plain_folder_with_the_published_file_name_loads(tmp_path):
     assert enc.trained
 
 
-def test_a_transformers_snapshot_as_care_checkpoint_is_a_clear_error(hf_cache):
-    fake_snapshot(hf_cache, "Zipper-1/CARE", {
-        "config.json": json.dumps({"architectures": ["CAREModel"], "model_type": "care",
-                                   "auto_map": {"AutoModel": "modeling_care.CAREModel"}}
-                                  ).encode(),
-        "model.safetensors": save({"encoder.weight": torch.zeros(2, 2)}),
-    })
-    with pytest.raises(CheckpointError, match="transformers snapshot .*modeling code"):
-        create_slide_encoder("care", "hf:Zipper-1/CARE")
-
-
 def test_models_command_lists_the_registry_and_finds_local_snapshots(hf_cache, tmp_path,
                                                                      capsys):
     from care_scale.cli import main
@@ -181,22 +170,179 @@ def test_models_command_lists_the_registry_and_finds_local_snapshots(hf_cache, t
     assert capsys.readouterr().out.splitlines()[0].split()[:3] == ["name", "kind", "in"]
 
 
-def test_conch_v1_5_exports_to_onnx_with_parity(tmp_path):
+def export_and_run(fixture: str, weights_name: str, tmp_path: Path):
+    """Load ``fixture`` (a micro entry's state dict) from a folder under the published file
+    name, export it to ONNX with its parity check, run the file on the fixture's tiles.
+    Returns (ONNX output, torch output, the reference's output)."""
     import onnxruntime as ort
 
     from care_scale.export import export_patch_encoder
 
-    (tmp_path / "conch").mkdir()
-    torch.save(load_file(str(REF / "conch_v1_5_micro.safetensors")),
-               tmp_path / "conch" / "pytorch_model_vision.bin")
-    enc = create_patch_encoder("conch_v1_5_micro", str(tmp_path / "conch"))
-    io = load_file(str(REF / "conch_v1_5_micro_io.safetensors"))
-    result = export_patch_encoder(enc, out=str(tmp_path / "onnx"), tile_size=160)
+    (tmp_path / "w").mkdir()
+    torch.save(load_file(str(REF / f"{fixture}.safetensors")), tmp_path / "w" / weights_name)
+    enc = create_patch_encoder(fixture, str(tmp_path / "w"))
+    io = load_file(str(REF / f"{fixture}_io.safetensors"))
+    result = export_patch_encoder(enc, out=str(tmp_path / "onnx"), tile_size=enc.spec.tile_size)
     assert result.manifest.parity["reports"][0]["passed"]
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"),
                                    providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"tiles": io["tiles"].numpy()})
     with torch.no_grad():
         ours = enc(io["tiles"]).numpy()
+    return got, ours, io["expected"].numpy()
+
+
+def test_conch_v1_5_exports_to_onnx_with_parity(tmp_path):
+    got, ours, expected = export_and_run("conch_v1_5_micro", "pytorch_model_vision.bin",
+                                         tmp_path)
     assert abs(got - ours).max() <= 1e-4 * abs(ours).max()
-    assert abs(got - io["expected"].numpy()).max() <= 0.02
+    assert abs(got - expected).max() <= 0.02
+
+
+# ------------------------------------------ the published patch encoders (make_patch_encoders.py)
+
+ZOO = json.loads((REF / "patch_encoders_micro.json").read_text())["models"]
+
+
+def published_config(name: str) -> dict:
+    """The config.json beside the weights: transformers' own (Phikon-v2), else timm's hub
+    layout with the literal arguments the fixture's model was created with."""
+    config = REF / f"{name}_micro.config.json"
+    if config.exists():
+        return json.loads(config.read_text())
+    import ast
+
+    args = {}
+    for key, text in ZOO[name]["timm_kwargs"].items():
+        try:
+            args[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):  # a class such as mlp_layer: not a JSON value
+            continue
+    return {"architecture": ZOO[name]["timm_model"], "model_args": args}
+
+
+def zoo_snapshot(hf_cache: Path, tmp_path: Path, name: str, state=None) -> str:
+    """A user's snapshot of ``name``'s repository, at test size: the published file names
+    (timm's ``pytorch_model.bin``; Phikon-v2's ``model.safetensors`` + ``config.json``)."""
+    spec = get_patch_encoder_spec(name)
+    weights = REF / f"{name}_micro.safetensors"
+    state = state if state is not None else load_file(str(weights))
+    (file,) = spec.weight_files
+    files = {file: save(state) if file.endswith(".safetensors") else torch_bytes(state, tmp_path)}
+    files["config.json"] = json.dumps(published_config(name)).encode()
+    repo = f"test-org/{name}-micro"
+    fake_snapshot(hf_cache, repo, files)
+    return f"hf:{repo}"
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_published_encoder_matches_its_reference(name, hf_cache, tmp_path, capsys):
+    io = load_file(str(REF / f"{name}_micro_io.safetensors"))
+    enc = create_patch_encoder(f"{name}_micro", zoo_snapshot(hf_cache, tmp_path, name))
+    assert enc.trained and enc.spec.weight_files == get_patch_encoder_spec(name).weight_files
+    with torch.no_grad():
+        same_input = (enc.forward_normalized(io["normalized"]) - io["expected"]).abs().max()
+        pre = enc.preprocess(io["tiles"])
+        std = torch.tensor(enc.spec.std).view(1, 3, 1, 1)
+        levels = (pre - io["normalized"]).abs() * std * 255
+        from_tiles = (enc(io["tiles"]) - io["expected"]).abs().max()
+    with capsys.disabled():
+        print(f"\n{name} (test size) vs {ZOO[name]['trident_class']}: max abs {same_input:.2e} "
+              f"on the same input; preprocessing {enc.spec.resize_interpolation} within "
+              f"{levels.max():.2f} gray levels (mean {levels.mean():.2f}); from uint8 tiles "
+              f"{from_tiles:.2e} (outputs up to {io['expected'].abs().max():.2f})")
+    assert tuple(io["expected"].shape) == (2, enc.spec.embed_dim)
+    assert same_input <= 1e-5
+    # PIL resizes uint8 in fixed point and rounds to uint8 (bicubic: also between its two
+    # passes, and clips the overshoot); we resize floats. Same filter: half a level on average.
+    assert levels.mean() <= 0.35
+    assert levels.max() <= (1.0 + 1e-3 if enc.spec.resize_interpolation == "bilinear" else 5.0)
+    assert from_tiles <= 0.05 * io["expected"].abs().max()
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_published_encoder_refuses_a_renamed_key(name, hf_cache, tmp_path):
+    state = load_file(str(REF / f"{name}_micro.safetensors"))
+    (old,) = [k for k in state if k.endswith("0.mlp.fc1.weight")]
+    state[old.replace("fc1", "w12")] = state.pop(old)
+    with pytest.raises(CheckpointError) as err:
+        create_patch_encoder(f"{name}_micro", zoo_snapshot(hf_cache, tmp_path, name, state))
+    msg = str(err.value)
+    assert "1 missing keys ['blocks.0.mlp.fc1.weight']" in msg  # in our names
+    assert old.replace("fc1", "w12") in msg  # unexpected, as the file names it
+    assert f"test-org/{name}-micro" in msg
+
+
+@pytest.mark.parametrize(("name", "field"), [("phikon_v2", "num_attention_heads"),
+                                           ("uni2_h", "num_heads"), ("virchow2", "reg_tokens")])
+def test_a_config_that_contradicts_the_entry_is_refused(name, field, hf_cache, tmp_path):
+    """Heads cannot be seen in a state dict's shapes: the snapshot's config.json is checked."""
+    cfg = published_config(name)
+    args = cfg.get("model_args", cfg)
+    args[field] = args.get(field, 2) * 2
+    uri = zoo_snapshot(hf_cache, tmp_path, name)
+    snap = resolve_hf_snapshot(uri)
+    (snap / "config.json").unlink()
+    (snap / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"contradicts the registry entry: {field}="):
+        create_patch_encoder(f"{name}_micro", uri)
+
+
+def test_phikon_v2_with_an_attention_projection_missing_names_the_rest(hf_cache, tmp_path):
+    """q/k/v are stacked only when all three are there; the others keep the file's names."""
+    state = load_file(str(REF / "phikon_v2_micro.safetensors"))
+    del state["encoder.layer.1.attention.attention.query.bias"]
+    with pytest.raises(CheckpointError) as err:
+        create_patch_encoder("phikon_v2_micro", zoo_snapshot(hf_cache, tmp_path, "phikon_v2",
+                                                             state))
+    assert "blocks.1.attn.qkv.bias" in str(err.value)
+    assert "encoder.layer.1.attention.attention.key.bias" in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_published_size_keys_and_shapes_are_the_reference_ones(name):
+    """The full-size entry, built on the meta device, against the key names and shapes timm /
+    transformers give the same construction (recorded by make_patch_encoders.py)."""
+    from care_scale.models.registry import patch_encoder_entry
+
+    entry = patch_encoder_entry(name)
+    with torch.device("meta"):
+        model = entry.build(entry.spec)
+    ref = ZOO[name]["published_shapes"]
+    ref_state = {k: torch.empty(v, device="meta") for k, v in ref["keys"].items()}
+    ours = {k: list(v.shape) for k, v in entry.convert(ref_state, model).items()}
+    own = {k: list(v.shape) for k, v in model.state_dict().items()
+           if not k.startswith("blocks.") or k.startswith("blocks.0.")}
+    assert ours == own
+    assert entry.spec.depth == ref["depth"] == len(model.blocks)
+    out = model.forward_normalized(torch.zeros(1, 3, 224, 224, device="meta"))
+    assert tuple(out.shape) == (1, entry.spec.embed_dim)
+
+
+def test_the_published_entries_carry_their_facts():
+    facts = {  # name: (embed_dim, patch, tile px at 0.5 um/px, HF repo, weight file)
+        "uni": (1024, 16, 256, "MahmoodLab/UNI", "pytorch_model.bin"),
+        "uni2_h": (1536, 14, 256, "MahmoodLab/UNI2-h", "pytorch_model.bin"),
+        "virchow2": (2560, 14, 224, "paige-ai/Virchow2", "pytorch_model.bin"),
+        "h_optimus_0": (1536, 14, 224, "bioptimus/H-optimus-0", "pytorch_model.bin"),
+        "gigapath": (1536, 16, 256, "prov-gigapath/prov-gigapath", "pytorch_model.bin"),
+        "phikon_v2": (1024, 16, 224, "owkin/phikon-v2", "model.safetensors"),
+    }
+    assert set(facts) == set(ZOO)
+    for name, (dim, patch, tile, repo, file) in facts.items():
+        spec = get_patch_encoder_spec(name)
+        assert (spec.embed_dim, spec.patch_size, spec.input_size) == (dim, patch, 224), name
+        assert (spec.tile_size, spec.mpp, spec.hf_repo, spec.weight_files) == (
+            tile, 0.5, repo, (file,)), name
+    assert get_patch_encoder_spec("h_optimus_0").mean == (0.707223, 0.578729, 0.703617)
+    assert get_patch_encoder_spec("virchow2").pool == "token+mean_patch"
+    assert get_patch_encoder_spec("gigapath").resize_size == 256
+
+
+@pytest.mark.parametrize("name", ["virchow2", "gigapath", "uni2_h"])
+def test_published_encoder_exports_to_onnx_with_parity(name, tmp_path):
+    """Registers + class/mean pooling, bicubic resize + centre crop, no_embed_class: the ONNX
+    graph (its resize built from the entry's transform) matches the torch encoder."""
+    got, ours, expected = export_and_run(f"{name}_micro", "pytorch_model.bin", tmp_path)
+    assert abs(got - ours).max() <= 1e-4 * abs(ours).max()
+    assert abs(got - expected).max() <= 0.05 * abs(expected).max()

@@ -393,6 +393,35 @@ def test_multiplex_fluorescence_is_not_brightfield(tmp_path):
     assert "5 channels" in err.reason
 
 
+def test_multiplex_qptiff_is_not_brightfield(tmp_path):
+    """A PerkinElmer/Akoya multiplex .qptiff: one page per channel, 8 or 16 bits."""
+    desc = ("<?xml version=\"1.0\"?><PerkinElmer-QPI-ImageDescription><ImageType>"
+            "FullResolution</ImageType><Name>Ch{}</Name></PerkinElmer-QPI-ImageDescription>")
+    for dtype, want in ((np.uint8, "6 channels"), (np.uint16, "16-bit")):
+        path = tmp_path / f"mif-{np.dtype(dtype).name}.qptiff"
+        with tifffile.TiffWriter(path) as tw:
+            for c in range(6):
+                tw.write(np.full((512, 512), 10 * c, dtype), tile=(256, 256),
+                         photometric="minisblack", description=desc.format(c), metadata=None)
+        err = _raises(NotBrightfieldError, path)
+        assert want in err.reason and "brightfield slides are 8-bit RGB" in err.reason
+
+
+@pytest.mark.skipif(not backend_available("openslide"), reason="needs OpenSlide (DICOM)")
+def test_dicom_without_image_type_names_the_missing_attribute(tmp_path):
+    from tests.factories import write_dicom_wsm
+
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "bad").mkdir()  # OpenSlide reads a folder's .dcm files as one series
+    write_dicom_wsm(tmp_path / "ok" / "a.dcm")
+    with open_slide(tmp_path / "ok" / "a.dcm") as slide:  # the same file with ImageType reads
+        assert slide.dimensions == (16, 16)
+    write_dicom_wsm(tmp_path / "bad" / "a.dcm", image_type=False)
+    err = _raises(UnsupportedFormatError, tmp_path / "bad" / "a.dcm")
+    assert "without (0008,0008) ImageType" in err.reason
+    assert "damaged" not in err.reason
+
+
 @pytest.mark.parametrize("name", ["picture.png", "notes.txt"])
 def test_unsupported_formats(tmp_path, name):
     import cv2

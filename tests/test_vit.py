@@ -63,10 +63,14 @@ def test_every_patch_encoder_builds_with_a_consistent_spec(name):
         expected |= {f"attn_pool.{k}" for k in (
             "query", "ln_k.weight", "ln_k.bias", "ln_q.weight", "ln_q.bias", "to_q.weight",
             "to_kv.weight", "to_out.weight")} | {"pool_norm.weight", "pool_norm.bias"}
-    elif spec.embed_dim != spec.width:
+    elif spec.pool == "token" and spec.embed_dim != spec.width:
         expected |= {"head.weight", "head.bias"}
+    if spec.reg_tokens:
+        expected.add("reg_token")
+        assert tuple(state["reg_token"].shape) == (1, spec.reg_tokens, spec.width)
     assert set(state) == expected
-    assert tuple(state["pos_embed"].shape) == (1, spec.grid ** 2 + 1, spec.width)
+    prefix = 0 if spec.no_embed_class else 1 + spec.reg_tokens  # timm's embed_len
+    assert tuple(state["pos_embed"].shape) == (1, spec.grid ** 2 + prefix, spec.width)
     assert tuple(state["patch_embed.proj.weight"].shape) == (spec.width, 3, spec.patch_size,
                                                              spec.patch_size)
     out = model.forward_normalized(torch.zeros(2, 3, spec.input_size, spec.input_size,

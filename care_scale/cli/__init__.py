@@ -41,11 +41,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(default):
+    """care-scale's own warnings as one line each on stderr (``Name: message``), instead of
+    Python's file:line plus source excerpt; everything else is shown as ``default`` shows it."""
+    from care_scale.exceptions import CareScaleWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, CareScaleWarning):
+            print(f"{category.__name__}: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
-    from care_scale.exceptions import CareScaleError
+    import warnings
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():  # the display is restored when the command ends
+        warnings.showwarning = _one_line_warnings(warnings.showwarning)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from care_scale.exceptions import CareScaleError
+
     try:
         code = args.func(args)
     except CareScaleError as exc:

@@ -67,6 +67,9 @@ class ModelRef:
     checkpoint: str | None = None
     # Architecture overrides (slide encoder only), e.g. {in_dim: 64} for another patch encoder.
     overrides: dict[str, Any] = field(default_factory=dict)
+    # Slide encoder only: run the modeling code a transformers snapshot ships (the official
+    # hf:Zipper-1/CARE). It is Python from the snapshot, so never without the user's say-so.
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -170,6 +173,9 @@ class EmbedConfig:
         for name in ("decode_batch_size", "encode_batch_size", "commit_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.patch_encoder.trust_remote_code:
+            raise ConfigError("patch_encoder.trust_remote_code: patch encoders never run "
+                              "snapshot code (only slide_encoder.trust_remote_code exists)")
         c = self.concurrency
         for name in ("decode_tasks", "encoder_actors", "decode_num_workers", "encode_in_flight",
                      "slide_encoder_actors", "slide_encoder_threads"):

@@ -114,13 +114,12 @@ class EncoderPool:
     def __init__(self, config: EmbedConfig, *, local_export: str | None = None):
         import ray
 
+        from care_scale.embed.actor_options import actor_options
+
         c = config.concurrency
-        opts: dict[str, Any] = {"num_cpus": c.num_cpus_per_actor,
-                                "num_gpus": c.num_gpus_per_actor,
-                                # A crashed actor restarts; calls in flight are retried on it.
-                                "max_restarts": 3, "max_task_retries": 3}
-        if c.encoder_resources:
-            opts["resources"] = dict(c.encoder_resources)
+        # A crashed actor restarts; calls in flight are retried on it.
+        opts = actor_options(num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor,
+                             resources=c.encoder_resources, max_restarts=3, max_task_retries=3)
         cls = ray.remote(PatchEncoder).options(**opts)
         self.actors = [cls.remote(config, local_export) for _ in range(c.encoder_actors)]
 

@@ -70,7 +70,7 @@ from care_scale.embed.progress import Progress, RunSummary
 from care_scale.embed.results import STAGE_DECODE, STAGE_ENCODE, STAGE_OPEN, STAGE_TILE, RowContext
 from care_scale.embed.slide_stage import create_slide_encoder
 from care_scale.embed.sources import SlideSource, scan_source
-from care_scale.exceptions import CareScaleError, ConfigError
+from care_scale.exceptions import CareScaleError, CareScaleWarning, ConfigError
 from care_scale.storage import redact, redact_options
 
 log = logging.getLogger(__name__)
@@ -81,16 +81,23 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 
-class TilingPresetWarning(UserWarning):
+class TilingPresetWarning(CareScaleWarning):
     """The job tiles slides differently from what the slide encoder was trained on."""
 
 
 def resolve_models(config: EmbedConfig) -> EmbedConfig:
-    """Fill what the registry decides: an empty patch encoder name (the one the slide
-    encoder's entry pairs with) and unset tiling (the slide encoder's preset). A tiling the
-    user set that differs from the preset is kept, with a warning naming both."""
+    """Fill what the registry decides: the slide encoder an ``hf:`` checkpoint is published
+    as, an empty patch encoder name (the one the slide encoder's entry pairs with) and unset
+    tiling (the slide encoder's preset). A tiling the user set that differs from the preset
+    is kept, with a warning naming both."""
     from care_scale.models import get_slide_encoder_spec
+    from care_scale.models.registry import slide_encoder_for_checkpoint
 
+    ref = config.slide_encoder
+    owner = slide_encoder_for_checkpoint(ref.name, ref.checkpoint)
+    if owner != ref.name:
+        log.info("slide encoder %s: %s is its published repository", owner, ref.checkpoint)
+        config = dataclasses.replace(config, slide_encoder=dataclasses.replace(ref, name=owner))
     spec = get_slide_encoder_spec(config.slide_encoder.name)
     if not config.patch_encoder.name:
         config = dataclasses.replace(config, patch_encoder=dataclasses.replace(
@@ -105,7 +112,6 @@ def resolve_models(config: EmbedConfig) -> EmbedConfig:
             msg = (f"{key}={given} differs from {spec.name}'s preset {key}={value} (the tiling "
                    "it was trained on); embeddings from other tilings are not the published "
                    "model's")
-            log.warning(msg)
             warnings.warn(msg, TilingPresetWarning, stacklevel=2)
     return dataclasses.replace(config, **fill) if fill else config
 
@@ -519,9 +525,12 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
     output row per slide (:data:`ROW_COLUMNS`). ``local_export``: see
     ``patch_stage.PatchEncoder``. The caller shuts the pool down."""
     import ray
+    import ray.data
 
     from care_scale.embed.patch_stage import EncoderPool
+    from care_scale.local_ray import quiet_console
 
+    quiet_console()  # Ray Data's console handler exists now: our progress line is the view
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     # Every output row its own block: a decode task that handles several slides in turn

@@ -39,9 +39,24 @@ class RowContext:
 
 
 
+def _at(values: Any, r: int) -> float | None:
+    return None if values is None else float(values[r])
+
+
 def region_rows(encoding: Any, coords: np.ndarray, patch_size_level0: int,
                 step: int) -> list[dict[str, Any]]:
-    """One dict per adaptive region: counts, weights, ROI flag, level-0 box, WKT, embedding."""
+    """One dict per adaptive region: counts, weights, ROI flag, level-0 box, WKT, embedding.
+    A model that does not say which patches form a region (a remote-code model) gets rows
+    with its embedding and nulls for the patches, outline, box and whatever else it hides."""
+    if encoding.region_of_patch is None:
+        roi = encoding.roi_index
+        return [{"region_id": r, "embedding": np.asarray(encoding.region_embeddings[r],
+                                                         np.float32),
+                 "coverage": _at(encoding.coverage, r),
+                 "semantic_weight": _at(encoding.semantic_weight, r),
+                 "fused_weight": _at(encoding.fused_weight, r),
+                 "is_roi": None if roi is None else r == int(roi)}
+                for r in range(int(encoding.num_regions))]
     rows = []
     rop = np.asarray(encoding.region_of_patch)
     for r in range(int(encoding.num_regions)):
@@ -52,10 +67,10 @@ def region_rows(encoding: Any, coords: np.ndarray, patch_size_level0: int,
         rows.append({
             "region_id": r,
             "num_patches": int(sel.sum()),
-            "coverage": float(encoding.coverage[r]),
-            "semantic_weight": float(encoding.semantic_weight[r]),
-            "fused_weight": float(encoding.fused_weight[r]),
-            "is_roi": r == int(encoding.roi_index),
+            "coverage": _at(encoding.coverage, r),
+            "semantic_weight": _at(encoding.semantic_weight, r),
+            "fused_weight": _at(encoding.fused_weight, r),
+            "is_roi": None if encoding.roi_index is None else r == int(encoding.roi_index),
             "bbox_x0": int(c[:, 0].min()),
             "bbox_y0": int(c[:, 1].min()),
             "bbox_x1": int(c[:, 0].max()) + int(patch_size_level0),
@@ -91,8 +106,9 @@ def slide_row(ctx: RowContext, src: SlideSource, meta: dict[str, Any], encoding:
         "num_patches": int(n_patches),
         "num_regions": int(encoding.num_regions),
         "slide_embedding": np.asarray(encoding.slide_embedding, np.float32),
-        "roi_region_id": int(encoding.roi_index),
-        "roi_embedding": np.asarray(encoding.roi_embedding, np.float32),
+        "roi_region_id": None if encoding.roi_index is None else int(encoding.roi_index),
+        "roi_embedding": (None if encoding.roi_embedding is None
+                          else np.asarray(encoding.roi_embedding, np.float32)),
         "model_version": ctx.version,
         "slide_encoder_version": ctx.care_version,
         "patch_encoder_version": ctx.patch_version,
@@ -116,7 +132,8 @@ def patch_columns(src: SlideSource, coords: np.ndarray, tissue: np.ndarray, feat
         "x": coords[:, 0].astype(np.int64),
         "y": coords[:, 1].astype(np.int64),
         "patch_size_level0": np.full(n, int(patch_size_level0), np.int64),
-        "region_id": np.asarray(encoding.region_of_patch, np.int64),
+        "region_id": (None if encoding.region_of_patch is None
+                      else np.asarray(encoding.region_of_patch, np.int64)),
         "tissue_fraction": np.asarray(tissue, np.float32),
         "feature": np.asarray(feats, np.float32),
     }

@@ -77,6 +77,7 @@ def create_slide_encoder(config: EmbedConfig) -> Any:
         config.slide_encoder.name,
         config.slide_encoder.checkpoint,
         storage_options=config.storage_options or None,
+        trust_remote_code=config.slide_encoder.trust_remote_code,
         **config.slide_encoder.overrides,
     )
     return model.eval()
@@ -181,13 +182,14 @@ class SlideStage:
     def __init__(self, config: EmbedConfig, ctx: RowContext, *, max_in_flight: int = 2):
         import ray
 
+        from care_scale.embed.actor_options import actor_options
+
         c = config.concurrency
-        opts: dict[str, Any] = {"num_cpus": c.num_cpus_per_slide_actor,
-                                "num_gpus": c.num_gpus_per_slide_actor,
-                                # A crashed actor restarts; the slide it held is retried once.
-                                "max_restarts": 2, "max_task_retries": 1}
-        if c.slide_encoder_resources:
-            opts["resources"] = dict(c.slide_encoder_resources)
+        # A crashed actor restarts; the slide it held is retried once.
+        opts = actor_options(num_cpus=c.num_cpus_per_slide_actor,
+                             num_gpus=c.num_gpus_per_slide_actor,
+                             resources=c.slide_encoder_resources, max_restarts=2,
+                             max_task_retries=1)
         cls = ray.remote(SlideEncoderActor).options(**opts)
         self.actors = [cls.remote(config, ctx) for _ in range(c.slide_encoder_actors)]
         self.max_in_flight = max_in_flight

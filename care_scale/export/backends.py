@@ -108,8 +108,12 @@ def create_slide_backend(
         from care_scale.export.pipeline import cached_export
 
         care = build_slide_encoder(model, checkpoint, storage_options)
-        artifacts = str(cached_export(care, cache_dir=cache_dir))
-        model, checkpoint = None, None
+        if getattr(care, "remote_code", False) and kind == "auto":
+            chosen, reason = "torch", "a remote-code model runs on torch only"
+            model, checkpoint = care, None
+        else:
+            artifacts = str(cached_export(care, cache_dir=cache_dir))
+            model, checkpoint = None, None
     return load_slide_backend(chosen, model, checkpoint=checkpoint, artifacts=artifacts,
                               storage_options=storage_options, device=device,
                               cache_dir=cache_dir, threads=threads, selection=reason)

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from care_scale.artifacts import META_PREFIX, SLIDE_INPUTS, SLIDE_OUTPUTS
@@ -66,25 +65,28 @@ def _check_opset(opset: int) -> int:
     return int(opset)
 
 
-def resize_matrix(src: int, dst: int) -> torch.Tensor:
-    """``(dst, src)`` matrix ``A`` with ``A @ column == F.interpolate(column, dst)``.
+def resize_matrix(src: int, dst: int, *, resize_size: int | None = None,
+                  mode: str = "bilinear") -> torch.Tensor:
+    """``(dst, src)`` matrix ``A`` with ``A @ column`` == the encoder's resize of a column.
 
-    Bilinear resize (with antialiasing when shrinking, as the torch encoder does) is linear
-    and separable, so applying torch's own ``interpolate`` to the basis vectors gives the exact
-    matrix; the graph then resizes with two MatMuls (``A @ X @ A.T``). That keeps parity with
-    torch (ONNX Resize's antialias filter differs from torch's by several grey levels) and is
-    plain MatMul for TensorRT.
+    The encoder's resize (:func:`care_scale.models.vit.resize_square`: bilinear or bicubic,
+    antialiased as the torch encoder does it, then a centre crop when ``resize_size`` is set)
+    is linear and separable, so applying that same function to the basis vectors gives the
+    exact matrix; the graph then resizes with two MatMuls (``A @ X @ A.T``). That keeps
+    parity with torch (ONNX Resize's antialias filter differs from torch's by several grey
+    levels) and is plain MatMul for TensorRT.
     """
+    from care_scale.models.vit import resize_square
+
     # Rows of the identity are basis images; resizing only the height gives A @ I = A.
     eye = torch.eye(src, dtype=torch.float64).view(1, 1, src, src)
-    out = F.interpolate(eye, size=(dst, src), mode="bilinear", align_corners=False,
-                        antialias=src > dst)
+    out = resize_square(eye, dst, resize_size=resize_size, mode=mode, rows_only=True)
     return out[0, 0].float().contiguous()  # (dst, src)
 
 
-#: Revision of the patch-encoder graph layout (2: banded NHWC resize). Part of the local
-#: export cache's key.
-PATCH_GRAPH_REVISION = 2
+#: Revision of the patch-encoder graph layout (2: banded NHWC resize; 3: the entry's resize
+#: filter and centre crop). Part of the local export cache's key.
+PATCH_GRAPH_REVISION = 3
 
 
 def banded_rows(matrix: torch.Tensor, rows_per_block: int = 8
@@ -139,7 +141,10 @@ class PatchEncoderGraph(nn.Module):
         self.size = size = int(spec.input_size)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255.0)
-        matrix = resize_matrix(self.tile_size, size) if self.tile_size != size else None
+        plain = self.tile_size == size and spec.resize_size in (None, size)
+        matrix = None if plain else resize_matrix(self.tile_size, size,
+                                                  resize_size=spec.resize_size,
+                                                  mode=spec.resize_interpolation)
         banded = banded_rows(matrix) if matrix is not None else None
         # Buffers (or None): the resize matrix, its transpose, and the banded row blocks.
         self.register_buffer("resize", matrix)

@@ -103,6 +103,10 @@ class SlideEncoderGraph(nn.Module):
         super().__init__()
         if not hasattr(care, "config"):
             raise ExportError(f"{type(care).__name__}: not a care-scale slide encoder")
+        if getattr(care, "remote_code", False):
+            raise ExportError(f"{getattr(care, 'name', 'model')}: runs its snapshot's own "
+                              "modeling code, which is not traced or exported (it runs on "
+                              "the torch backend only)")
         self.care = care
 
     def forward(self, features: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -122,10 +126,17 @@ class TorchSlideBackend(SlideBackend):
 
         self.device = resolve_device(device)
         self.care = care.eval().to(self.device)
-        self.graph = SlideEncoderGraph(self.care)
+        # A remote-code model has its own encode (it is not the graph of our CARE).
+        self.graph = None if getattr(care, "remote_code", False) else SlideEncoderGraph(care)
         super().__init__(name=getattr(care, "name", "care"),
                          model_version=model_version or _model_version(care),
                          in_dim=care.config.in_dim, embed_dim=care.config.hidden_dim)
+
+    def encode(self, features: Any, coords: Any = None, *, patch_step: int | None = None):
+        if self.graph is None:
+            with torch.inference_mode():
+                return self.care.encode(features, coords, patch_step=patch_step)
+        return super().encode(features, coords, patch_step=patch_step)
 
     def run_grid(self, features: np.ndarray, grid: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():

@@ -115,17 +115,21 @@ class CareOutput:
 
 @dataclass
 class SlideEncoding:
-    """One slide's CARE result as numpy arrays (what tables store)."""
+    """One slide's CARE result as numpy arrays (what tables store).
+
+    Our CARE fills every field. A remote-code model (``care_scale.models.remote``) fills what
+    its outputs expose; the others are None and the tables hold nulls there.
+    """
 
     slide_embedding: np.ndarray  # (H,) float32
     region_embeddings: np.ndarray  # (R, H) float32
     num_regions: int
-    region_of_patch: np.ndarray  # (N,) int64, in the order of the input patches
-    coverage: np.ndarray  # (R,)
-    semantic_weight: np.ndarray  # (R,)
-    fused_weight: np.ndarray  # (R,)
-    roi_index: int
-    roi_embedding: np.ndarray  # (H,)
+    region_of_patch: np.ndarray | None  # (N,) int64, in the order of the input patches
+    coverage: np.ndarray | None  # (R,)
+    semantic_weight: np.ndarray | None  # (R,)
+    fused_weight: np.ndarray | None  # (R,)
+    roi_index: int | None
+    roi_embedding: np.ndarray | None  # (H,)
     model_version: str
     patch_step: int = 0  # level-0 pixels between grid positions used for this encoding
 

@@ -175,6 +175,43 @@ def resolve_weights(
                           f"{', '.join(dict.fromkeys(names))})")
 
 
+#: config.json field -> PatchEncoderSpec attribute, in the two layouts published snapshots
+#: have: transformers' config (top level; Phikon-v2) and timm's hub config (``model_args``).
+TRANSFORMERS_CONFIG_FIELDS = {
+    "hidden_size": "width", "num_hidden_layers": "depth", "num_attention_heads": "num_heads",
+    "patch_size": "patch_size", "mlp_ratio": "mlp_ratio", "qkv_bias": "qkv_bias"}
+TIMM_CONFIG_FIELDS = {
+    "embed_dim": "width", "depth": "depth", "num_heads": "num_heads",
+    "patch_size": "patch_size", "mlp_ratio": "mlp_ratio", "reg_tokens": "reg_tokens",
+    "no_embed_class": "no_embed_class"}
+
+
+def check_published_config(cfg: dict[str, Any], spec: Any, source: str) -> None:
+    """A published snapshot's ``config.json`` must not contradict the registry entry it is
+    loaded as: fields a state dict cannot show (the number of heads) would otherwise load
+    silently wrong. Only the fields present are compared; care-scale's own configs are
+    skipped (their architecture is the entry)."""
+    if "format" in cfg:
+        return
+    args = cfg.get("model_args")
+    given, fields = ((args, TIMM_CONFIG_FIELDS) if isinstance(args, dict)
+                     else (cfg, TRANSFORMERS_CONFIG_FIELDS))
+    bad = [f"{key}={given[key]!r} (entry {spec.name}: {attr}={getattr(spec, attr)!r})"
+           for key, attr in fields.items()
+           if key in given and not _same_value(given[key], getattr(spec, attr))]
+    if bad:
+        raise CheckpointError(f"{redact(source)}: config.json contradicts the registry entry: "
+                              f"{', '.join(bad)}")
+
+
+def _same_value(given: Any, ours: Any) -> bool:
+    if isinstance(ours, bool) or isinstance(given, bool):
+        return given is ours
+    if isinstance(given, (int, float)) and isinstance(ours, (int, float)):
+        return math.isclose(given, ours, rel_tol=1e-6)
+    return False
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
               strict: bool = True, source_names: dict[str, str] | None = None) -> LoadReport:
     """Load ``state`` into ``model``; shape mismatches are refused with the key named.
@@ -290,10 +327,12 @@ def convert_timm_vit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
     return out
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """A (1, 1 + g*g, C) position table (class token first) resampled to ``grid`` x ``grid``:
-    bilinear, no antialiasing, as timm's ``resample_abs_pos_embed`` does when CONCH v1.5's
-    reference code fits a published table to its trunk."""
+def resample_pos_embed(pos_embed: torch.Tensor, grid: int,
+                       mode: str = "bilinear") -> torch.Tensor:
+    """A (1, 1 + g*g, C) position table (class token first) resampled to ``grid`` x ``grid``
+    by size, no antialiasing, in float32: bilinear as timm's ``resample_abs_pos_embed`` does
+    when CONCH v1.5's reference code fits a published table to its trunk; bicubic as
+    transformers' ``Dinov2Embeddings.interpolate_pos_encoding`` does."""
     import torch.nn.functional as F
 
     n_old = pos_embed.shape[1] - 1
@@ -305,7 +344,8 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     dim = pos_embed.shape[-1]
     cls_pos, table = pos_embed[:, :1], pos_embed[:, 1:].float()
     table = F.interpolate(table.reshape(1, old, old, dim).permute(0, 3, 1, 2),
-                          size=(grid, grid), mode="bilinear", antialias=False)
+                          size=(grid, grid), mode=mode, align_corners=False,
+                          antialias=False)
     table = table.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos_embed.dtype)
     return torch.cat([cls_pos, table], dim=1)
 
@@ -332,6 +372,78 @@ def convert_conch_v1_5(state: dict[str, torch.Tensor],
         out[key] = value
     if "pos_embed" in out and hasattr(model, "spec"):
         out["pos_embed"] = resample_pos_embed(out["pos_embed"], model.spec.grid)
+    return out
+
+
+#: transformers ``Dinov2Model`` names as its published files hold them (Phikon-v2's
+#: ``model.safetensors``; transformers 5 renames the attention modules in memory but still
+#: writes these) -> ours. ``{i}``: the block number.
+HF_DINOV2_RENAMES = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+#: Inside ``encoder.layer.{i}.``: a name ending in "." renames a module (its weight/bias).
+HF_DINOV2_BLOCK_RENAMES = {
+    "norm1.": "norm1.", "norm2.": "norm2.", "attention.output.dense.": "attn.proj.",
+    "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2.",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+}
+#: Only used when pretraining masks patches (``bool_masked_pos``); never at inference.
+HF_DINOV2_UNUSED = ("embeddings.mask_token",)
+_HF_QKV = ("query", "key", "value")
+
+
+def _rename_block_key(inner: str) -> str | None:
+    for old, new in HF_DINOV2_BLOCK_RENAMES.items():
+        if inner == old or (old.endswith(".") and inner.startswith(old)
+                            and "." not in inner[len(old):]):
+            return new + inner[len(old):]
+    return None
+
+
+def convert_hf_dinov2(state: dict[str, torch.Tensor],
+                      model: nn.Module) -> dict[str, torch.Tensor]:
+    """A transformers ``Dinov2Model`` state dict (owkin/phikon-v2) -> our ViT.
+
+    Explicit names only: ``query``/``key``/``value`` are stacked into ``qkv`` when all three of
+    a block are there; a key it does not know keeps its name, so the strict load names it. The
+    position table is fitted to the model's grid the way ``Dinov2Embeddings`` interpolates it
+    at run time (bicubic to the target size, in float32), once, at load.
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key in HF_DINOV2_UNUSED:
+            continue
+        if key in HF_DINOV2_RENAMES:
+            out[HF_DINOV2_RENAMES[key]] = value
+            continue
+        head, _, rest = key.partition(".layer.")
+        index, _, inner = rest.partition(".")
+        if head != "encoder" or not index.isdigit():
+            out[key] = value
+            continue
+        renamed = _rename_block_key(inner)
+        module, _, param = inner.rpartition(".")
+        if renamed is not None:
+            out[f"blocks.{index}.{renamed}"] = value
+        elif module.startswith("attention.attention.") and module.rsplit(".", 1)[1] in _HF_QKV:
+            qkv.setdefault((index, param), {})[module.rsplit(".", 1)[1]] = value
+        else:
+            out[key] = value
+    for (index, param), parts in qkv.items():
+        if set(parts) == set(_HF_QKV):
+            out[f"blocks.{index}.attn.qkv.{param}"] = torch.cat([parts[n] for n in _HF_QKV])
+        else:  # incomplete: leave them as the file names them
+            out.update({f"encoder.layer.{index}.attention.attention.{n}.{param}": v
+                        for n, v in parts.items()})
+    if "pos_embed" in out and hasattr(model, "spec"):
+        out["pos_embed"] = resample_pos_embed(out["pos_embed"], model.spec.grid,
+                                              mode="bicubic")
     return out
 
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from care_scale.exceptions import CheckpointError, ConfigError
+from care_scale.exceptions import CareScaleWarning, CheckpointError, ConfigError
 from care_scale.storage import redact
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 UNTRAINED_SEED = 0
 
 
-class UntrainedWeightsWarning(UserWarning):
+class UntrainedWeightsWarning(CareScaleWarning):
     """A model runs on seeded random weights: its embeddings carry no biological meaning."""
 
 
@@ -60,9 +60,21 @@ class PatchEncoderSpec:
     mpp: float = 0.5
     layer_scale_init: float | None = None
     qkv_bias: bool = True
-    #: What the feature is: the final-norm class token ("token"), or an attentional pooler
-    #: over all tokens followed by a LayerNorm ("attn_pool", CONCH v1.5's contrastive head).
-    pool: Literal["token", "attn_pool"] = "token"
+    #: Block MLP: timm's ``Mlp`` with GELU ("gelu"), or ``SwiGLUPacked`` ("swiglu_packed":
+    #: one ``fc1`` to ``int(width * mlp_ratio)``, SiLU(first half) x second half, ``fc2`` from
+    #: half that; UNI2-h, Virchow2, H-optimus-0, Prov-GigaPath).
+    mlp: Literal["gelu", "swiglu_packed"] = "gelu"
+    #: Register tokens after the class token (timm ``reg_tokens``; key ``reg_token``).
+    reg_tokens: int = 0
+    #: timm's ``no_embed_class``: the position table covers the patch tokens only and is added
+    #: before the class/register tokens are prepended (UNI2-h, H-optimus-0); False: it also has
+    #: rows for the class and register tokens (UNI, Virchow2, GigaPath, Phikon-v2, CONCH v1.5).
+    no_embed_class: bool = False
+    #: What the feature is: the final-norm class token ("token"); the class token concatenated
+    #: with the mean of the patch tokens, registers excluded ("token+mean_patch", Virchow2:
+    #: ``embed_dim == 2 * width``); or an attentional pooler over all tokens followed by a
+    #: LayerNorm ("attn_pool", CONCH v1.5's contrastive head).
+    pool: Literal["token", "token+mean_patch", "attn_pool"] = "token"
     #: Heads of the attentional pooler (its query width is ``embed_dim``).
     pool_heads: int = 8
     #: Grid the position table is stored at, when the published model keeps it at another
@@ -72,6 +84,11 @@ class PatchEncoderSpec:
     #: Tile side (px, at ``mpp``) the slide is cut at before the encoder resizes it to
     #: ``input_size`` (CONCH v1.5: 512 px at 0.5 um/px, resized to 448); None: input_size.
     tile_size: int | None = None
+    #: The reference transform's resize filter (torchvision ``InterpolationMode``; antialiased
+    #: as PIL resizes) and the side it resizes to before a centre crop to ``input_size``
+    #: (Prov-GigaPath: Resize(256, bicubic) + CenterCrop(224)); None: straight to input_size.
+    resize_interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    resize_size: int | None = None
     #: Hugging Face repository of the published weights, and the files a snapshot must hold.
     hf_repo: str = ""
     weight_files: tuple[str, ...] = ()
@@ -82,6 +99,16 @@ class PatchEncoderSpec:
     def grid(self) -> int:
         """Side of the position table's token grid."""
         return self.pos_embed_grid or self.input_size // self.patch_size
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Tokens before the patch tokens: the class token and the registers."""
+        return 1 + self.reg_tokens
+
+    @property
+    def pos_embed_rows(self) -> int:
+        """Rows of the stored position table (timm's ``embed_len``)."""
+        return self.grid ** 2 + (0 if self.no_embed_class else self.prefix_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,6 +205,19 @@ def slide_encoder_entry(name: str) -> SlideEncoderEntry:
     return _SLIDE_ENCODERS[name]
 
 
+def slide_encoder_for_checkpoint(name: str, checkpoint: str | None) -> str:
+    """The slide encoder an ``hf:`` checkpoint belongs to: the entry whose published
+    repository it names, when the entry ``name`` has no published repository of its own (the
+    default ``care_tiny`` with ``hf:Zipper-1/CARE`` means ``care``); else ``name``."""
+    from care_scale.models.hub import is_hf_uri, parse_hf_uri
+
+    if not checkpoint or not is_hf_uri(checkpoint) or slide_encoder_entry(name).spec.hf_repo:
+        return name
+    repo = parse_hf_uri(checkpoint)[0]
+    owners = [n for n, e in _SLIDE_ENCODERS.items() if e.spec.hf_repo == repo]
+    return owners[0] if len(owners) == 1 else name
+
+
 def get_patch_encoder_spec(name: str) -> PatchEncoderSpec:
     return patch_encoder_entry(name).spec
 
@@ -187,13 +227,13 @@ def get_slide_encoder_spec(name: str) -> SlideEncoderSpec:
 
 
 def warn_untrained(name: str, reason: str = "no checkpoint given") -> None:
-    """Say loudly, in the log and as a Python warning, that weights are random."""
+    """Say loudly that weights are random: one Python warning (the CLI prints it as one
+    line; a log record as well would show it twice)."""
     msg = (
         f"{name}: {reason}, running on UNTRAINED weights (seed {UNTRAINED_SEED}). "
         "Embeddings are reproducible but carry no biological meaning; pass checkpoint=... "
         "for real use."
     )
-    log.warning(msg)
     warnings.warn(msg, UntrainedWeightsWarning, stacklevel=3)
 
 
@@ -222,7 +262,7 @@ def create_patch_encoder(
     The returned module has ``.spec`` (:class:`PatchEncoderSpec`), ``.name`` and takes uint8
     tiles ``(B, H, W, 3)``, returning float32 ``(B, spec.embed_dim)``.
     """
-    from care_scale.models.checkpoints import resolve_weights
+    from care_scale.models.checkpoints import check_published_config, resolve_weights
 
     entry = patch_encoder_entry(name)
     state = None
@@ -234,6 +274,8 @@ def create_patch_encoder(
                 f"{redact(checkpoint)}: holds a {ckpt_cfg.get('kind')} "
                 f"({ckpt_cfg.get('name')}), not a patch encoder"
             )
+        if ckpt_cfg is not None:
+            check_published_config(ckpt_cfg, entry.spec, checkpoint)
     model = _seeded_build(lambda: entry.build(entry.spec))
     model.name = name
     model.spec = entry.spec
@@ -272,12 +314,15 @@ def create_slide_encoder(
     *,
     storage_options: dict[str, Any] | None = None,
     strict: bool = True,
+    trust_remote_code: bool = False,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered slide encoder (CARE); ``overrides`` change :class:`CareConfig` fields.
 
     With a checkpoint directory, its ``config.json`` defines the architecture (overrides are
-    applied on top); a bare weights file uses the registry defaults plus overrides.
+    applied on top); a bare weights file uses the registry defaults plus overrides. A
+    transformers snapshot with modeling code of its own (the official ``hf:Zipper-1/CARE``)
+    runs that code only with ``trust_remote_code=True`` (:mod:`care_scale.models.remote`).
     """
     from care_scale.models.checkpoints import resolve_weights
 
@@ -285,6 +330,19 @@ def create_slide_encoder(
     cfg: dict[str, Any] = dict(entry.spec.config)
     state = None
     if checkpoint is not None:
+        from care_scale.models import remote
+
+        folder, snap_cfg = remote.read_snapshot_config(checkpoint, storage_options)
+        if folder is not None and remote.is_remote_code_config(snap_cfg):
+            extra = sorted(set(overrides) - {"in_dim"})
+            if extra:
+                raise ConfigError(f"{redact(checkpoint)}: its architecture comes from the "
+                                  f"snapshot's own code; overrides {extra} do not apply")
+            return remote.load_remote_slide_encoder(
+                checkpoint, folder, snap_cfg,
+                in_dim=int(overrides.get("in_dim", entry.spec.in_dim)),
+                trust_remote_code=trust_remote_code, name=name,
+                storage_options=storage_options)
         state, ckpt_cfg = resolve_weights(checkpoint, storage_options=storage_options)
         if ckpt_cfg is not None and _is_transformers_config(ckpt_cfg):
             raise CheckpointError(

@@ -3,9 +3,13 @@
 Keys match ``timm.models.vision_transformer.VisionTransformer`` (``patch_embed.proj``,
 ``cls_token``, ``pos_embed``, ``blocks.N.norm1``, ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``,
 ``blocks.N.ls1.gamma``, ``blocks.N.norm2``, ``blocks.N.mlp.fc1``, ``blocks.N.mlp.fc2``, ``norm``,
-``head``), so timm / UNI-style checkpoints load after :func:`convert_timm_vit` strips wrappers.
+``head``, ``reg_token``), so timm checkpoints load after :func:`convert_timm_vit` strips
+wrappers. The published pathology encoders are this one class with options on their registry
+entries (``mlp``, ``reg_tokens``, ``no_embed_class``, ``layer_scale_init``, ``pool``, the
+resize): UNI, UNI2-h, Virchow2, H-optimus-0 and Prov-GigaPath are timm models with timm's
+names; Phikon-v2 is a transformers ``Dinov2Model`` whose names :func:`convert_hf_dinov2` maps;
 CONCH v1.5 (``pool="attn_pool"``) adds its attentional pooler and LayerNorm in place of the
-head; :func:`convert_conch_v1_5` maps its published names (``trunk.``,
+head and :func:`convert_conch_v1_5` maps its published names (``trunk.``,
 ``attn_pool_contrast.``, ``ln_contrast.``) onto ours.
 
 The encoder takes uint8 tiles ``(B, H, W, 3)`` exactly as the slide layer returns them and does
@@ -21,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from care_scale.exceptions import ModelInputError
-from care_scale.models.checkpoints import convert_conch_v1_5, convert_timm_vit
+from care_scale.models.checkpoints import convert_conch_v1_5, convert_hf_dinov2, convert_timm_vit
 from care_scale.models.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -64,6 +68,8 @@ class LayerScale(nn.Module):
 
 
 class Mlp(nn.Module):
+    """timm's ``Mlp``: fc1, GELU (exact), fc2."""
+
     def __init__(self, width: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
@@ -74,15 +80,37 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLUPacked(nn.Module):
+    """timm's ``SwiGLUPacked`` (``GluMlp`` with SiLU, gate first): one ``fc1`` to ``hidden``,
+    ``SiLU(first half) * second half``, ``fc2`` from ``hidden // 2``."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        if hidden % 2:
+            raise ModelInputError(f"SwiGLU MLP: hidden width {hidden} is odd (it is split in "
+                                  "two halves)")
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Linear(hidden // 2, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(self.act(gate) * value)
+
+
+#: ``PatchEncoderSpec.mlp`` -> the block MLP.
+MLPS: dict[str, type[nn.Module]] = {"gelu": Mlp, "swiglu_packed": SwiGLUPacked}
+
+
 class Block(nn.Module):
     def __init__(self, width: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
-                 layer_scale_init: float | None):
+                 layer_scale_init: float | None, mlp: str = "gelu"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=1e-6)
         self.attn = Attention(width, num_heads, qkv_bias)
         self.ls1 = LayerScale(width, layer_scale_init) if layer_scale_init else nn.Identity()
         self.norm2 = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.mlp = MLPS[mlp](width, int(width * mlp_ratio))
         self.ls2 = LayerScale(width, layer_scale_init) if layer_scale_init else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,9 +151,31 @@ class AttentionalPooler(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(b, -1, self.heads * d))
 
 
+def resize_square(x: torch.Tensor, size: int, *, resize_size: int | None = None,
+                  mode: str = "bilinear", rows_only: bool = False) -> torch.Tensor:
+    """Square float tiles (B, C, T, T) -> (B, C, size, size), as the reference transforms do
+    on PIL images: Resize(``resize_size or size``) with ``mode`` (antialiased like PIL when
+    shrinking; bicubic always through the antialiased kernel, which is PIL's a=-0.5 cubic),
+    then CenterCrop(``size``) with torchvision's offsets. Linear in ``x``, so the ONNX graph
+    builds its resize matrices with this same function (``rows_only``: the height only)."""
+    first = resize_size or size
+    side = int(x.shape[-2])
+    if side != first:
+        out = (first, int(x.shape[-1]) if rows_only else first)
+        x = F.interpolate(x, size=out, mode=mode, align_corners=False,
+                          antialias=mode == "bicubic" or side > first)
+    if first != size:
+        top = round((first - size) / 2.0)
+        x = x[..., top:top + size, :]
+        if not rows_only:
+            x = x[..., top:top + size]
+    return x
+
+
 class VisionTransformer(nn.Module):
-    """ViT returning the final-norm CLS token (through ``head`` when it projects), or, with
-    ``spec.pool == "attn_pool"``, an attentional pooler over all tokens plus a LayerNorm."""
+    """ViT returning the final-norm class token (through ``head`` when it projects), the class
+    token beside the mean patch token (``pool="token+mean_patch"``), or an attentional pooler
+    over all tokens plus a LayerNorm (``pool="attn_pool"``)."""
 
     def __init__(self, spec: PatchEncoderSpec):
         super().__init__()
@@ -134,19 +184,27 @@ class VisionTransformer(nn.Module):
                 f"{spec.name}: input_size {spec.input_size} is not a multiple of "
                 f"patch_size {spec.patch_size}"
             )
+        if spec.pool == "token+mean_patch" and spec.embed_dim != 2 * spec.width:
+            raise ModelInputError(f"{spec.name}: pool 'token+mean_patch' returns 2 x width "
+                                  f"= {2 * spec.width}, but embed_dim is {spec.embed_dim}")
         self.spec = spec
         width = spec.width
         self.patch_embed = PatchEmbed(spec.patch_size, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, spec.grid ** 2 + 1, width))
+        self.reg_token = (nn.Parameter(torch.zeros(1, spec.reg_tokens, width))
+                          if spec.reg_tokens else None)
+        self.pos_embed = nn.Parameter(torch.zeros(1, spec.pos_embed_rows, width))
         self.blocks = nn.Sequential(*[
-            Block(width, spec.num_heads, spec.mlp_ratio, spec.qkv_bias, spec.layer_scale_init)
+            Block(width, spec.num_heads, spec.mlp_ratio, spec.qkv_bias, spec.layer_scale_init,
+                  spec.mlp)
             for _ in range(spec.depth)
         ])
         self.norm = nn.LayerNorm(width, eps=1e-6)
         if spec.pool == "attn_pool":
             self.attn_pool = AttentionalPooler(spec.embed_dim, width, spec.pool_heads)
             self.pool_norm = nn.LayerNorm(spec.embed_dim)
+            self.head = nn.Identity()
+        elif spec.pool == "token+mean_patch":
             self.head = nn.Identity()
         else:
             # timm uses Identity when num_classes == 0; a Linear head projects (1024 -> 768).
@@ -162,6 +220,8 @@ class VisionTransformer(nn.Module):
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -187,13 +247,13 @@ class VisionTransformer(nn.Module):
             )
         if tiles.shape[0] == 0:
             raise ModelInputError(f"{self.spec.name}: empty tile batch")
+        if tiles.shape[1] != tiles.shape[2]:
+            raise ModelInputError(f"{self.spec.name}: tiles must be square, got "
+                                  f"{tiles.shape[1]} x {tiles.shape[2]}")
         x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        size = self.spec.input_size
-        if x.shape[-2] != size or x.shape[-1] != size:
-            # Antialiased bilinear, as PIL's resize in the reference transforms (square
-            # tiles: Resize(size) then CenterCrop(size) is this resize).
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=x.shape[-1] > size)
+        spec = self.spec
+        x = resize_square(x, spec.input_size, resize_size=spec.resize_size,
+                          mode=spec.resize_interpolation)
         # Normalise in float32, then match the weights (a half-precision model on a GPU).
         return ((x - self.mean) / self.std).to(self.patch_embed.proj.weight.dtype)
 
@@ -207,7 +267,8 @@ class VisionTransformer(nn.Module):
         n = self.spec.grid
         if rows == n and cols == n:
             return self.pos_embed
-        cls_pos, grid = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        prefix = 0 if self.spec.no_embed_class else self.spec.prefix_tokens
+        cls_pos, grid = self.pos_embed[:, :prefix], self.pos_embed[:, prefix:]
         dim = grid.shape[-1]
         grid = F.interpolate(
             grid.reshape(1, n, n, dim).permute(0, 3, 1, 2),
@@ -222,13 +283,24 @@ class VisionTransformer(nn.Module):
         rows = int(x.shape[-2]) // self.spec.patch_size
         cols = int(x.shape[-1]) // self.spec.patch_size
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.norm(self.blocks(x + self.pos_embed_for(rows, cols)))
+        b = x.shape[0]
+        prefix = [self.cls_token.expand(b, -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(b, -1, -1))
+        pos = self.pos_embed_for(rows, cols)
+        if self.spec.no_embed_class:  # timm: patches get positions, prefix tokens none
+            x = torch.cat([*prefix, x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos
+        return self.norm(self.blocks(x))
 
     def forward_normalized(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.forward_features(x)
         if self.spec.pool == "attn_pool":
             return self.pool_norm(self.attn_pool(tokens)[:, 0])
+        if self.spec.pool == "token+mean_patch":  # Virchow's embedding: registers left out
+            patches = tokens[:, self.spec.prefix_tokens:]
+            return torch.cat([tokens[:, 0], patches.mean(1)], dim=-1)
         return self.head(tokens[:, 0])
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
@@ -274,13 +346,81 @@ _register(PatchEncoderSpec(
     name="vit_large_patch16_448", embed_dim=1024, input_size=448, patch_size=16, width=1024,
     depth=24, num_heads=16, source="timm vit_large_patch16_448 shape",
 ))
-# Pathology encoders: same trunks, their own normalisation, MPP and layer scale.
-_register(PatchEncoderSpec(
-    name="uni", embed_dim=1024, input_size=224, patch_size=16, width=1024, depth=24,
-    num_heads=16, mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5, layer_scale_init=1e-5,
-    hf_repo="MahmoodLab/UNI", weight_files=("pytorch_model.bin",),
-    source="MahmoodLab/UNI (gated; timm ViT-L/16 224 with layer scale, num_classes=0)",
-))
+# The published pathology patch encoders, built as TRIDENT builds them
+# (mahmoodlab/TRIDENT trident/patch_encoder_models/load.py: timm.create_model arguments, the
+# eval transform, the forward), tiled as TRIDENT's README recommends (--patch_size, --mag 20).
+# Each has a "_micro" twin: the same options at unit-test size ("micro": its sizes), whose
+# parity fixtures (tests/data/reference/make_patch_encoders.py) come from timm / transformers.
+# "convert": the entry's key-name converter when the published file is not in timm's names.
+def _trunk(width: int, depth: int, heads: int, patch: int, **facts) -> dict:
+    """A published trunk's facts: 224 px input, feature = the class token unless told."""
+    return {"embed_dim": width, "input_size": 224, "patch_size": patch, "width": width,
+            "depth": depth, "num_heads": heads, "mpp": 0.5, **facts}
+
+
+_SWIGLU_G = {"mlp": "swiglu_packed", "mlp_ratio": 2.66667 * 2}  # timm's ViT-g/14 DINOv2 MLP
+_TIMM_BIN = ("pytorch_model.bin",)
+_PUBLISHED: dict[str, dict] = {
+    # timm vit_large_patch16_224, init_values=1e-5, num_classes=0; Resize + CenterCrop(224).
+    "uni": _trunk(
+        1024, 24, 16, 16, layer_scale_init=1e-5, tile_size=256, hf_repo="MahmoodLab/UNI",
+        weight_files=_TIMM_BIN, micro={"input_size": 64, "tile_size": 72},
+        source="MahmoodLab/UNI (gated): timm ViT-L/16 with layer scale, class token"),
+    # timm vit_giant_patch14_224 with depth 24, 24 heads, width 1536, mlp_ratio 2.66667 * 2,
+    # SwiGLUPacked + SiLU, 8 registers, no_embed_class; class token.
+    "uni2_h": _trunk(
+        1536, 24, 24, 14, **_SWIGLU_G, reg_tokens=8, no_embed_class=True,
+        layer_scale_init=1e-5, tile_size=256, hf_repo="MahmoodLab/UNI2-h",
+        weight_files=_TIMM_BIN, micro={"input_size": 56, "tile_size": 64},
+        source="MahmoodLab/UNI2-h (gated): timm ViT-H/14, SwiGLU, 8 registers"),
+    # timm vit_huge_patch14_224, mlp_ratio 5.3375, SwiGLUPacked + SiLU, 4 registers (with
+    # rows in the position table), global_pool=""; the forward returns
+    # cat(class token, mean of tokens[:, 5:]); Resize(224, bicubic).
+    "virchow2": _trunk(
+        1280, 32, 16, 14, embed_dim=2560, mlp="swiglu_packed", mlp_ratio=5.3375,
+        reg_tokens=4, layer_scale_init=1e-5, pool="token+mean_patch",
+        resize_interpolation="bicubic", tile_size=224, hf_repo="paige-ai/Virchow2",
+        weight_files=_TIMM_BIN, micro={"input_size": 56, "tile_size": 64, "embed_dim": 64},
+        source="paige-ai/Virchow2 (gated): timm ViT-H/14, SwiGLU, 4 registers, class + "
+               "mean patch token"),
+    # timm vit_giant_patch14_reg4_dinov2 at img_size 224, init_values=1e-5, global_pool
+    # "token"; its own mean/std; Resize(224).
+    "h_optimus_0": _trunk(
+        1536, 40, 24, 14, **_SWIGLU_G, reg_tokens=4, no_embed_class=True,
+        layer_scale_init=1e-5, mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517), tile_size=224, hf_repo="bioptimus/H-optimus-0",
+        weight_files=_TIMM_BIN, micro={"input_size": 56, "tile_size": 64},
+        source="bioptimus/H-optimus-0 (gated): timm ViT-g/14, SwiGLU, 4 registers"),
+    # Tile encoder: timm vit_giant_patch14_dinov2 (SwiGLUPacked, init_values 1e-5) with
+    # patch_size 16, mlp_ratio 5.33334, num_classes=0; Resize(256, bicubic) + CenterCrop(224).
+    "gigapath": _trunk(
+        1536, 40, 24, 16, mlp="swiglu_packed", mlp_ratio=5.33334, layer_scale_init=1e-5,
+        resize_interpolation="bicubic", resize_size=256, tile_size=256,
+        hf_repo="prov-gigapath/prov-gigapath", weight_files=_TIMM_BIN,
+        micro={"input_size": 64, "resize_size": 72, "tile_size": 80},
+        source="prov-gigapath/prov-gigapath (gated) tile encoder: timm ViT-g, 16 px "
+               "patches, SwiGLU"),
+    # transformers Dinov2Model (ViT-L/16, layer scale); last_hidden_state[:, 0];
+    # Resize + CenterCrop(224). Published names mapped by convert_hf_dinov2.
+    "phikon_v2": _trunk(
+        1024, 24, 16, 16, layer_scale_init=1.0, tile_size=224, hf_repo="owkin/phikon-v2",
+        weight_files=("model.safetensors",), micro={"input_size": 64, "tile_size": 72},
+        convert=convert_hf_dinov2,
+        source="owkin/phikon-v2: transformers Dinov2Model ViT-L/16 (HF names converted)"),
+}
+#: What every _micro twin changes: fewer, narrower blocks (its sizes are in "micro"), and
+#: no HF repository (it keeps the published file names, so a test snapshot is laid out alike).
+_MICRO = {"width": 32, "depth": 2, "num_heads": 2, "embed_dim": 32, "hf_repo": ""}
+for _name, _facts in _PUBLISHED.items():
+    _facts = dict(_facts)
+    _convert, _sizes = _facts.pop("convert", convert_timm_vit), _facts.pop("micro")
+    _register(PatchEncoderSpec(name=_name, **_facts), convert=_convert)
+    _register(PatchEncoderSpec(
+        name=f"{_name}_micro",
+        **{**_facts, **_MICRO, **_sizes, "source": f"{_name} at test size (no weights)"},
+        description=f"{_name}'s modules at unit-test size: parity fixtures",
+    ), convert=_convert)
+
 # CONCH v1.5 as published (MahmoodLab/conchv1_5, file pytorch_model_vision.bin; reference:
 # TRIDENT's model_zoo/conchv1_5/conchv1_5.py): ViT-L/16 trunk with layer scale, built at
 # 224 px (14 x 14 position table) and run at 448 px, an attentional pooler (one query, 768

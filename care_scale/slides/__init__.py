@@ -31,7 +31,15 @@ from care_scale.exceptions import (
     SlideNotFoundError,
     UnsupportedFormatError,
 )
-from care_scale.slides.base import BackendCannotRead, Slide, TiffInfo, inspect_tiff, is_tiff
+from care_scale.slides.base import (
+    BackendCannotRead,
+    Slide,
+    TiffInfo,
+    dicom_reason,
+    inspect_tiff,
+    is_dicom,
+    is_tiff,
+)
 from care_scale.slides.cache import SlideCache, stat_uri
 from care_scale.storage import is_remote, redact, strip_file_scheme
 
@@ -214,6 +222,9 @@ def _open_local(uri: str, path: str, *, backend: BackendName, mpp_override: floa
             continue
         return slide
     why = "; ".join(reasons)
+    if tiff_info is None and is_dicom(path):
+        # Its header parsed as DICOM: not damage, but an instance that is not a WSM one.
+        raise UnsupportedFormatError(redact(uri), dicom_reason(reasons))
     if decode_failed:
         # A backend understood the structure but its pixel data does not decode.
         raise CorruptSlideError(redact(uri), f"pixel data cannot be decoded ({why})")

@@ -39,6 +39,45 @@ def is_tiff(path: str | os.PathLike) -> bool:
         return fh.read(4) in TIFF_MAGICS
 
 
+def is_dicom(path: str | os.PathLike) -> bool:
+    """A DICOM Part 10 file: a 128-byte preamble, then ``DICM``."""
+    with open(path, "rb") as fh:
+        return fh.read(132)[128:] == b"DICM"
+
+
+#: The VL Whole Slide Microscopy attributes a reader needs, by the tag OpenSlide's libdicom
+#: names when one is missing (DICOM PS3.3 C.8.12).
+DICOM_WSM_TAGS = {
+    "00080008": "ImageType (which image of the slide this is: VOLUME, LABEL, OVERVIEW...)",
+    "00080016": "SOPClassUID",
+    "00280002": "SamplesPerPixel",
+    "00280008": "NumberOfFrames",
+    "00280010": "Rows",
+    "00280011": "Columns",
+    "00480006": "TotalPixelMatrixColumns",
+    "00480007": "TotalPixelMatrixRows",
+    "00209311": "DimensionOrganizationType",
+}
+
+
+def dicom_reason(reasons: list[str]) -> str:
+    """Why the backends could not read a DICOM file, in DICOM's own terms where the reader
+    said which attribute was missing."""
+    import re
+
+    text = "; ".join(reasons)
+    tags = [t.upper() for t in re.findall(r"data element '([0-9A-Fa-f]{8})'", text)]
+    if "image flavor" in text:  # OpenSlide's words for an instance without ImageType
+        tags.insert(0, "00080008")
+    missing = [f"({t[:4]},{t[4:]}) {DICOM_WSM_TAGS.get(t, 'an attribute')}"
+               for t in dict.fromkeys(tags)]
+    if missing:
+        return (f"a DICOM file without {', '.join(missing)}, which a VL Whole Slide "
+                "Microscopy instance must have; export the slide again from the scanner or "
+                f"PACS as a conformant WSM series ({text})")
+    return f"a DICOM file that is not a whole-slide image the backends can read ({text})"
+
+
 @dataclass
 class TiffInfo:
     """What the TIFF header says, read once with tifffile before any backend opens the file."""

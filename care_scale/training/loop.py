@@ -368,12 +368,15 @@ def preflight(stage: str, cfg: Stage1Config | Stage2Config) -> None:
 
 def fit(stage: str, cfg: Stage1Config | Stage2Config) -> TrainResult:
     """Train one stage with Ray Train; resumes when ``<storage>/<name>`` holds a checkpoint."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     _stage(stage)
     preflight(stage, cfg)
+    # Before any `import ray`: a local cluster sets its loopback-only switch first.
     ensure_ray(cfg.run.num_workers * cfg.run.cpus_per_worker)
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from care_scale.training.process_group import BoundStoreTorchConfig
+
     storage_path, fs = _storage(cfg)
     t0 = time.time()
     trainer = TorchTrainer(
@@ -382,7 +385,8 @@ def fit(stage: str, cfg: Stage1Config | Stage2Config) -> TrainResult:
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
             resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        # The process group's store listens on rank 0's address only, never on `*`.
+        torch_config=BoundStoreTorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last)),

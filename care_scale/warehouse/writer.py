@@ -83,6 +83,11 @@ def _keys_predicate(keys: set[tuple[str, str]]) -> str:
                        f"({', '.join(map(_sql_str, ids))}))" for mv, ids in by_version.items())
 
 
+def _vector(value: Any) -> list[float] | None:
+    """An embedding as a list for arrow; None (a model that does not expose it) -> null."""
+    return None if value is None else np.asarray(value, np.float32).ravel().tolist()
+
+
 def result_dims(result: SlideResult) -> dict[str, int]:
     """Embedding width of each table one slide's rows go to."""
     dim = len(np.asarray(result.slide["slide_embedding"]).ravel())
@@ -263,7 +268,7 @@ class Warehouse:
         for r in results:
             row = {f.name: r.slide.get(f.name) for f in schema}
             for k in ("slide_embedding", "roi_embedding"):
-                row[k] = np.asarray(row[k], np.float32).ravel().tolist()
+                row[k] = _vector(row[k])
             meta = r.slide.get("metadata") or {}
             row["metadata"] = [(str(k), None if v is None else str(v)) for k, v in meta.items()]
             if row["metadata_json"] is None:
@@ -281,7 +286,7 @@ class Warehouse:
                 row = {f.name: reg.get(f.name) for f in schema}
                 row.update(slide_id=r.slide_id, model_version=r.model_version,
                            run_id=r.slide.get("run_id"))
-                row["embedding"] = np.asarray(row["embedding"], np.float32).ravel().tolist()
+                row["embedding"] = _vector(row["embedding"])
                 rows.append(row)
         return pa.Table.from_pylist(rows, schema=schema)
 
@@ -301,7 +306,8 @@ class Warehouse:
                 "x": pa.array(np.asarray(p["x"], np.int64)),
                 "y": pa.array(np.asarray(p["y"], np.int64)),
                 "patch_size_level0": pa.array(np.asarray(p["patch_size_level0"], np.int64)),
-                "region_id": pa.array(np.asarray(p["region_id"], np.int64)),
+                "region_id": (pa.nulls(n, pa.int64()) if p["region_id"] is None
+                              else pa.array(np.asarray(p["region_id"], np.int64))),
                 "tissue_fraction": pa.array(np.asarray(p["tissue_fraction"], np.float32)),
                 "feature": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), dim),
             }
