@@ -13,6 +13,7 @@ never contain credentials: URIs are passed through :func:`care_scale.storage.red
     │   ├── UnsupportedFormatError
     │   ├── NotBrightfieldError      fluorescence, 16-bit, single channel, ...
     │   ├── MissingMPPError          no MPP and no objective power, no override
+    │   ├── UnsupportedResolutionError  coarser than TRIDENT's 5x bucket (tiling=trident)
     │   └── NoTissueError            tissue detection found nothing to tile
     ├── ModelInputError              invalid input to an encoder (empty, NaN/inf, bad shape)
     ├── CheckpointError              unreadable / unsafe / mismatching checkpoint
@@ -85,6 +86,10 @@ class NotBrightfieldError(SlideError):
 
 class MissingMPPError(SlideError):
     """The slide has neither MPP nor objective power, and no override was given."""
+
+
+class UnsupportedResolutionError(SlideError):
+    """TRIDENT's magnification rule has no bucket for the slide's MPP (coarser than 2.4)."""
 
 
 class NoTissueError(SlideError):

@@ -601,3 +601,23 @@ def test_precision_int8_is_its_own_model_version_close_to_fp32(ray_local, cohort
     assert b["model_version"] != a["model_version"] and "+int8" in b["model_version"]
     x, y = np.asarray(a["slide_embedding"]), np.asarray(b["slide_embedding"])
     assert float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) > 0.95
+
+
+def test_precision_auto_is_measured_recorded_and_kept_on_a_rerun(ray_local, cohort, tmp_path):
+    """`precision: auto` calibrates on the run's first slide; the runs table holds what it
+    measured and chose; a second run keeps the choice, so nothing is embedded twice."""
+    wh = tmp_path / "wh"
+    first = run_embedding(_config(cohort / "slide_0.tiff", wh, precision="auto"))
+    assert first.done == 1 and first.precision_note
+    runs = _table(wh, "runs").to_pylist()
+    rec = json.loads(runs[0]["config_json"])["precision_auto"]
+    assert rec["min_cosine_bound"] == 0.999
+    chosen = next(t for t in rec["trials"] if t["precision"] == rec["precision"])
+    assert chosen["min_cosine"] >= 0.999 and chosen["tiles_per_s"] > 0
+    assert {t["precision"] for t in rec["trials"]} >= {"fp32", "bf16", "int8"}
+    slide = _table(wh, "slides").to_pylist()[0]
+    assert ("+" + rec["precision"] in slide["patch_encoder_version"]) == (
+        rec["precision"] != "fp32")
+    second = run_embedding(_config(cohort / "slide_0.tiff", wh, precision="auto"))
+    assert (second.done, second.skipped) == (0, 1) and "kept from an earlier run" in \
+        second.precision_note

@@ -10,6 +10,7 @@ from care_scale.cli import main
 from care_scale.config import load_config
 from care_scale.embed import EmbedConfig
 from care_scale.embed.pipeline import TilingPresetWarning, resolve_models
+from care_scale.exceptions import ConfigError
 
 
 def _cfg(*sets: str) -> EmbedConfig:
@@ -18,12 +19,35 @@ def _cfg(*sets: str) -> EmbedConfig:
 
 def test_care_tiles_as_its_authors_do_unless_told_otherwise():
     cfg = resolve_models(_cfg("slide_encoder.name=care"))
-    assert (cfg.patch_encoder.name, cfg.patch_size, cfg.target_mpp) == ("conch_v1_5", 512, 0.5)
+    assert (cfg.patch_encoder.name, cfg.patch_size, cfg.target_mpp, cfg.tiling) == (
+        "conch_v1_5", 512, 0.5, "trident")
     tiny = resolve_models(_cfg("slide_encoder.name=care_tiny"))
     assert (tiny.patch_encoder.name, tiny.patch_size) == ("vit_demo_patch16_112", 224)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resolve_models(_cfg("slide_encoder.name=care", "patch_size=512"))  # same: silent
+
+
+def test_care_tiles_as_trident_does_and_the_mode_is_part_of_the_version():
+    from care_scale.embed.pipeline import job_model_version
+
+    care = resolve_models(_cfg("slide_encoder.name=care"))
+    assert (care.tiling, care.min_tissue_fraction) == ("trident", 0.0)  # TRIDENT's defaults
+    tiny = resolve_models(_cfg("slide_encoder.name=care_tiny"))
+    assert (tiny.tiling, tiny.min_tissue_fraction) == ("native", 0.5)
+    with pytest.warns(TilingPresetWarning, match=r"tiling=native .* preset tiling=trident"):
+        native = resolve_models(_cfg("slide_encoder.name=care", "tiling=native"))
+    assert (native.tiling, native.min_tissue_fraction) == ("native", 0.5)
+    # Another tiling mode, other embeddings: another model version.
+    assert job_model_version(care, "c", "p") != job_model_version(native, "c", "p")
+    # The native mode keeps the versions it had before modes existed (no re-embedding).
+    explicit = resolve_models(_cfg("slide_encoder.name=care_tiny", "tiling=native"))
+    assert job_model_version(explicit, "c", "p") == job_model_version(tiny, "c", "p")
+    kept = resolve_models(_cfg("slide_encoder.name=care", "min_tissue_fraction=0.25"))
+    assert (kept.tiling, kept.min_tissue_fraction) == ("trident", 0.25)
+    assert job_model_version(kept, "c", "p") != job_model_version(care, "c", "p")
+    with pytest.raises(ConfigError, match=r"tiling: 'clam' fits none of .*'native', 'trident'"):
+        _cfg("tiling=clam")
 
 
 def test_a_tiling_against_the_preset_is_kept_with_a_warning_naming_both():

@@ -27,7 +27,15 @@ def add_parser(subparsers: Any) -> None:
     add_mpp_override_arg(p)
     p.add_argument("--target-mpp", type=float, default=0.5, help="tiling MPP (default 0.5)")
     p.add_argument("--patch-size", type=int, default=224, help="tile size in px (default 224)")
-    p.add_argument("--min-tissue-fraction", type=float, default=0.5)
+    from typing import get_args
+
+    from care_scale.tiling import TilingMode
+
+    p.add_argument("--tiling", choices=list(get_args(TilingMode)), default="native",
+                   help="tiling mode: native (care-scale's grid) or trident (TRIDENT's grid, "
+                   "Otsu mask and keep rule); default native")
+    p.add_argument("--min-tissue-fraction", type=float, default=None,
+                   help="tissue share a tile needs (default: the mode's, native 0.5, trident 0)")
     readers = ["auto", "cucim", "openslide", "tifffile"]
     p.add_argument("--slide-backend", dest="slide_backend", default="auto", choices=readers,
                    help="slide reader (default auto: the first that opens the file)")
@@ -52,8 +60,9 @@ class _DeprecatedAlias(argparse.Action):
 
 def inspect_slide(uri: str, *, storage_options: dict | None = None,
                   mpp_override: float | None = None, target_mpp: float = 0.5,
-                  patch_size: int = 224, min_tissue_fraction: float = 0.5,
-                  backend: str = "auto", thumbnail: str | None = None) -> dict[str, Any]:
+                  patch_size: int = 224, min_tissue_fraction: float | None = None,
+                  backend: str = "auto", thumbnail: str | None = None,
+                  tiling: str = "native") -> dict[str, Any]:
     """The facts ``inspect`` prints, as a dict (also used by tests and the demo)."""
     from care_scale.exceptions import MissingMPPError
     from care_scale.slides import open_slide
@@ -71,10 +80,12 @@ def inspect_slide(uri: str, *, storage_options: dict | None = None,
             "mpp_x": slide.mpp_x, "mpp_y": slide.mpp_y,
             "objective_power": slide.objective_power, "vendor": slide.vendor,
             "backend": slide.backend, "target_mpp": target_mpp, "patch_size": patch_size,
+            "tiling": tiling,
         }
         try:
             grid = tile_grid(slide, target_mpp=target_mpp, patch_size=patch_size,
-                             min_tissue_fraction=min_tissue_fraction, mpp_override=mpp_override)
+                             min_tissue_fraction=min_tissue_fraction, mpp_override=mpp_override,
+                             mode=tiling)
         except MissingMPPError:
             if thumbnail:
                 _write_thumbnail(slide, detect_tissue(slide), thumbnail)
@@ -147,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 uri, storage_options=storage_options(args.storage_option),
                 mpp_override=args.mpp_override, target_mpp=args.target_mpp,
                 patch_size=args.patch_size, min_tissue_fraction=args.min_tissue_fraction,
-                backend=args.slide_backend, thumbnail=args.thumbnail,
+                backend=args.slide_backend, thumbnail=args.thumbnail, tiling=args.tiling,
             )
     if args.json:
         print(json.dumps(info))
@@ -159,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
           f"   objective {info['objective_power']}x   vendor {info['vendor']}")
     print(f"backend      {info['backend']}")
     print(f"tiles        {info['tile_count']} tissue tiles of {info['patch_size']} px at "
-          f"{info['target_mpp']} um/px (level {info['level_read']}, read {info['read_size']} px, "
-          f"mpp from {info['mpp_source']})")
+          f"{info['target_mpp']} um/px, {info['tiling']} tiling (level {info['level_read']}, "
+          f"read {info['read_size']} px, mpp from {info['mpp_source']})")
     if info.get("thumbnail"):
         print(f"thumbnail    {info['thumbnail']}")
     return 0

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from care_scale.exceptions import ConfigError
+from care_scale.tiling import TilingMode
 
 
 @dataclass
@@ -118,10 +119,15 @@ class EmbedConfig:
     warehouse: str = ""
     # SOURCE holds patch-feature files (.h5 / .parquet / CARE .npy) instead of slides.
     features: bool = False
-    # Tiling; None: the slide encoder's preset (its registry entry: CARE 512 px at 0.5 um/px).
+    # Tiling; None: the slide encoder's preset (its registry entry: CARE 512 px at 0.5 um/px,
+    # tiled as TRIDENT does). tiling: native (care-scale's grid) | trident (TRIDENT's grid,
+    # Otsu mask and keep rule; see care_scale/tiling.py).
     target_mpp: float | None = None
     patch_size: int | None = None
-    min_tissue_fraction: float = 0.5
+    tiling: TilingMode | None = None
+    # Share of a tile that must be tissue; None: the tiling mode's default (native 0.5,
+    # trident 0: a tile touching tissue is kept, TRIDENT's default).
+    min_tissue_fraction: float | None = None
     tissue: TissueConfig = field(default_factory=TissueConfig)
     annotations: AnnotationConfig = field(default_factory=AnnotationConfig)
     # Used when a slide has no MPP metadata (a manifest's per-slide mpp column wins).
@@ -134,7 +140,9 @@ class EmbedConfig:
     # Patch-encoder precision: fp32 everywhere; bf16 / fp16 autocast on torch (bf16 pays on
     # CPUs with AVX-512 BF16 or AMX, fp16 on CUDA); int8 the dynamically quantised ONNX graph
     # (VNNI CPUs). Not fp32 changes the embeddings, so it is part of the model version.
-    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
+    # auto: the fastest one this CPU has whose features stay within cosine 0.999 of fp32 on
+    # the run's first slide (care_scale.inference.precision); recorded in the runs table.
+    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "fp32"
     # Where exported ONNX files / TensorRT engines live (create_patch_backend's artifacts).
     artifacts: str | None = None
     decode_batch_size: int = 64
@@ -164,7 +172,7 @@ class EmbedConfig:
             raise ConfigError(f"target_mpp must be > 0, got {self.target_mpp}")
         if self.patch_size is not None and self.patch_size < 8:
             raise ConfigError(f"patch_size must be >= 8, got {self.patch_size}")
-        if not 0.0 <= self.min_tissue_fraction <= 1.0:
+        if self.min_tissue_fraction is not None and not 0.0 <= self.min_tissue_fraction <= 1.0:
             raise ConfigError(
                 f"min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}"
             )

@@ -102,7 +102,7 @@ def resolve_models(config: EmbedConfig) -> EmbedConfig:
     if not config.patch_encoder.name:
         config = dataclasses.replace(config, patch_encoder=dataclasses.replace(
             config.patch_encoder, name=spec.patch_encoder))
-    preset = {"patch_size": spec.tile_size, "target_mpp": spec.mpp}
+    preset = {"patch_size": spec.tile_size, "target_mpp": spec.mpp, "tiling": spec.tiling}
     fill = {}
     for key, value in preset.items():
         given = getattr(config, key)
@@ -113,6 +113,11 @@ def resolve_models(config: EmbedConfig) -> EmbedConfig:
                    "it was trained on); embeddings from other tilings are not the published "
                    "model's")
             warnings.warn(msg, TilingPresetWarning, stacklevel=2)
+    if config.min_tissue_fraction is None:
+        from care_scale.tiling import tiling_mode
+
+        fill["min_tissue_fraction"] = tiling_mode(
+            fill.get("tiling", config.tiling)).min_tissue_fraction
     return dataclasses.replace(config, **fill) if fill else config
 
 
@@ -213,21 +218,23 @@ def _actors_run_on_this_node(config: EmbedConfig) -> bool:
 def job_model_version(config: EmbedConfig, care_version: str, patch_version: str) -> str:
     """The key of "this slide is done": both encoders plus the tiling that feeds them.
 
-    Changing the CARE checkpoint, the patch encoder, the target MPP, patch size or tissue
-    threshold changes the embeddings, so it changes the version and re-embeds every slide.
+    Changing the CARE checkpoint, the patch encoder, the target MPP, patch size, tiling mode
+    or tissue threshold changes the embeddings, so it changes the version and re-embeds every
+    slide. The native mode is left out of the key: its versions stay those made before tiling
+    modes existed.
     """
-    tiling = json.dumps(
-        {
-            "target_mpp": config.target_mpp,
-            "patch_size": config.patch_size,
-            "min_tissue_fraction": config.min_tissue_fraction,
-            "tissue": to_dict(config.tissue),
-            "features": config.features,
-            # Only when used, so that versions made without annotations stay what they were.
-            **({"annotations": to_dict(config.annotations)} if config.annotations.used else {}),
-        },
-        sort_keys=True,
-    )
+    key = {
+        "target_mpp": config.target_mpp,
+        "patch_size": config.patch_size,
+        "min_tissue_fraction": config.min_tissue_fraction,
+        "tissue": to_dict(config.tissue),
+        "features": config.features,
+    }
+    if config.tiling not in (None, "native"):
+        key["tiling"] = config.tiling
+    if config.annotations.used:  # only when used: versions made without them stay the same
+        key["annotations"] = to_dict(config.annotations)
+    tiling = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(tiling.encode()).hexdigest()[:8]
     return f"{care_version}+{patch_version}+t{digest}"
 
@@ -380,7 +387,7 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                 grid = tile_grid(
                     slide, target_mpp=cfg.target_mpp, patch_size=cfg.patch_size,
                     min_tissue_fraction=cfg.min_tissue_fraction, tissue=cfg.tissue.params(),
-                    mpp_override=mpp_override,
+                    mpp_override=mpp_override, mode=cfg.tiling or "native",
                 )
                 annotated = _annotations(cfg, row, grid, opts)
                 if annotated is not None:
@@ -391,7 +398,8 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
 
                     raise NoTissueError(
                         redact(row["uri"]),
-                        f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction}"
+                        f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction} "
+                        f"({cfg.tiling} tiling)"
                         + (" inside its annotations" if annotated is not None else ""),
                     )
                 st.meta = _slide_meta(row, slide, grid, size, etag,
@@ -589,6 +597,12 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     # export); the actors load their own copies.
     care = create_slide_encoder(config)
     check_pairing(config, care, sources)
+    wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
+    from care_scale.embed.calibrate import resolve_precision
+
+    config, precision_choice = resolve_precision(
+        config, sources, cache=_slide_cache(config),
+        runs=wh.run_configs() if config.precision == "auto" else ())
     care_version = model_version(care)
     patch_encoder = None if config.features else _patch_encoder(config)
     patch_version = "precomputed" if config.features else model_version(patch_encoder)
@@ -598,7 +612,6 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     # The encoder actors report the backend they actually chose ("auto" resolves there).
     backend_kind = "features" if config.features else config.backend
 
-    wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
     wh.ensure_tables()
     done_ids = wh.completed_slide_ids(version)
     todo = [s for s in sources if s.slide_id not in done_ids]
@@ -607,12 +620,15 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                          skipped=len(sources) - len(todo),
                          untrained=[m.name for m in (care, patch_encoder)
                                     if m is not None and not m.trained],
-                         ignored=[(redact(u), why) for u, why in listing.ignored])
+                         ignored=[(redact(u), why) for u, why in listing.ignored],
+                         precision_note=precision_choice.reason if precision_choice else "")
     run_config = to_dict(config)
     run_config["storage_options"] = redact_options(config.storage_options)
     run_config.update(source=redact(config.source), warehouse=redact(config.warehouse))
     run_config.update(model_version=version, care_version=care_version,
                       patch_version=patch_version, backend_kind=backend_kind)
+    if precision_choice is not None:  # what `precision: auto` measured, and chose
+        run_config["precision_auto"] = precision_choice.as_record()
     wh.start_run(run_id, run_config)
     progress = Progress(len(sources), skipped=summary.skipped, mode=config.progress)
     ctx = RowContext(run_id=run_id, version=version, care_version=care_version,

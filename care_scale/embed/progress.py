@@ -31,6 +31,7 @@ class RunSummary:
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (slide_id, type, msg)
     untrained: list[str] = field(default_factory=list)  # models that ran on seeded weights
     ignored: list[tuple[str, str]] = field(default_factory=list)  # (uri, why): not inputs
+    precision_note: str = ""  # what `precision: auto` chose, and why
 
     @property
     def tiles_per_second(self) -> float:
@@ -45,6 +46,8 @@ class RunSummary:
             f"  model version {self.model_version}",
             f"  warehouse {self.warehouse}",
         ]
+        if self.precision_note:
+            lines.append(f"  precision auto -> {self.precision_note}")
         if self.untrained:
             lines.append(f"  UNTRAINED weights: {', '.join(self.untrained)} (seeded random "
                          "weights; these embeddings carry no biological meaning)")

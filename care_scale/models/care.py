@@ -645,8 +645,8 @@ register_slide_encoder(SlideEncoderSpec(
     name="care", patch_encoder="conch_v1_5",
     config=dataclasses.asdict(CareConfig()),
     # The authors run CARE through TRIDENT with --patch_size 512 --mag 20; CONCH v1.5
-    # resizes those tiles to 448.
-    tile_size=512, mpp=0.5, hf_repo="Zipper-1/CARE",
+    # resizes those tiles to 448. Tiled as TRIDENT does, so coordinates match theirs.
+    tile_size=512, mpp=0.5, tiling="trident", hf_repo="Zipper-1/CARE",
     source="Hugging Face Zipper-1/CARE (a transformers remote-code snapshot; pass a "
            "care-scale checkpoint=...)",
     description="CARE with the paper's defaults on 768-d CONCH v1.5 patch features",

@@ -27,6 +27,7 @@ from torch import nn
 
 from care_scale.exceptions import CareScaleWarning, CheckpointError, ConfigError
 from care_scale.storage import redact
+from care_scale.tiling import TilingMode
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +122,11 @@ class SlideEncoderSpec:
     name: str
     patch_encoder: str
     config: dict[str, Any] = field(default_factory=dict)
-    #: The tiling it was trained on: tile side in px at ``mpp`` um/px (the job's preset).
+    #: The tiling it was trained on: tile side in px at ``mpp`` um/px, cut by the ``tiling``
+    #: mode (care_scale.tiling.TILING_MODES); the job's preset.
     tile_size: int = 224
     mpp: float = 0.5
+    tiling: TilingMode = "native"
     #: Hugging Face repository of the published weights, if any.
     hf_repo: str = ""
     source: str = ""
@@ -388,7 +391,8 @@ def model_table() -> list[dict[str, Any]]:
         spec = _SLIDE_ENCODERS[name].spec
         rows.append({
             "name": name, "kind": "slide", "in": f"{spec.in_dim}-d ({spec.patch_encoder})",
-            "out": spec.embed_dim, "tiling": f"{spec.tile_size} px @ {spec.mpp} um/px",
+            "out": spec.embed_dim,
+            "tiling": f"{spec.tile_size} px @ {spec.mpp} um/px ({spec.tiling})",
             "hf_repo": spec.hf_repo,
             "weights": _weights_found(spec.hf_repo, ()),
         })

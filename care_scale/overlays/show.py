@@ -2,9 +2,10 @@
 
 The ``slides`` row gives the source URI, size and model version; the ``regions`` rows the
 outlines and weights; the ``patches`` rows (when kept) each patch's region; the run's config
-(``runs``) the tissue parameters the job used, so the contour drawn is the one that chose the
-patches. The thumbnail is read from the source slide through the slide layer: by default the
-longer side is 1,600 px; ``level=N`` reads pyramid level N whole.
+(``runs``) the tiling the job used, so the contour drawn is the one that chose the patches
+(same tiling mode, tissue parameters and MPP). The thumbnail is read from the source slide
+through the slide layer: by default its longer side is 1,600 px; ``level=N`` reads pyramid
+level N whole.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from care_scale.warehouse.versions import pick_model_version
 
 # A level read whole must stay a picture, not a slide: its longer side at most this.
 MAX_LEVEL_SIDE = 16384
-_SLIDE_COLUMNS = ["slide_id", "model_version", "source_uri", "width", "height",
-                  "patch_size_level0", "num_patches", "num_regions", "roi_region_id", "run_id"]
+_SLIDE_COLUMNS = ["slide_id", "model_version", "source_uri", "width", "height", "mpp",
+                  "mpp_source", "target_mpp", "patch_size", "patch_size_level0", "num_patches",
+                  "num_regions", "roi_region_id", "run_id"]
 _REGION_COLUMNS = ["slide_id", "model_version", "region_id", "num_patches", "coverage",
                    "semantic_weight", "fused_weight", "is_roi", "bbox_x0", "bbox_y0",
                    "bbox_x1", "bbox_y1", "geometry"]
@@ -71,21 +73,35 @@ def slide_rows(wh: Any, slide_id: str, model_version: str | None
     return slide, regions, patches
 
 
-def run_tissue_params(wh: Any, run_id: str | None) -> Any:
-    """The tissue parameters of the run that embedded the slide (defaults if not recorded)."""
-    from care_scale.embed.config import TissueConfig
-
+def run_config(wh: Any, run_id: str | None) -> dict[str, Any]:
+    """The job config of the run that embedded the slide ({} if not recorded)."""
     runs = wh.open("runs")
-    rows = []
-    if runs is not None and run_id:
-        import pyarrow.compute as pc
+    if runs is None or not run_id:
+        return {}
+    import pyarrow.compute as pc
 
-        rows = runs.to_pyarrow_dataset().to_table(
-            columns=["config_json"], filter=pc.field("run_id") == run_id).to_pylist()
-    cfg = json.loads(rows[0]["config_json"] or "{}") if rows else {}
+    rows = runs.to_pyarrow_dataset().to_table(
+        columns=["config_json"], filter=pc.field("run_id") == run_id).to_pylist()
+    return json.loads(rows[0]["config_json"] or "{}") if rows else {}
+
+
+def job_tissue_contours(slide: Any, slide_row: dict[str, Any], cfg: dict[str, Any]
+                        ) -> list[Any]:
+    """The tissue contours the run's tiling used on this slide (its mode, tissue parameters,
+    tiling and MPP), so the contour drawn is the one that chose the patches."""
+    from care_scale.embed.config import TissueConfig
+    from care_scale.tiling import tile_grid
+
     tissue = cfg.get("tissue") or {}
     known = set(TissueConfig.__dataclass_fields__)
-    return TissueConfig(**{k: v for k, v in tissue.items() if k in known}).params()
+    params = TissueConfig(**{k: v for k, v in tissue.items() if k in known}).params()
+    grid = tile_grid(slide, target_mpp=float(slide_row.get("target_mpp") or 0.5),
+                     patch_size=int(slide_row.get("patch_size") or 224),
+                     min_tissue_fraction=cfg.get("min_tissue_fraction"), tissue=params,
+                     mpp_override=(slide_row.get("mpp")
+                                   if slide_row.get("mpp_source") == "override" else None),
+                     mode=cfg.get("tiling") or "native")
+    return grid.tissue.contours if grid.tissue is not None else []
 
 
 def read_thumbnail(slide: Any, level: int | None, max_side: int) -> Any:
@@ -112,16 +128,15 @@ def show_slide(warehouse: str, slide_id: str, *, out: str = "overlays",
     from care_scale.overlays.render import MAX_SIDE
     from care_scale.overlays.shapes import shapes_from_rows
     from care_scale.slides import open_slide
-    from care_scale.tissue import detect_tissue
     from care_scale.warehouse import Warehouse
 
     wh = Warehouse(warehouse, storage_options=storage_options)
     slide_row, regions, patches = slide_rows(wh, slide_id, model_version)
-    params = run_tissue_params(wh, slide_row.get("run_id"))
+    cfg = run_config(wh, slide_row.get("run_id"))
     folder = files.slide_folder(out, slide_id)
     with open_slide(slide_row["source_uri"], storage_options=storage_options) as slide:
         thumb = read_thumbnail(slide, level, MAX_SIDE)
-        contours = detect_tissue(slide, params).contours
+        contours = job_tissue_contours(slide, slide_row, cfg)
     shapes = shapes_from_rows(slide_row, regions, patches=patches, tissue=contours)
     written = files.write_regions(folder, thumb, shapes, storage_options)
     written[files.TISSUE_GEOJSON] = files.put(

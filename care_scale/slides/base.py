@@ -374,8 +374,10 @@ class Slide:
 
     def read_regions(self, locations: Sequence[Sequence[int]] | np.ndarray,
                      size: tuple[int, int], *, level: int = 0,
-                     num_workers: int = 2) -> np.ndarray:
-        """uint8 (N, h, w, 3): many same-size regions (level-0 top-left ``locations``)."""
+                     num_workers: int = 2, fill: int = 255) -> np.ndarray:
+        """uint8 (N, h, w, 3): many same-size regions (level-0 top-left ``locations``); pixels
+        past the image are ``fill`` (255 white; 0 black, as OpenSlide's transparent reads as
+        RGB in TRIDENT)."""
         self._check_level(level)
         locs = np.asarray(locations, dtype=np.int64).reshape(-1, 2)
         w, h = int(size[0]), int(size[1])
@@ -387,7 +389,7 @@ class Slide:
             raise CorruptSlideError(
                 self.uri, f"cannot decode {len(locs)} regions at level {level} with "
                 f"{self.name}: {redact(exc)}") from None
-        return self._whiten_outside(out, locs, (w, h), level)
+        return self._whiten_outside(out, locs, (w, h), level, fill)
 
     def thumbnail(self, max_side: int = 1024) -> np.ndarray:
         """uint8 (H, W, 3) whose longer side is ``max_side`` (or the lowest level if smaller)."""
@@ -423,8 +425,8 @@ class Slide:
             raise ValueError(f"{self.uri}: level {level} out of range 0..{self.level_count - 1}")
 
     def _whiten_outside(self, out: np.ndarray, locs: np.ndarray, size: tuple[int, int],
-                        level: int) -> np.ndarray:
-        """Backends disagree outside the image (black, transparent); make it background."""
+                        level: int, fill: int = 255) -> np.ndarray:
+        """Backends disagree outside the image (black, transparent); make it ``fill``."""
         W, H = self.level_dimensions[level]
         ds = self.level_downsamples[level]
         w, h = size
@@ -434,13 +436,13 @@ class Slide:
         for i in np.nonzero(outside)[0]:
             xs, ys = x0[i], y0[i]
             if ys < 0:
-                out[i, : min(h, -ys)] = 255
+                out[i, : min(h, -ys)] = fill
             if ys + h > H:
-                out[i, max(0, H - ys):] = 255
+                out[i, max(0, H - ys):] = fill
             if xs < 0:
-                out[i, :, : min(w, -xs)] = 255
+                out[i, :, : min(w, -xs)] = fill
             if xs + w > W:
-                out[i, :, max(0, W - xs):] = 255
+                out[i, :, max(0, W - xs):] = fill
         return out
 
     # ---- lifetime --------------------------------------------------------------------------

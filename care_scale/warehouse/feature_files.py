@@ -65,7 +65,9 @@ def trident_magnification(mpp: float | None) -> int | None:
     40, 0.5 -> 20); None for no MPP or one outside its table (> 2.4 um/px)."""
     if mpp is None or not np.isfinite(mpp) or mpp <= 0:
         return None
-    for bound, mag in ((0.16, 80), (0.2, 60), (0.3, 40), (0.6, 20), (1.2, 10), (2.4, 5)):
+    from care_scale.trident import MAG_BUCKETS
+
+    for bound, mag in MAG_BUCKETS:
         if mpp < bound:
             return mag
     return None

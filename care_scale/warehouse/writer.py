@@ -219,6 +219,14 @@ class Warehouse:
         mv = t.column("model_version").to_pylist()
         return {s for s, m in zip(ids, mv) if m == model_version}
 
+    def run_configs(self) -> list[dict[str, Any]]:
+        """Every run's recorded config, oldest first ([] before the first run)."""
+        dt = self.open("runs")
+        if dt is None:
+            return []
+        t = dt.to_pyarrow_table(columns=["config_json", "started_at"]).sort_by("started_at")
+        return [json.loads(c) for c in t.column("config_json").to_pylist() if c]
+
     # -- commits --------------------------------------------------------------------------
     def _retry(self, name: str, op: Callable[[], Any]) -> Any:
         """Run ``op`` (which reloads the table itself) until it commits."""

@@ -1,0 +1,101 @@
+"""``precision: auto`` for one run: resolved once, in the driver, on tiles of the run's own
+first readable slide, so every encoder actor uses the same precision and every row of the
+run carries the same model version (care_scale.inference.precision does the measuring)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from care_scale.embed.config import EmbedConfig
+from care_scale.embed.sources import SlideSource
+from care_scale.exceptions import CareScaleError
+
+#: Tiles measured per precision (one encoder call), and slides tried for them.
+CALIBRATION_TILES = 32
+CALIBRATION_SLIDES = 3
+
+
+def calibration_tiles(config: EmbedConfig, sources: list[SlideSource], *,
+                      cache: Any = None) -> np.ndarray | None:
+    """Up to :data:`CALIBRATION_TILES` tissue tiles of the first readable slide, tiled as
+    the job tiles them; None when none of the first slides can be read."""
+    from care_scale.slides import open_slide
+    from care_scale.tiling import iter_tile_batches, tile_grid
+
+    for src in sources[:CALIBRATION_SLIDES]:
+        mpp = src.mpp or config.mpp_override
+        try:
+            with open_slide(src.uri, storage_options=config.storage_options or None,
+                            cache=cache, backend=config.slide_backend,
+                            mpp_override=mpp) as slide:
+                grid = tile_grid(slide, target_mpp=config.target_mpp,
+                                 patch_size=config.patch_size,
+                                 min_tissue_fraction=config.min_tissue_fraction,
+                                 tissue=config.tissue.params(), mpp_override=mpp)
+                if len(grid) == 0:
+                    continue
+                sub = dataclasses.replace(grid, coords=grid.coords[:CALIBRATION_TILES],
+                                          tissue_fraction=grid.tissue_fraction[
+                                              :CALIBRATION_TILES])
+                batch = next(iter_tile_batches(slide, sub, batch_size=CALIBRATION_TILES))
+                return batch.tiles
+        except (CareScaleError, OSError, ValueError, RuntimeError):
+            continue  # that slide fails on its own later, as a failures row
+    return None
+
+
+#: What must match for an earlier run's auto choice to be kept (the same features).
+_SAME_ENCODER = ("patch_encoder", "backend", "patch_size", "target_mpp", "artifacts")
+
+
+def earlier_choice(config: EmbedConfig, runs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest earlier run's ``precision_auto`` record for the same patch encoder and
+    tiling: a resumed cohort keeps its precision, so its rows keep one model version
+    (measuring again could tip a close call the other way and re-embed every slide)."""
+    mine = dataclasses.asdict(config)
+    for run in reversed(runs):
+        rec = run.get("precision_auto")
+        if rec and all(run.get(k) == mine[k] for k in _SAME_ENCODER):
+            return rec
+    return None
+
+
+def resolve_precision(config: EmbedConfig, sources: list[SlideSource], *,
+                      cache: Any = None, runs: list[dict[str, Any]] = ()
+                      ) -> tuple[EmbedConfig, Any]:
+    """``config`` with a concrete precision, and the PrecisionChoice (None unless auto).
+    ``runs``: the warehouse's earlier run configs (:func:`earlier_choice`)."""
+    from care_scale.inference.precision import PrecisionChoice, Trial, choose_precision
+
+    if config.precision != "auto":
+        return config, None
+    rec = earlier_choice(config, list(runs))
+    if rec is not None:
+        kept = PrecisionChoice(precision=rec["precision"],
+                               reason=f"{rec['precision']}, kept from an earlier run of this "
+                                      f"warehouse ({rec['reason']})",
+                               trials=[Trial(**t) for t in rec.get("trials", [])])
+        return dataclasses.replace(config, precision=kept.precision), kept
+
+    def fixed(reason: str) -> tuple[EmbedConfig, Any]:
+        return (dataclasses.replace(config, precision="fp32"),
+                PrecisionChoice(precision="fp32", reason=reason))
+
+    if config.features:
+        return fixed("fp32: feature files, no patch encoder runs")
+    if config.concurrency.num_gpus_per_actor > 0:
+        return fixed("fp32: the encoder actors run on GPUs, and auto calibrates CPU encoders "
+                     "only; set precision: fp16 (torch) or use a TensorRT engine there")
+    tiles = calibration_tiles(config, sources, cache=cache)
+    if tiles is None:
+        return fixed(f"fp32: none of the first {CALIBRATION_SLIDES} slides could be read to "
+                     "calibrate on")
+    from care_scale.embed.patch_stage import create_patch_backend
+
+    choice = choose_precision(
+        lambda p: create_patch_backend(dataclasses.replace(config, precision=p), device="cpu"),
+        tiles)
+    return dataclasses.replace(config, precision=choice.precision), choice

@@ -1,0 +1,122 @@
+"""``precision: auto``: the fastest patch-encoder precision whose features stay within a bound
+of fp32 on the job's own tiles, among those this CPU has the instructions for.
+
+Reduced precision changes the embeddings, so ``auto`` never trades accuracy silently: every
+candidate is run on the same calibration tiles as fp32 and kept only if each tile's feature
+has cosine similarity >= :data:`MIN_COSINE` to its fp32 feature; among those kept (fp32
+always is), the one with the most tiles/s wins. What was measured is returned, and the
+embedding job stores it with the run.
+
+Which candidates are tried follows the CPU's flags (``/proc/cpuinfo``): bf16 autocast only
+where the CPU computes bf16 natively (AVX-512 BF16 or AMX; elsewhere it is emulated and
+slower than fp32), int8 (dynamically quantised ONNX) only with VNNI dot-product instructions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: The bound: every calibration tile's feature within this cosine of its fp32 feature.
+MIN_COSINE = 0.999
+
+#: precision -> (CPU flags any one of which it needs, why it is skipped without them).
+CPU_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "bf16": (("avx512_bf16", "amx_bf16"),
+             "no AVX-512 BF16 / AMX: bf16 would be emulated, slower than fp32"),
+    "int8": (("avx512_vnni", "avx_vnni", "amx_int8"),
+             "no VNNI / AMX-INT8: int8 matmuls would not be faster than fp32"),
+}
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The first CPU's feature flags (empty where /proc/cpuinfo is not readable)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One precision measured on the calibration tiles (or skipped, with why)."""
+
+    precision: str
+    tiles_per_s: float | None = None
+    min_cosine: float | None = None
+    skipped: str | None = None
+
+    @property
+    def within_bound(self) -> bool:
+        return self.skipped is None and self.min_cosine is not None and \
+            self.min_cosine >= MIN_COSINE
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: str
+    reason: str
+    trials: list[Trial] = field(default_factory=list)
+    min_cosine_bound: float = MIN_COSINE
+
+    def as_record(self) -> dict[str, Any]:
+        """What the runs table keeps (JSON)."""
+        return asdict(self)
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return float((a * b).sum(1).min())
+
+
+def _rate(backend: Callable[[np.ndarray], np.ndarray], tiles: np.ndarray,
+          repeats: int) -> tuple[np.ndarray, float]:
+    """Features of ``tiles`` and the best tiles/s of ``repeats`` timed calls (after one
+    warm-up call, which also gives the features)."""
+    feats = np.asarray(backend(tiles))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend(tiles)
+        best = min(best, time.perf_counter() - t0)
+    return feats, len(tiles) / best
+
+
+def choose_precision(make_backend: Callable[[str], Callable[[np.ndarray], np.ndarray]],
+                     tiles: np.ndarray, *, flags: frozenset[str] | None = None,
+                     repeats: int = 2) -> PrecisionChoice:
+    """Measure fp32 and each candidate this CPU can run on ``tiles`` (uint8 (B, H, W, 3));
+    ``make_backend(precision)`` builds the patch backend for one precision."""
+    flags = cpu_flags() if flags is None else flags
+    ref, ref_rate = _rate(make_backend("fp32"), tiles, repeats)
+    trials = [Trial("fp32", tiles_per_s=ref_rate, min_cosine=1.0)]
+    for precision, (needs, why) in CPU_NEEDS.items():
+        if not flags & set(needs):
+            trials.append(Trial(precision, skipped=why))
+            continue
+        feats, rate = _rate(make_backend(precision), tiles, repeats)
+        trials.append(Trial(precision, tiles_per_s=rate, min_cosine=_min_cosine(ref, feats)))
+    best = max((t for t in trials if t.within_bound), key=lambda t: t.tiles_per_s or 0.0)
+    if best.precision == "fp32":
+        faster = [t for t in trials if t.skipped is None and t.precision != "fp32"]
+        reason = ("fp32: " + ("; ".join(
+            f"{t.precision} min cosine {t.min_cosine:.5f}, {t.tiles_per_s / ref_rate:.2f}x"
+            for t in faster) or "no reduced precision this CPU computes natively"))
+    else:
+        reason = (f"{best.precision}: min cosine {best.min_cosine:.5f} >= {MIN_COSINE} over "
+                  f"{len(tiles)} tiles, {best.tiles_per_s / ref_rate:.2f}x fp32 tiles/s")
+    return PrecisionChoice(precision=best.precision, reason=reason, trials=trials)
+
+
+__all__ = ["CPU_NEEDS", "MIN_COSINE", "PrecisionChoice", "Trial", "choose_precision",
+           "cpu_flags"]
