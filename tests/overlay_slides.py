@@ -29,13 +29,14 @@ def _models():
 
 
 def embed_one(uri: str, warehouse: str, slide_id: str, *, patch_size: int = 224,
-              keep_patches: bool = True) -> dict:
+              keep_patches: bool = True, mode: str = "native") -> dict:
     """Embed ``uri`` into ``warehouse``; returns the slide's meta (as the job's stream row)."""
     import torch
 
     patch, care = _models()
     with open_slide(uri) as slide:
-        grid = tile_grid(slide, target_mpp=0.5, patch_size=patch_size, min_tissue_fraction=0.5)
+        grid = tile_grid(slide, target_mpp=0.5, patch_size=patch_size, mode=mode,
+                         min_tissue_fraction=0.5 if mode == "native" else None)
         meta = json.loads(_slide_meta({"uri": uri}, slide, grid, None, None))
         feats, coords, tissue = [], [], []
         with torch.inference_mode():

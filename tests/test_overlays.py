@@ -39,6 +39,8 @@ def embedded(tmp_path_factory):
     wh = str(root / "wh")
     embed_one(str(syn.path), wh, "syn")
     embed_one(str(DATA / "CMU-1-Small-Region.svs"), wh, "cmu1")
+    # TRIDENT's grid (its own origin and step from the objective power, not 224 from 0).
+    embed_one(str(DATA / "CMU-1-Small-Region.svs"), wh, "cmu1_trident", mode="trident")
     return {"wh": wh, "syn": syn, "root": root}
 
 
@@ -120,11 +122,11 @@ def test_regions_geojson_is_quPath_format_and_valid(embedded):
 
 
 def test_region_outlines_are_exactly_their_patch_squares(embedded):
-    for sid in ("syn", "cmu1"):
+    for sid in ("syn", "cmu1", "cmu1_trident"):
         shapes, patches = _shapes(embedded["wh"], sid, from_patches=False)
         xy = np.stack([patches["x"], patches["y"]], 1)
         step = shapes.step
-        assert step == 224
+        assert step == int(np.diff(np.unique(xy[:, 0])).min())
         union = shapely.union_all([r.geometry for r in shapes.regions])
         squares = shapely.union_all(_squares(xy, step))
         assert union.covers(squares) and squares.covers(union)

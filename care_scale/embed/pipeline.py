@@ -437,8 +437,10 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
 
 def _overlay_tissue(cfg: EmbedConfig, slide_id: str, slide: Any, grid: Any) -> None:
     """``--overlays``: the thumbnail tissue detection has just read (cached by the slide, so
-    no extra read) and the tissue contours, into the slide's overlay folder. A store that
-    cannot take them costs the slide its pictures, not its embedding."""
+    no extra read in the native tiling mode; the trident mode segments another image, so
+    there it is one extra thumbnail read) and the tiling's tissue contours, into the slide's
+    overlay folder. A store that cannot take them costs the slide its pictures, not its
+    embedding."""
     from care_scale.overlays.files import overlay_folder, write_tissue
 
     try:
