@@ -327,3 +327,9 @@ def test_job_overlays_on_s3_match_the_tables(ray_local, tmp_path, s3_options, s3
         tissue = json.loads(fs.cat(f"{folder}/tissue.geojson"))
         assert tissue["features"] and all(
             shapely.geometry.shape(f["geometry"]).is_valid for f in tissue["features"])
+        # `care-scale show` from the tables and the source slide says the same, byte for byte.
+        from care_scale.overlays.show import show_slide
+
+        shown = show_slide(wh, sid, out=str(tmp_path / "shown"), storage_options=s3_options)
+        for name in ("regions.geojson", "tissue.geojson"):
+            assert Path(shown.files[name]).read_bytes() == fs.cat(f"{folder}/{name}"), name
