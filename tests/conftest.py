@@ -48,6 +48,11 @@ def _cuda_available() -> bool:
         return False
 
 
+def pytest_addoption(parser):
+    parser.addoption("--network", action="store_true", default=False,
+                     help="also run the tests marked `network` (they ask the package index)")
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: the slow marks below must be there
 def pytest_collection_modifyitems(config, items):
     # Every test that starts the local Ray cluster takes tens of seconds (a Ray Data or Ray
@@ -55,6 +60,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_local" in item.fixturenames and "slow" not in item.keywords:
             item.add_marker(pytest.mark.slow)
+    if not config.getoption("--network"):
+        skip_net = pytest.mark.skip(reason="asks the package index; run with --network")
+        for item in items:
+            if "network" in item.keywords:
+                item.add_marker(skip_net)
     if _cuda_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")

@@ -591,6 +591,7 @@ def _pip_dry_run(*args: str) -> subprocess.CompletedProcess:
         capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
 
 
+@pytest.mark.network
 def test_pins_resolve_with_pip(tmp_path):
     """pip finds a distribution for every pin, for each image's interpreter and platform."""
     # CPU image: Python 3.11, like this machine.

@@ -22,8 +22,9 @@ def calibration_tiles(config: EmbedConfig, sources: list[SlideSource], *,
                       cache: Any = None) -> np.ndarray | None:
     """Up to :data:`CALIBRATION_TILES` tissue tiles of the first readable slide, tiled as
     the job tiles them; None when none of the first slides can be read."""
+    from care_scale.embed.pipeline import job_tile_grid
     from care_scale.slides import open_slide
-    from care_scale.tiling import iter_tile_batches, tile_grid
+    from care_scale.tiling import iter_tile_batches
 
     for src in sources[:CALIBRATION_SLIDES]:
         mpp = src.mpp or config.mpp_override
@@ -31,10 +32,7 @@ def calibration_tiles(config: EmbedConfig, sources: list[SlideSource], *,
             with open_slide(src.uri, storage_options=config.storage_options or None,
                             cache=cache, backend=config.slide_backend,
                             mpp_override=mpp) as slide:
-                grid = tile_grid(slide, target_mpp=config.target_mpp,
-                                 patch_size=config.patch_size,
-                                 min_tissue_fraction=config.min_tissue_fraction,
-                                 tissue=config.tissue.params(), mpp_override=mpp)
+                grid = job_tile_grid(config, slide, mpp)
                 if len(grid) == 0:
                     continue
                 sub = dataclasses.replace(grid, coords=grid.coords[:CALIBRATION_TILES],

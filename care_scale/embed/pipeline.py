@@ -345,6 +345,15 @@ class _SlideInFlight:
                           meta=self.meta, backend=self.backend)
 
 
+def job_tile_grid(cfg: EmbedConfig, slide: Any, mpp_override: float | None) -> Any:
+    """The job's tile grid of one open slide, as its (resolved) config says."""
+    from care_scale.tiling import tile_grid
+
+    return tile_grid(slide, target_mpp=cfg.target_mpp, patch_size=cfg.patch_size,
+                     min_tissue_fraction=cfg.min_tissue_fraction, tissue=cfg.tissue.params(),
+                     mpp_override=mpp_override, mode=cfg.tiling or "native")
+
+
 def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Iterator[dict]:
     """Ray Data UDF over a block of slide rows: decode each slide's tiles, have the encoder
     actors embed them, stage the features; yield one row per slide (:data:`ROW_COLUMNS`), a
@@ -357,7 +366,7 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
     from care_scale.embed.patch_stage import Router
     from care_scale.embed.shards import ShardBuffer
     from care_scale.slides import open_slide, stat_uri
-    from care_scale.tiling import iter_tile_batches, tile_grid
+    from care_scale.tiling import iter_tile_batches
 
     cfg: EmbedConfig = params["config"]
     opts = cfg.storage_options or None
@@ -384,11 +393,7 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
             with open_slide(row["uri"], storage_options=opts, cache=cache,
                             backend=cfg.slide_backend, mpp_override=mpp_override) as slide:
                 stage = STAGE_TILE
-                grid = tile_grid(
-                    slide, target_mpp=cfg.target_mpp, patch_size=cfg.patch_size,
-                    min_tissue_fraction=cfg.min_tissue_fraction, tissue=cfg.tissue.params(),
-                    mpp_override=mpp_override, mode=cfg.tiling or "native",
-                )
+                grid = job_tile_grid(cfg, slide, mpp_override)
                 annotated = _annotations(cfg, row, grid, opts)
                 if annotated is not None:
                     grid, ann_meta = annotated

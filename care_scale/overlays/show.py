@@ -87,20 +87,20 @@ def run_config(wh: Any, run_id: str | None) -> dict[str, Any]:
 
 def job_tissue_contours(slide: Any, slide_row: dict[str, Any], cfg: dict[str, Any]
                         ) -> list[Any]:
-    """The tissue contours the run's tiling used on this slide (its mode, tissue parameters,
-    tiling and MPP), so the contour drawn is the one that chose the patches."""
-    from care_scale.embed.config import TissueConfig
-    from care_scale.tiling import tile_grid
+    """The tissue contours the run's tiling used on this slide (the job's own
+    ``job_tile_grid`` with the run's tiling mode and tissue settings, the row's tiling and
+    MPP), so the contour drawn is the one that chose the patches."""
+    from care_scale.config import load_config
+    from care_scale.embed.config import EmbedConfig
+    from care_scale.embed.pipeline import job_tile_grid
 
-    tissue = cfg.get("tissue") or {}
-    known = set(TissueConfig.__dataclass_fields__)
-    params = TissueConfig(**{k: v for k, v in tissue.items() if k in known}).params()
-    grid = tile_grid(slide, target_mpp=float(slide_row.get("target_mpp") or 0.5),
-                     patch_size=int(slide_row.get("patch_size") or 224),
-                     min_tissue_fraction=cfg.get("min_tissue_fraction"), tissue=params,
-                     mpp_override=(slide_row.get("mpp")
-                                   if slide_row.get("mpp_source") == "override" else None),
-                     mode=cfg.get("tiling") or "native")
+    keys = ("min_tissue_fraction", "tissue", "tiling")
+    tiling = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+    tiling.update(target_mpp=float(slide_row.get("target_mpp") or 0.5),
+                  patch_size=int(slide_row.get("patch_size") or 224))
+    job = load_config(EmbedConfig, None, tiling)
+    override = slide_row.get("mpp") if slide_row.get("mpp_source") == "override" else None
+    grid = job_tile_grid(job, slide, override)
     return grid.tissue.contours if grid.tissue is not None else []
 
 
