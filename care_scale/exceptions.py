@@ -25,7 +25,8 @@ never contain credentials: URIs are passed through :func:`care_scale.storage.red
     │   ├── ParityError              exported model disagrees with PyTorch
     │   └── TensorRTUnavailableError no CUDA device / TensorRT installed
     ├── TrainingDataError            molecular tables, sample ids, gene lists
-    └── LabelsError                  labels CSV / split files of a probe (carries ``path``)
+    ├── LabelsError                  labels CSV / split files of a probe (carries ``path``)
+    └── AnnotationError              a slide's annotation GeoJSON (carries ``path``)
 """
 
 from __future__ import annotations
@@ -145,5 +146,16 @@ class LabelsError(CareScaleError, ValueError):
 
     def __init__(self, path: str, reason: str):
         self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class AnnotationError(CareScaleError, ValueError):
+    """A slide's annotation file (QuPath / GeoJSON) cannot be used. ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        from care_scale.storage import redact
+
+        self.path = redact(str(path))
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")

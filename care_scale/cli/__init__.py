@@ -13,7 +13,8 @@ import os
 import sys
 
 # name of the sub-command -> module in care_scale.cli that defines ``add_parser(subparsers)``.
-COMMANDS = ("inspect", "embed", "tables", "sql", "probe", "similar", "train", "export", "models")
+COMMANDS = ("inspect", "embed", "tables", "sql", "probe", "similar", "show", "report", "train",
+            "export", "models")
 
 
 def package_version() -> str:

@@ -38,6 +38,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="job YAML file (local or fsspec URI)")
     p.add_argument("--keep-patches", action="store_true", default=None,
                    help="also write patch features to the patches table")
+    p.add_argument("--annotations", metavar="DIR", default=None,
+                   help="folder of QuPath/GeoJSON files, SLIDE_ID.geojson: tile only the "
+                   "annotated areas (annotations.exclude_classes: areas to leave out)")
+    p.add_argument("--overlays", action="store_true", default=None,
+                   help="also write pictures and QuPath GeoJSON of each slide's regions to "
+                   "WAREHOUSE/overlays/SLIDE_ID/")
     p.add_argument("--features", action="store_true", default=None,
                    help="SOURCE holds patch-feature files (.h5, .parquet, CARE .npy)")
     p.add_argument("--backend", choices=_choices("backend"),
@@ -80,6 +86,10 @@ def config_from_args(args: argparse.Namespace):
         flags["warehouse"] = args.warehouse
     if args.keep_patches:
         flags["keep_patches"] = True
+    if args.overlays:
+        flags["overlays"] = True
+    if args.annotations:
+        flags["annotations"] = {"dir": args.annotations}
     if args.features:
         flags["features"] = True
     if args.backend:

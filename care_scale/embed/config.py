@@ -47,6 +47,20 @@ class TissueConfig:
 
 
 @dataclass
+class AnnotationConfig:
+    """Annotations that restrict tiling (``care_scale.annotations``): one QuPath / GeoJSON
+    file per slide, from the manifest's ``annotations`` column or ``dir/<slide_id>.geojson``;
+    features of ``exclude_classes`` (e.g. ``[Pen]``) mark areas to leave out."""
+
+    dir: str | None = None
+    exclude_classes: list[str] = field(default_factory=list)
+
+    @property
+    def used(self) -> bool:
+        return bool(self.dir or self.exclude_classes)
+
+
+@dataclass
 class ModelRef:
     """A registry name plus an optional checkpoint directory (local path or fsspec URI)."""
 
@@ -115,6 +129,7 @@ class EmbedConfig:
     # trident 0: a tile touching tissue is kept, TRIDENT's default).
     min_tissue_fraction: float | None = None
     tissue: TissueConfig = field(default_factory=TissueConfig)
+    annotations: AnnotationConfig = field(default_factory=AnnotationConfig)
     # Used when a slide has no MPP metadata (a manifest's per-slide mpp column wins).
     mpp_override: float | None = None
     # An empty name means "the patch encoder the slide encoder's registry entry pairs with".
@@ -134,6 +149,9 @@ class EmbedConfig:
     encode_batch_size: int = 64
     concurrency: Concurrency = field(default_factory=Concurrency)
     keep_patches: bool = False
+    # Pictures and QuPath GeoJSON of every embedded slide in <warehouse>/overlays/<slide_id>/
+    # (care_scale.overlays.files), made by the workers that have the slide and the regions.
+    overlays: bool = False
     storage_options: dict[str, Any] = field(default_factory=dict)
     # Local staging cache for remote slides (bounded; per node).
     cache_dir: str | None = None

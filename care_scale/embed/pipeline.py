@@ -248,6 +248,8 @@ def job_model_version(config: EmbedConfig, care_version: str, patch_version: str
     }
     if config.tiling not in (None, "native"):
         key["tiling"] = config.tiling
+    if config.annotations.used:  # only when used: versions made without them stay the same
+        key["annotations"] = to_dict(config.annotations)
     tiling = json.dumps(key, sort_keys=True)
     digest = hashlib.sha256(tiling.encode()).hexdigest()[:8]
     return f"{care_version}+{patch_version}+t{digest}"
@@ -273,10 +275,26 @@ def _slide_row(slide_id: str, *, n_tiles: int = 0, shards: list[str] = (), meta:
     return out
 
 
+def _annotations(cfg: EmbedConfig, row: dict[str, Any], grid: Any, opts: Any
+                 ) -> tuple[Any, dict[str, str]] | None:
+    """The grid restricted to the slide's annotation file and what the slides row records,
+    or None when the slide has no annotation file."""
+    from care_scale.annotations import annotation_uri, read_annotations
+
+    uri = annotation_uri(row["slide_id"], row.get("annotations"), cfg.annotations.dir, opts)
+    if uri is None:
+        return None
+    ann = read_annotations(uri, exclude_classes=cfg.annotations.exclude_classes,
+                           storage_options=opts)
+    kept = ann.restrict(grid)
+    return kept, ann.record(len(grid), len(kept), cfg.annotations.exclude_classes)
+
+
 def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
-                etag: str | None) -> str:
+                etag: str | None, *, annotations: dict[str, str] | None = None) -> str:
     return json.dumps(
         {
+            "annotations": annotations or {},
             "uri": row["uri"],
             "source_size": size,
             "source_etag": etag,
@@ -392,6 +410,9 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                             backend=cfg.slide_backend, mpp_override=mpp_override) as slide:
                 stage = STAGE_TILE
                 grid = job_tile_grid(cfg, slide, mpp_override)
+                annotated = _annotations(cfg, row, grid, opts)
+                if annotated is not None:
+                    grid, ann_meta = annotated
                 st.n_tiles = len(grid)
                 if st.n_tiles == 0:
                     from care_scale.exceptions import NoTissueError
@@ -399,9 +420,13 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                     raise NoTissueError(
                         redact(row["uri"]),
                         f"no tile reaches min_tissue_fraction={cfg.min_tissue_fraction} "
-                        f"({cfg.tiling} tiling)",
+                        f"({cfg.tiling} tiling)"
+                        + (" inside its annotations" if annotated is not None else ""),
                     )
-                st.meta = _slide_meta(row, slide, grid, size, etag)
+                st.meta = _slide_meta(row, slide, grid, size, etag,
+                                      annotations=ann_meta if annotated is not None else None)
+                if cfg.overlays:
+                    _overlay_tissue(cfg, row["slide_id"], slide, grid)
                 stage = STAGE_DECODE
                 start, parts = 0, []
                 batches = iter_tile_batches(slide, grid, batch_size=cfg.decode_batch_size,
@@ -429,6 +454,22 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
             st.error = st.error or (stage, type(exc).__name__, redact(exc)[:2000])
         yield from take([])
     yield from take(router.drain())
+
+
+def _overlay_tissue(cfg: EmbedConfig, slide_id: str, slide: Any, grid: Any) -> None:
+    """``--overlays``: the thumbnail tissue detection has just read (cached by the slide, so
+    no extra read in the native tiling mode; the trident mode segments another image, so
+    there it is one extra thumbnail read) and the tiling's tissue contours, into the slide's
+    overlay folder. A store that cannot take them costs the slide its pictures, not its
+    embedding."""
+    from care_scale.overlays.files import overlay_folder, write_tissue
+
+    try:
+        write_tissue(overlay_folder(cfg.warehouse, slide_id), slide_id,
+                     slide.thumbnail(cfg.tissue.thumbnail_max_side), grid.tissue.contours,
+                     cfg.storage_options or None)
+    except (CareScaleError, OSError, ValueError) as exc:
+        log.warning("%s: overlay thumbnail not written: %s", slide_id, redact(exc))
 
 
 def _flag_last(items: Iterator[Any]) -> Iterator[tuple[bool, Any]]:

@@ -116,8 +116,10 @@ def slide_row(ctx: RowContext, src: SlideSource, meta: dict[str, Any], encoding:
         "slide_backend": meta.get("slide_backend"),
         "run_id": ctx.run_id,
         "cohort": src.cohort,
-        "metadata": dict(src.metadata),
-        "metadata_json": json.dumps(src.metadata, sort_keys=True),
+        # The manifest's columns, and what an annotation file did (care_scale.annotations).
+        "metadata": {**src.metadata, **(meta.get("annotations") or {})},
+        "metadata_json": json.dumps({**src.metadata, **(meta.get("annotations") or {})},
+                                    sort_keys=True),
         "embedded_at": time.time(),
     }
 

@@ -33,6 +33,7 @@ reads the user's feature file itself, so Ray Data is not involved at all.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ from care_scale.embed.shards import read_shards, remove_uris
 from care_scale.exceptions import CareScaleError
 from care_scale.storage import redact
 
+log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # The actor
 # --------------------------------------------------------------------------------------------
@@ -94,6 +96,10 @@ class SlideEncoderActor:
         self.care = create_slide_encoder(config)
         self.opts = config.storage_options or None
         self.wh = Warehouse(config.warehouse, storage_options=self.opts)
+        if config.overlays:
+            # Imported while the first slide is still being decoded, not on its critical path.
+            import PIL.ImageDraw  # noqa: F401
+            import shapely  # noqa: F401
 
     def encode_shards(self, src_row: dict[str, Any], meta: dict[str, Any], shards: list[str],
                       backend: str) -> Outcome:
@@ -144,7 +150,20 @@ class SlideEncoderActor:
             files = self.wh.write_files([result])
         except (CareScaleError, OSError) as exc:
             return Outcome(sid, error=(stage, type(exc).__name__, redact(exc)[:2000]))
+        if self.config.overlays and backend != "features":  # a feature file has no thumbnail
+            self._overlays(result)
         return Outcome(sid, files=files, dims=result_dims(result), tiles=len(coords))
+
+    def _overlays(self, result: Any) -> None:
+        """``--overlays``: the regions' GeoJSON and pictures beside the decode task's
+        thumbnail; a failure costs the slide its pictures, not its embedding."""
+        from care_scale.overlays.files import finish_from_folder, overlay_folder
+
+        try:
+            finish_from_folder(overlay_folder(self.config.warehouse, result.slide_id),
+                               result.slide, result.regions, self.opts)
+        except (CareScaleError, OSError, ValueError) as exc:
+            log.warning("%s: overlays not written: %s", result.slide_id, redact(exc))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 - a manifest (``.csv`` / ``.parquet`` file) with columns ``uri`` (required; relative paths are
   resolved against the manifest's folder), ``slide_id`` (optional: derived from the file name
   when absent or empty), ``mpp`` (optional; empty means "use the file's metadata"),
-  ``cohort`` (optional); every other column is carried as string metadata into the slides table.
+  ``cohort`` (optional), ``annotations`` (optional: a QuPath/GeoJSON file restricting tiling,
+  ``care_scale.annotations``); every other column is carried as string metadata into the slides table.
 
 Slide ids are the file stem (``TCGA-XX.svs`` -> ``TCGA-XX``). When two listed files share a stem
 (``a/x.svs``, ``b/x.svs``), both get their path relative to the listing root with ``/`` replaced
@@ -49,6 +50,7 @@ class SlideSource:
     mpp: float | None = None
     cohort: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    annotations: str | None = None  # the manifest's annotation file (care_scale.annotations)
 
     def to_row(self) -> dict[str, Any]:
         return {
@@ -57,6 +59,7 @@ class SlideSource:
             "mpp": self.mpp,
             "cohort": self.cohort,
             "metadata": dict(self.metadata),
+            "annotations": self.annotations,
         }
 
     @classmethod
@@ -68,6 +71,7 @@ class SlideSource:
             mpp=None if mpp is None or math.isnan(float(mpp)) else float(mpp),
             cohort=row.get("cohort") or None,
             metadata=dict(row.get("metadata") or {}),
+            annotations=row.get("annotations") or None,
         )
 
 
@@ -312,18 +316,14 @@ def read_manifest(
     # files from any working directory (and from every Ray worker).
     base = (os.path.dirname(os.path.abspath(strip_file_scheme(uri))) if not is_remote(uri)
             else uri.rsplit("/", 1)[0])
-    reserved = {"slide_id", "uri", "mpp", "cohort"}
+    reserved = {"slide_id", "uri", "mpp", "cohort", "annotations"}
     uris, given_ids, out = [], [], []
     for n, row in enumerate(rows, start=2 if uri.lower().endswith(".csv") else 1):
         slide_uri = (row.get("uri") or "").strip() if isinstance(row.get("uri"), str) else row.get("uri")
         if not slide_uri:
             raise ConfigError(f"manifest {redact(uri)} row {n}: empty uri")
         check_no_userinfo(slide_uri, f"manifest {redact(uri)} row {n}: uri")
-        if not is_remote(slide_uri) and not posixpath.isabs(strip_file_scheme(slide_uri)):
-            slide_uri = posixpath.normpath(posixpath.join(base, slide_uri)) if not is_remote(
-                uri
-            ) else f"{base}/{slide_uri}"
-        uris.append(slide_uri)
+        uris.append(_resolve(slide_uri, base, uri))
         sid = row.get("slide_id")
         given_ids.append(str(sid).strip() if sid not in (None, "") else None)
         out.append((row, n))
@@ -341,6 +341,7 @@ def read_manifest(
                 uri=slide_uri,
                 mpp=_parse_mpp(row.get("mpp"), uri, n),
                 cohort=(str(row["cohort"]) if row.get("cohort") not in (None, "") else None),
+                annotations=_resolve(row.get("annotations"), base, uri),
                 metadata={
                     str(k): "" if v is None else str(v)
                     for k, v in row.items()
@@ -349,6 +350,17 @@ def read_manifest(
             )
         )
     return sorted(sources, key=lambda s: s.slide_id)
+
+
+def _resolve(value: Any, base: str, manifest: str) -> str | None:
+    """A manifest cell naming a file: relative paths are relative to the manifest's folder."""
+    if value in (None, "") or (isinstance(value, float) and math.isnan(value)):
+        return None
+    value = str(value).strip()
+    if is_remote(value) or posixpath.isabs(strip_file_scheme(value)):
+        return value
+    return (f"{base}/{value}" if is_remote(manifest)
+            else posixpath.normpath(posixpath.join(base, value)))
 
 
 def _parse_mpp(value: Any, uri: str, row: int) -> float | None:
