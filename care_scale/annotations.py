@@ -81,7 +81,7 @@ def _features(doc: Any, uri: str) -> list[dict[str, Any]]:
             return [doc]
         if doc.get("type") in ("Polygon", "MultiPolygon"):
             return [{"type": "Feature", "geometry": doc, "properties": {}}]
-    raise AnnotationError(uri, "not GeoJSON: expected a FeatureCollection, a list of "
+    raise AnnotationError(redact(uri), "not GeoJSON: expected a FeatureCollection, a list of "
                                "Features, a Feature or a Polygon")
 
 
@@ -96,9 +96,9 @@ def read_annotations(uri: str, *, exclude_classes: list[str] | tuple[str, ...] =
         with fs.open(path, "rb") as fh:
             doc = json.loads(fh.read())
     except FileNotFoundError:
-        raise AnnotationError(uri, "no such file") from None
+        raise AnnotationError(redact(uri), "no such file") from None
     except (OSError, ValueError) as exc:
-        raise AnnotationError(uri, f"cannot be read as JSON: {redact(exc)}") from None
+        raise AnnotationError(redact(uri), f"cannot be read as JSON: {redact(exc)}") from None
     include, exclude = [], []
     for i, f in enumerate(_features(doc, uri)):
         g = f.get("geometry")
@@ -107,11 +107,11 @@ def read_annotations(uri: str, *, exclude_classes: list[str] | tuple[str, ...] =
         try:
             geom = shapely.make_valid(shape(g))
         except (ValueError, TypeError, AttributeError) as exc:
-            raise AnnotationError(uri, f"feature {i}: bad geometry: {exc}") from None
+            raise AnnotationError(redact(uri), f"feature {i}: bad geometry: {exc}") from None
         name = _class_name(f.get("properties") or {})
         (exclude if name is not None and name in exclude_classes else include).append(geom)
     if not include and not exclude:
-        raise AnnotationError(uri, "has no Polygon or MultiPolygon features")
+        raise AnnotationError(redact(uri), "has no Polygon or MultiPolygon features")
     return Annotations(uri=uri, include=shapely.union_all(include) if include else None,
                        exclude=shapely.union_all(exclude) if exclude else None,
                        n_include=len(include), n_exclude=len(exclude))

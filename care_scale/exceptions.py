@@ -151,11 +151,10 @@ class LabelsError(CareScaleError, ValueError):
 
 
 class AnnotationError(CareScaleError, ValueError):
-    """A slide's annotation file (QuPath / GeoJSON) cannot be used. ``path`` names it."""
+    """A slide's annotation file (QuPath / GeoJSON) cannot be used. ``path`` names it (the
+    caller passes it redacted, as for slide errors: this module imports nothing of ours)."""
 
     def __init__(self, path: str, reason: str):
-        from care_scale.storage import redact
-
-        self.path = redact(str(path))
+        self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")

@@ -123,3 +123,15 @@ def test_cli_rejects_unknown_command(capsys):
     with pytest.raises(SystemExit):
         main(["no-such-command"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_tissue_settings_are_the_tissue_detectors_own_and_checked_at_parse_time():
+    """One definition (care_scale.tissue.TissueParams): an even median kernel is a config
+    error before any work, not a failures row for every slide."""
+    from care_scale.embed import EmbedConfig
+    from care_scale.tissue import TissueParams
+
+    assert isinstance(EmbedConfig().tissue, TissueParams)
+    assert load_config(EmbedConfig, None, ["tissue.median_kernel=7"]).tissue.median_kernel == 7
+    with pytest.raises(ConfigError, match="median_kernel must be odd"):
+        load_config(EmbedConfig, None, ["tissue.median_kernel=4"])

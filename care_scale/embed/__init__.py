@@ -7,12 +7,12 @@ See :mod:`care_scale.embed.pipeline` for the design. Importing this package load
 starts no Ray; ``run_embedding`` does.
 """
 
-from care_scale.embed.config import Concurrency, EmbedConfig, ModelRef, TissueConfig
+from care_scale.embed.config import Concurrency, EmbedConfig, ModelRef
 from care_scale.embed.pipeline import run_embedding
 from care_scale.embed.progress import RunSummary
 from care_scale.embed.sources import SlideSource, list_sources
 
 __all__ = [
-    "Concurrency", "EmbedConfig", "ModelRef", "RunSummary", "SlideSource", "TissueConfig",
+    "Concurrency", "EmbedConfig", "ModelRef", "RunSummary", "SlideSource",
     "list_sources", "run_embedding",
 ]

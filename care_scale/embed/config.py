@@ -17,33 +17,12 @@ Example (``configs/embed_example.yaml``)::
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from care_scale.choices import TilingMode
 from care_scale.exceptions import ConfigError
-
-
-@dataclass
-class TissueConfig:
-    """Tissue detection on the thumbnail (fields passed to care_scale.tissue.TissueParams)."""
-
-    thumbnail_max_side: int = 1024
-    saturation_threshold: float | None = None  # 0..255; None: Otsu on the thumbnail
-    min_saturation: float = 15.0  # floor of the Otsu threshold
-    median_kernel: int = 5
-    close_radius: int = 2
-    fill_holes: bool = True
-    min_area_fraction: float = 0.0005
-
-    def params(self) -> Any:
-        """A ``TissueParams`` with the fields it knows (the slide layer owns that class)."""
-        from care_scale.tissue import TissueParams
-
-        known = {f.name for f in dataclasses.fields(TissueParams)}
-        mine = {k: v for k, v in dataclasses.asdict(self).items() if k in known}
-        return TissueParams(**mine)
+from care_scale.tissue import TissueParams
 
 
 @dataclass
@@ -128,7 +107,7 @@ class EmbedConfig:
     # Share of a tile that must be tissue; None: the tiling mode's default (native 0.5,
     # trident 0: a tile touching tissue is kept, TRIDENT's default).
     min_tissue_fraction: float | None = None
-    tissue: TissueConfig = field(default_factory=TissueConfig)
+    tissue: TissueParams = field(default_factory=TissueParams)
     annotations: AnnotationConfig = field(default_factory=AnnotationConfig)
     # Used when a slide has no MPP metadata (a manifest's per-slide mpp column wins).
     mpp_override: float | None = None

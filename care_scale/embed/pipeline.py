@@ -366,7 +366,7 @@ def job_tile_grid(cfg: EmbedConfig, slide: Any, mpp_override: float | None) -> A
     from care_scale.tiling import tile_grid
 
     return tile_grid(slide, target_mpp=cfg.target_mpp, patch_size=cfg.patch_size,
-                     min_tissue_fraction=cfg.min_tissue_fraction, tissue=cfg.tissue.params(),
+                     min_tissue_fraction=cfg.min_tissue_fraction, tissue=cfg.tissue,
                      mpp_override=mpp_override, mode=cfg.tiling or "native")
 
 

@@ -90,17 +90,18 @@ def job_tissue_contours(slide: Any, slide_row: dict[str, Any], cfg: dict[str, An
     """The tissue contours the run's tiling used on this slide (the job's own
     ``job_tile_grid`` with the run's tiling mode and tissue settings, the row's tiling and
     MPP), so the contour drawn is the one that chose the patches."""
-    from care_scale.config import load_config
-    from care_scale.embed.config import EmbedConfig
-    from care_scale.embed.pipeline import job_tile_grid
+    from care_scale.config import from_dict
+    from care_scale.tiling import tile_grid
+    from care_scale.tissue import TissueParams
 
-    keys = ("min_tissue_fraction", "tissue", "tiling")
-    tiling = {k: cfg[k] for k in keys if cfg.get(k) is not None}
-    tiling.update(target_mpp=float(slide_row.get("target_mpp") or 0.5),
-                  patch_size=int(slide_row.get("patch_size") or 224))
-    job = load_config(EmbedConfig, None, tiling)
     override = slide_row.get("mpp") if slide_row.get("mpp_source") == "override" else None
-    grid = job_tile_grid(job, slide, override)
+    # The same call as the job's (embed.pipeline.job_tile_grid), from the run's recorded
+    # config (overlays sit below embed: the job calls them, they never import the job).
+    grid = tile_grid(slide, target_mpp=float(slide_row.get("target_mpp") or 0.5),
+                     patch_size=int(slide_row.get("patch_size") or 224),
+                     min_tissue_fraction=cfg.get("min_tissue_fraction"),
+                     tissue=from_dict(TissueParams, cfg.get("tissue") or {}, where="tissue"),
+                     mpp_override=override, mode=cfg.get("tiling") or "native")
     return grid.tissue.contours if grid.tissue is not None else []
 
 
