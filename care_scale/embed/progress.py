@@ -8,18 +8,10 @@ otherwise (job logs under ``ray job submit`` are not terminals)::
 
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass, field
-from typing import Literal, TextIO
+from typing import TextIO
 
-
-def rate_text(per_second: float) -> str:
-    """``1,204`` / ``9.3`` / ``0.07``: whole numbers where they say enough, else 2 digits
-    (a big encoder on a CPU makes well under one tile per second)."""
-    if per_second >= 10:
-        return f"{per_second:,.0f}"
-    return f"{per_second:.2g}" if per_second > 0 else "0"
+from care_scale.console import Mode, StatusLine, hms, rate_text
 
 
 @dataclass
@@ -71,12 +63,7 @@ class RunSummary:
         return "\n".join(lines)
 
 
-def _hms(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-class Progress:
+class Progress(StatusLine):
     """Counts slides and tiles as the driver sees them; draws the status line."""
 
     def __init__(
@@ -84,27 +71,16 @@ class Progress:
         total: int,
         *,
         skipped: int = 0,
-        mode: Literal["auto", "line", "log", "none"] = "auto",
+        mode: Mode = "auto",
         stream: TextIO | None = None,
         log_every: float = 10.0,
     ):
-        self.stream = stream or sys.stderr
-        if mode == "auto":
-            mode = "line" if self.stream.isatty() else "log"
-        self.mode = mode
+        super().__init__(mode=mode, stream=stream, log_every=log_every)
         self.total = total
         self.skipped = skipped
         self.done = 0
         self.failed = 0
         self.tiles = 0
-        self.start = time.monotonic()
-        self.log_every = log_every
-        self._last_draw = 0.0
-        self._width = 0
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
 
     def add_tiles(self, n: int) -> None:
         self.tiles += n
@@ -124,33 +100,10 @@ class Progress:
         elapsed = self.elapsed
         rate = self.tiles / elapsed if elapsed > 0 else 0.0
         if finished and todo > finished:
-            eta = _hms(elapsed / finished * (todo - finished))
+            eta = hms(elapsed / finished * (todo - finished))
         else:
-            eta = "-:--:--" if todo > finished else _hms(0)
+            eta = "-:--:--" if todo > finished else hms(0)
         return (
             f"slides {finished}/{todo} (skipped {self.skipped}, failed {self.failed}) | "
             f"tiles {self.tiles:,} @ {rate_text(rate)}/s | ETA {eta}"
         )
-
-    def draw(self, *, force: bool = False) -> None:
-        if self.mode == "none":
-            return
-        now = time.monotonic()
-        every = 0.2 if self.mode == "line" else self.log_every
-        if not force and now - self._last_draw < every:
-            return
-        self._last_draw = now
-        text = self.line()
-        if self.mode == "line":
-            pad = max(0, self._width - len(text))
-            self.stream.write("\r" + text + " " * pad)
-            self._width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        self.draw(force=True)
-        if self.mode == "line":
-            self.stream.write("\n")
-            self.stream.flush()

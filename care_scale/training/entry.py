@@ -8,7 +8,10 @@ import logging
 
 def main_stage(stage: str, *, config: str | None = None, overrides: list[str] | None = None,
                demo: bool = False, workdir: str | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Our own INFO lines (resumes, pruned checkpoints) but not every library's: the run's
+    # progress is the status line (care_scale.training.progress).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("care_scale").setLevel(logging.INFO)
     if demo:
         from care_scale.training.demo import print_demo
 

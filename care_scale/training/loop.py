@@ -391,8 +391,11 @@ def fit(stage: str, cfg: Stage1Config | Stage2Config) -> TrainResult:
             name=cfg.run.name, storage_path=storage_path, storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_last)),
     )
+    from care_scale.training.progress import watch
+
     try:
-        result = trainer.fit()
+        with watch(stage, run_dir(cfg), cfg.optim.steps, cfg.run.storage_options or None):
+            result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise CareScaleError(f"training run {redact(run_dir(cfg))} failed: {exc}") from None
     prune_checkpoints(run_dir(cfg), cfg.run.storage_options or None)
