@@ -135,3 +135,12 @@ def test_tissue_settings_are_the_tissue_detectors_own_and_checked_at_parse_time(
     assert load_config(EmbedConfig, None, ["tissue.median_kernel=7"]).tissue.median_kernel == 7
     with pytest.raises(ConfigError, match="median_kernel must be odd"):
         load_config(EmbedConfig, None, ["tissue.median_kernel=4"])
+
+
+def test_embed_config_validation():
+    from care_scale.embed import EmbedConfig
+
+    with pytest.raises(ConfigError, match="target_mpp"):
+        load_config(EmbedConfig, None, ["target_mpp=0"])
+    with pytest.raises(ConfigError, match="needs source and warehouse"):
+        EmbedConfig().require_io()

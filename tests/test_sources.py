@@ -8,7 +8,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from care_scale.embed.config import EmbedConfig
 from care_scale.embed.sources import list_sources, read_manifest, stem
 from care_scale.exceptions import ConfigError
 
@@ -121,59 +120,6 @@ def test_s3_prefix_and_glob(s3_options, s3_bucket, tmp_path):
     ]
     got = list_sources(f"s3://{s3_bucket}/c/*.svs", storage_options=s3_options)
     assert [s.slide_id for s in got] == ["a"]
-
-
-def test_config_validation():
-    with pytest.raises(ConfigError, match="target_mpp"):
-        from care_scale.config import load_config
-
-        load_config(EmbedConfig, None, ["target_mpp=0"])
-    with pytest.raises(ConfigError, match="needs source and warehouse"):
-        EmbedConfig().require_io()
-
-
-def test_region_outline_wkt_is_exact():
-    """Region outlines: union of patch squares, holes kept, touching corners split."""
-    import numpy as np
-
-    from care_scale.embed.geometry import _area, cells_to_polygons, region_wkt
-
-    assert region_wkt(np.array([[512, 256]]), 256) == (
-        "MULTIPOLYGON (((512 256, 768 256, 768 512, 512 512, 512 256)))")
-    ring = np.array([(x, y) for x in range(3) for y in range(3) if (x, y) != (1, 1)]) * 10
-    assert region_wkt(ring, 10) == ("MULTIPOLYGON (((0 0, 30 0, 30 30, 0 30, 0 0), "
-                                    "(10 10, 10 20, 20 20, 20 10, 10 10)))")
-    assert region_wkt(np.array([[0, 0], [10, 10]]), 10).count("((") == 2
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        m = rng.random((8, 8)) < rng.random()
-        cells = {(int(x), int(y)) for y, x in zip(*np.nonzero(m))}
-        if not cells:
-            continue
-        polys = cells_to_polygons(cells)
-        area = sum(_area(p[0]) + sum(_area(h) for h in p[1:]) for p in polys)
-        assert area == len(cells)
-        assert all(len(set(r)) == len(r) for p in polys for r in p)
-
-
-def test_progress_line_and_summary():
-    import io
-
-    from care_scale.embed.progress import Progress, RunSummary
-
-    out = io.StringIO()
-    p = Progress(5, skipped=1, mode="log", stream=out, log_every=0)
-    p.add_tiles(100)
-    p.slide_done()
-    p.slide_failed()
-    p.close()
-    assert "slides 2/4 (skipped 1, failed 1) | tiles 100" in out.getvalue().splitlines()[-1]
-    s = RunSummary(run_id="r", warehouse="w", model_version="v", backend="torch", total=5,
-                   skipped=1, done=3, failed=1, tiles=90, seconds=3.0,
-                   failures=[("x", "CorruptSlideError", "x.svs: damaged")])
-    text = s.format()
-    assert "3 slide(s) embedded, 1 already done, 1 failed, of 5 listed" in text
-    assert "30 tiles/s" in text and "FAILED x: CorruptSlideError: x.svs: damaged" in text
 
 
 def test_dicom_series_folder_is_one_slide(tmp_path):
