@@ -58,18 +58,26 @@ def _onnxruntime_importable() -> bool:
     return True
 
 
+def _built(model: Any, checkpoint: str | None) -> bool:
+    """``model`` is a module already (then no checkpoint may be given for it)."""
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        return False
+    if checkpoint is not None:
+        raise ConfigError("pass either a built model or checkpoint=..., not both")
+    return True
+
+
 def build_patch_encoder(model: Any, checkpoint: str | None,
                         storage_options: dict[str, Any] | None):
     """The torch patch encoder for ``model`` (registry name, None = default, or built)."""
-    from torch import nn
+    if _built(model, checkpoint):
+        return model
+    from care_scale.models import create_patch_encoder
 
     if model is None:
         model = DEFAULT_PATCH_ENCODER
-    if isinstance(model, nn.Module):
-        if checkpoint is not None:
-            raise ConfigError("pass either a built model or checkpoint=..., not both")
-        return model
-    from care_scale.models import create_patch_encoder
 
     return create_patch_encoder(model, checkpoint, storage_options=storage_options)
 
@@ -77,11 +85,7 @@ def build_patch_encoder(model: Any, checkpoint: str | None,
 def build_slide_encoder(model: Any, checkpoint: str | None,
                         storage_options: dict[str, Any] | None):
     """The torch CARE for ``model`` (registry name, None = "care", or built)."""
-    from torch import nn
-
-    if isinstance(model, nn.Module):
-        if checkpoint is not None:
-            raise ConfigError("pass either a built model or checkpoint=..., not both")
+    if _built(model, checkpoint):
         return model
     from care_scale.models import create_slide_encoder
 

@@ -246,6 +246,13 @@ def _is_transformers_config(cfg: dict[str, Any]) -> bool:
                                                            "model_type"))
 
 
+def _check_kind(checkpoint: str, ckpt_cfg: dict[str, Any] | None, kind: str) -> None:
+    """A care-scale checkpoint names what it holds; another kind than asked is an error."""
+    if ckpt_cfg is not None and ckpt_cfg.get("kind", kind) != kind:
+        raise CheckpointError(f"{redact(checkpoint)}: holds a {ckpt_cfg.get('kind')} "
+                              f"({ckpt_cfg.get('name')}), not a {kind.replace('_', ' ')}")
+
+
 def _seeded_build(build: Callable[[], nn.Module]) -> nn.Module:
     # fork_rng keeps the caller's global RNG stream untouched by our fixed seed.
     with torch.random.fork_rng(devices=[]):
@@ -272,11 +279,7 @@ def create_patch_encoder(
     if checkpoint is not None:  # weights first: a missing file fails before a big build
         state, ckpt_cfg = resolve_weights(checkpoint, storage_options=storage_options,
                                           weight_files=entry.spec.weight_files)
-        if ckpt_cfg is not None and ckpt_cfg.get("kind", "patch_encoder") != "patch_encoder":
-            raise CheckpointError(
-                f"{redact(checkpoint)}: holds a {ckpt_cfg.get('kind')} "
-                f"({ckpt_cfg.get('name')}), not a patch encoder"
-            )
+        _check_kind(checkpoint, ckpt_cfg, "patch_encoder")
         if ckpt_cfg is not None:
             check_published_config(ckpt_cfg, entry.spec, checkpoint)
     model = _seeded_build(lambda: entry.build(entry.spec))
@@ -354,11 +357,7 @@ def create_slide_encoder(
                 "its own; this version loads care-scale CARE checkpoints and converted "
                 "state dicts only, not remote code (see the README's Models section)")
         if ckpt_cfg is not None:
-            if ckpt_cfg.get("kind", "slide_encoder") != "slide_encoder":
-                raise CheckpointError(
-                    f"{redact(checkpoint)}: holds a {ckpt_cfg.get('kind')} "
-                    f"({ckpt_cfg.get('name')}), not a slide encoder"
-                )
+            _check_kind(checkpoint, ckpt_cfg, "slide_encoder")
             arch = ckpt_cfg.get("config", ckpt_cfg)
             if not isinstance(arch, dict):
                 raise CheckpointError(f"{redact(checkpoint)}: config.json 'config' is not a mapping")
