@@ -1,4 +1,5 @@
-"""CARE: Cross-modal Adaptive Region Encoder (arXiv 2602.21637), as DESIGN.md section 3 reads.
+"""CARE: Cross-modal Adaptive Region Encoder (arXiv 2602.21637: "A Molecular-Guided
+Foundation Model with Adaptive Region Modeling for Whole Slide Image Analysis", CVPR 2026).
 
 Pipeline for one batch of slides (patch features + integer grid positions):
 

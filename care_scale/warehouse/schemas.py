@@ -2,7 +2,7 @@
 
 Embedding widths depend on the model, so the three embedding tables are built per width
 (``slides_schema(dim)``...); the first write fixes the width of a table. Embeddings are
-fixed-size float32 lists (patch features may be float16). Manifest metadata is carried two ways:
+fixed-size float32 lists. Manifest metadata is carried two ways:
 ``metadata`` map<string,string> (queryable: ``metadata['site']`` in DuckDB/Spark; all values as
 strings, so heterogeneous manifests never break the schema) plus ``metadata_json`` (lossless),
 and the common ``cohort`` column is promoted to a real column.
@@ -28,8 +28,8 @@ KEYS = {
 TS = pa.timestamp("us", tz="UTC")
 
 
-def embedding(dim: int, dtype: pa.DataType | None = None) -> pa.DataType:
-    return pa.list_(pa.field("element", dtype or pa.float32()), int(dim))
+def embedding(dim: int) -> pa.DataType:
+    return pa.list_(pa.field("element", pa.float32()), int(dim))
 
 
 def slides_schema(dim: int) -> pa.Schema:
@@ -59,11 +59,11 @@ def regions_schema(dim: int) -> pa.Schema:
     ])
 
 
-def patches_schema(dim: int, dtype: pa.DataType | None = None) -> pa.Schema:
+def patches_schema(dim: int) -> pa.Schema:
     return pa.schema([
         ("slide_id", pa.string()), ("model_version", pa.string()), ("x", pa.int64()),
         ("y", pa.int64()), ("patch_size_level0", pa.int64()), ("region_id", pa.int64()),
-        ("tissue_fraction", pa.float32()), ("feature", embedding(dim, dtype)),
+        ("tissue_fraction", pa.float32()), ("feature", embedding(dim)),
     ])
 
 
