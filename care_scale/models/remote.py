@@ -112,9 +112,10 @@ def _local_folder(folder: str, storage_options: dict[str, Any] | None) -> Path:
     if not is_remote(folder):
         return Path(folder.removeprefix("file://"))
     fs, path = url_to_fs(folder, storage_options)
+    from care_scale.artifacts import default_cache_dir
+
     key = hashlib.sha256(folder.encode()).hexdigest()[:16]
-    dest = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
-        "care-scale" / "remote-code" / key
+    dest = default_cache_dir() / "remote-code" / key
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     try:
         fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
