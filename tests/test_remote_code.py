@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save
+from test_published_weights import fake_snapshot
 
 from care_scale.exceptions import CheckpointError, ConfigError
 from care_scale.models import create_slide_encoder
 from care_scale.models.remote import OUTPUT_NAMES, map_outputs
-from tests.test_published_weights import fake_snapshot
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is "
                                    "not installed: pip install 'care-scale[hf]'")

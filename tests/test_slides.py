@@ -409,7 +409,7 @@ def test_multiplex_qptiff_is_not_brightfield(tmp_path):
 
 @pytest.mark.skipif(not backend_available("openslide"), reason="needs OpenSlide (DICOM)")
 def test_dicom_without_image_type_names_the_missing_attribute(tmp_path):
-    from tests.factories import write_dicom_wsm
+    from factories import write_dicom_wsm
 
     (tmp_path / "ok").mkdir()
     (tmp_path / "bad").mkdir()  # OpenSlide reads a folder's .dcm files as one series
