@@ -27,6 +27,9 @@ TensorRTPrecision = Literal["fp16", "fp32", "int8"]
 TilingMode = Literal["native", "trident"]
 #: The pretraining stages (care-scale train STAGE).
 Stage = Literal["stage1", "stage2"]
+#: Patch-encoder numeric precisions (the embedding job's ``precision`` adds "auto";
+#: care-scale bench --precisions). Which backend offers which: care_scale.inference.KINDS.
+Precision = Literal["fp32", "bf16", "fp16", "int8"]
 
 
 def values(choice: Any) -> tuple[str, ...]:
@@ -34,5 +37,5 @@ def values(choice: Any) -> tuple[str, ...]:
     return tuple(get_args(choice))
 
 
-__all__ = ["FeatureFormat", "FeatureKind", "Level", "ProbeModel", "Stage", "TensorRTPrecision",
-           "TilingMode", "Unit", "values"]
+__all__ = ["FeatureFormat", "FeatureKind", "Level", "Precision", "ProbeModel", "Stage",
+           "TensorRTPrecision", "TilingMode", "Unit", "values"]

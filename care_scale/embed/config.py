@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from care_scale.choices import TilingMode
+from care_scale.choices import Precision, TilingMode
 from care_scale.exceptions import ConfigError
 from care_scale.tissue import TissueParams
 
@@ -121,7 +121,7 @@ class EmbedConfig:
     # (VNNI CPUs). Not fp32 changes the embeddings, so it is part of the model version.
     # auto: the fastest one this CPU has whose features stay within cosine 0.999 of fp32 on
     # the run's first slide (care_scale.inference.precision); recorded in the runs table.
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "fp32"
+    precision: Literal["auto", Precision] = "fp32"
     # Where exported ONNX files / TensorRT engines live (create_patch_backend's artifacts).
     artifacts: str | None = None
     decode_batch_size: int = 64
