@@ -27,7 +27,8 @@ _LAZY = {
     "hardware": "care_scale.bench.hardware",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["BenchConfig", "ClusterShape", "Rates", "format_bench", "format_plan", "hardware",
+           "plan_cohort", "rates_from_bench", "run_bench"]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -80,7 +80,9 @@ def timed(fn: Callable[[], Any], budget_s: float) -> tuple[float, int]:
 
 class PeakRSS:
     """Peak resident memory above the start, sampled every 5 ms from /proc/self/statm while
-    the block runs (CPU; on CUDA the bench reads torch's allocator peak instead)."""
+    the block runs (CPU; on CUDA the bench reads torch's allocator peak instead). Free heap
+    pages are handed back first (glibc ``malloc_trim``), so a block that reuses memory an
+    earlier call freed still shows its own peak."""
 
     def __init__(self):
         self.peak_mib = 0.0
@@ -93,7 +95,16 @@ class PeakRSS:
         except (OSError, ValueError, IndexError):
             return 0
 
-    def __enter__(self) -> PeakRSS:
+    @staticmethod
+    def _trim() -> None:
+        import ctypes
+        import ctypes.util
+
+        with contextlib.suppress(OSError, AttributeError, TypeError):
+            ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+
+    def __enter__(self) -> Self:
+        self._trim()
         self._base = self._rss()
         self._peak = self._base
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -404,7 +415,7 @@ def measure_care(care, sizes: tuple[int, ...], *, device: str, budget_s: float
         grid = torch.from_numpy(round_grid(n))[None].to(device)
         num_valid = torch.tensor([n], device=device)
 
-        def forward():
+        def forward(feats=feats, num_valid=num_valid, grid=grid):
             with torch.inference_mode():
                 care(feats, num_valid, grid)
             if device.startswith("cuda"):

@@ -14,7 +14,7 @@ import sys
 
 # name of the sub-command -> module in care_scale.cli that defines ``add_parser(subparsers)``.
 COMMANDS = ("inspect", "embed", "tables", "sql", "probe", "similar", "show", "report", "train",
-            "export", "models")
+            "export", "models", "bench")
 
 
 def package_version() -> str:
