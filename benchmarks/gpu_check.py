@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a plain checkout, without pip install
     sys.path.insert(0, str(ROOT))
 
-from care_scale.bench.measure import parity, round_grid  # noqa: E402  (torch/numpy only)
+from care_scale.bench.measure import parity, round_grid  # torch/numpy only
 
 #: precision -> min cosine vs CPU fp32 that passes (fp32 with TF32 off is the same maths in
 #: another order; fp16 keeps 10 mantissa bits, bf16 7).
@@ -130,9 +130,9 @@ def patch_encoders(names, device, *, batch: int, ref_tiles: int, budget_s: float
             entry = {"model": name, "input_size": size, "precision": precision,
                      "batch_size": batch, "device": str(device)}
             try:
-                def run(precision=precision):
+                def run(precision=precision, model=model, tiles=tiles_dev):
                     with torch.inference_mode(), autocast(device, precision):
-                        return model(tiles_dev)
+                        return model(tiles)
 
                 reset_peak(device)
                 best, calls = best_seconds(run, device, budget_s)
@@ -146,7 +146,6 @@ def patch_encoders(names, device, *, batch: int, ref_tiles: int, budget_s: float
             out.append(entry)
             print(f"  {name:24s} {precision}  {batch / best:10.1f} tiles/s  min cos "
                   f"{entry['parity_vs_cpu_fp32']['min_cosine']:.5f}", flush=True)
-        del model, tiles_dev
     return out
 
 
