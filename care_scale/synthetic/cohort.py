@@ -56,6 +56,8 @@ class FeatureCohort:
     n_types: int
     embed_dim: int
     seed: int
+    # Named binary slide labels besides the dominant type (the arrangement cohort's).
+    label_sets: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def labels(self) -> np.ndarray:
