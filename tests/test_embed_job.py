@@ -676,3 +676,23 @@ def test_a_whole_job_through_store_faults_equals_a_clean_run(ray_local, cohort, 
                 for u in (join(faulty, name), join(clean, name)))
         assert (a.version(), len(a.file_uris())) == (b.version(), len(b.file_uris())), name
     assert _table(faulty, "failures", s3_options).num_rows == 0
+
+
+def test_a_slide_whose_download_keeps_failing_is_a_failures_row(ray_local, cohort, tmp_path,
+                                                                 s3_options, s3_bucket):
+    """Every GET of one slide reset: after the bounded retries it is one `failures` row
+    naming the download, the other slides are embedded (exit 3), nothing crashes."""
+    from faultproxy import Fault, FaultProxy
+
+    source = _put_cohort(cohort, s3_options, s3_bucket)
+    faults = [Fault("GET", r"cohort/slide_1\.tiff", "reset_before", times=200)]
+    wh = f"s3://{s3_bucket}/wh"
+    with FaultProxy(s3_options["aws_endpoint_url"], faults,
+                    log_file=tmp_path / "faults.jsonl") as proxy:
+        summary = run_embedding(_config(source, wh, storage_options={
+            **s3_options, "aws_endpoint_url": proxy.url}))
+        fired = proxy.fired()
+    assert (summary.done, summary.failed) == (N_SLIDES - 1, 1), summary.failures
+    (row,) = _table(wh, "failures", s3_options).to_pylist()
+    assert row["slide_id"] == "slide_1" and "download failed" in row["message"], row
+    assert 1 < len(fired) < 200
