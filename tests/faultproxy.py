@@ -5,9 +5,13 @@ S3 server), forwarding every request, and injecting a fault into requests that m
 - ``reset_before``: the connection is reset (RST) before the request is forwarded;
 - ``reset_after``: the request is forwarded and applied upstream, then the connection is
   reset instead of answering (the client cannot know whether it was applied);
-- ``503``: a ``503 SlowDown`` answer without forwarding.
+- ``503``: a ``503 SlowDown`` answer without forwarding;
+- ``truncated``: the request is forwarded, the answer's headers go out with the full
+  ``Content-Length`` but only the first half of the body follows, then the connection closes;
+- ``stall``: the answer is held for ``seconds`` (at most :data:`MAX_STALL`), then sent whole.
 
-Bounded: each rule fires at most ``times`` times, every upstream call has a timeout.
+Bounded: each rule fires at most ``times`` times, every upstream call has a timeout, a stall
+lasts at most :data:`MAX_STALL` seconds.
 
 The proxy runs in a process of its own (:class:`FaultProxy` starts it): deltalake's calls
 hold the GIL while they wait for the store, so a proxy thread in the test's process would
@@ -25,17 +29,21 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+MAX_STALL = 30.0  # seconds
 
 
 @dataclass
 class Fault:
     method: str
     path: str  # regular expression searched in the request path (query included)
-    kind: str  # "reset_before" | "reset_after" | "503"
+    kind: str  # "reset_before" | "reset_after" | "503" | "truncated" | "stall"
     times: int = 1
+    seconds: float = 0.0  # how long a "stall" holds the answer
     fired: int = 0
 
 
@@ -89,19 +97,22 @@ class _Proxy:
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def _pick(self, method: str, path: str) -> str:
+    def _pick(self, method: str, path: str) -> Fault | None:
         with self.lock:
             for f in self.faults:
                 if f.fired < f.times and f.method == method and re.search(f.path, path):
                     f.fired += 1
                     with open(self.log_file, "a") as fh:
                         fh.write(json.dumps([method, path, f.kind]) + "\n")
-                    return f.kind
-        return ""
+                    return f
+        return None
 
     def _handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         body = _read_body(h)
-        fault = self._pick(h.command, h.path)
+        rule = self._pick(h.command, h.path)
+        fault = rule.kind if rule else ""
+        if fault == "stall":
+            time.sleep(min(MAX_STALL, max(0.0, rule.seconds)))
         if fault == "reset_before":
             return _reset(h)
         if fault == "503":
@@ -134,8 +145,15 @@ class _Proxy:
         size = resp.getheader("Content-Length", "0") if h.command == "HEAD" else len(data)
         h.send_header("Content-Length", str(size))
         h.end_headers()
-        if h.command != "HEAD":
-            h.wfile.write(data)
+        if h.command == "HEAD":
+            return
+        if fault == "truncated":
+            h.wfile.write(data[: len(data) // 2])
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+            return
+        h.wfile.write(data)
 
 
 def _read_body(h: http.server.BaseHTTPRequestHandler) -> bytes:

@@ -621,3 +621,78 @@ def test_precision_auto_is_measured_recorded_and_kept_on_a_rerun(ray_local, coho
     second = run_embedding(_config(cohort / "slide_0.tiff", wh, precision="auto"))
     assert (second.done, second.skipped) == (0, 1) and "kept from an earlier run" in \
         second.precision_note
+
+
+def _put_cohort(cohort, s3_options, bucket) -> str:
+    import fsspec
+
+    from care_scale.storage import to_fsspec
+
+    fs = fsspec.filesystem("s3", **to_fsspec(s3_options))
+    for p in sorted(cohort.glob("*.tiff")):
+        fs.put(str(p), f"{bucket}/cohort/{p.name}")
+    return f"s3://{bucket}/cohort/"
+
+
+def test_a_whole_job_through_store_faults_equals_a_clean_run(ray_local, cohort, tmp_path,
+                                                             s3_options, s3_bucket):
+    """Slides and warehouse on S3 behind the fault proxy: resets on Delta-log GETs, on a
+    commit PUT (applied, answer lost), on data-file PUTs and on slide downloads (ranged
+    GETs), truncated bodies (a slide, a Delta-log file) and a stalled slide download. The job
+    ends with every slide embedded (exit 0) and tables equal to a clean run, row for row,
+    one commit per batch as in the clean run (none repeated)."""
+    from deltalake import DeltaTable
+    from faultproxy import Fault, FaultProxy
+
+    from care_scale.storage import join, to_delta
+
+    source = _put_cohort(cohort, s3_options, s3_bucket)
+    faults = [
+        Fault("GET", r"_delta_log/.*\.json", "reset_before", times=2),
+        Fault("GET", r"_delta_log/.*\.json", "truncated"),
+        Fault("PUT", r"slides/_delta_log/0+2\.json", "reset_after"),
+        Fault("PUT", r"regions/part-.*\.parquet", "reset_before"),
+        Fault("PUT", r"patches/part-.*\.parquet", "503"),
+        Fault("GET", r"cohort/slide_0\.tiff", "reset_before"),
+        Fault("GET", r"cohort/slide_1\.tiff", "truncated"),
+        Fault("GET", r"cohort/slide_2\.tiff", "stall", seconds=3),
+    ]
+    clean, faulty = (f"s3://{s3_bucket}/{n}" for n in ("clean", "faulty"))
+    extra = {"keep_patches": True, "commit_every": 1}
+    ref = run_embedding(_config(source, clean, storage_options=s3_options, **extra))
+    assert (ref.done, ref.failed) == (N_SLIDES, 0), ref.failures
+    with FaultProxy(s3_options["aws_endpoint_url"], faults,
+                    log_file=tmp_path / "faults.jsonl") as proxy:
+        opts = {**s3_options, "aws_endpoint_url": proxy.url}
+        summary = run_embedding(_config(source, faulty, storage_options=opts, **extra))
+        fired = proxy.fired()
+    assert (summary.done, summary.failed) == (N_SLIDES, 0), summary.failures
+    assert len(fired) == sum(f.times for f in faults), fired  # every fault did happen
+    for name, keys in (("slides", ["slide_id"]), ("regions", ["slide_id", "region_id"]),
+                       ("patches", ["slide_id", "x", "y"])):
+        _assert_rows_equal(_rows(faulty, name, keys, storage_options=s3_options),
+                           _rows(clean, name, keys, storage_options=s3_options))
+        a, b = (DeltaTable(u, storage_options=to_delta(s3_options, u))
+                for u in (join(faulty, name), join(clean, name)))
+        assert (a.version(), len(a.file_uris())) == (b.version(), len(b.file_uris())), name
+    assert _table(faulty, "failures", s3_options).num_rows == 0
+
+
+def test_a_slide_whose_download_keeps_failing_is_a_failures_row(ray_local, cohort, tmp_path,
+                                                                 s3_options, s3_bucket):
+    """Every GET of one slide reset: after the bounded retries it is one `failures` row
+    naming the download, the other slides are embedded (exit 3), nothing crashes."""
+    from faultproxy import Fault, FaultProxy
+
+    source = _put_cohort(cohort, s3_options, s3_bucket)
+    faults = [Fault("GET", r"cohort/slide_1\.tiff", "reset_before", times=200)]
+    wh = f"s3://{s3_bucket}/wh"
+    with FaultProxy(s3_options["aws_endpoint_url"], faults,
+                    log_file=tmp_path / "faults.jsonl") as proxy:
+        summary = run_embedding(_config(source, wh, storage_options={
+            **s3_options, "aws_endpoint_url": proxy.url}))
+        fired = proxy.fired()
+    assert (summary.done, summary.failed) == (N_SLIDES - 1, 1), summary.failures
+    (row,) = _table(wh, "failures", s3_options).to_pylist()
+    assert row["slide_id"] == "slide_1" and "download failed" in row["message"], row
+    assert 1 < len(fired) < 200

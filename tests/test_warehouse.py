@@ -181,17 +181,24 @@ def test_four_processes_create_one_fresh_warehouse(where, tmp_path, request):
 
 
 @pytest.mark.parametrize("fault", ["reset_before_log_get", "reset_after_commit_put",
-                                   "503_on_data_put"])
+                                   "503_on_data_put", "truncated_log_get",
+                                   "stall_on_commit_put"])
 def test_store_faults_are_ridden_through(fault, s3_server, s3_options, s3_bucket, tmp_path):
     """A reset on a Delta-log read, a reset after a commit file's PUT (applied upstream, the
-    answer lost: an ambiguous commit) and a 503 on a data file: the writes end with tables
-    equal to a clean run, no row lost or duplicated."""
+    answer lost: an ambiguous commit), a 503 on a data file, a truncated Delta-log body and a
+    stalled commit: the writes end with tables equal to a clean run, no row lost or
+    duplicated."""
     from faultproxy import Fault, FaultProxy
 
     rules = {
         "reset_before_log_get": Fault("GET", r"_delta_log", "reset_before", times=2),
         "reset_after_commit_put": Fault("PUT", r"slides/_delta_log/0+1\.json", "reset_after"),
         "503_on_data_put": Fault("PUT", r"regions/.*\.parquet", "503", times=2),
+        # Headers with the full Content-Length, half the body, then the connection closes.
+        "truncated_log_get": Fault("GET", r"slides/_delta_log/0+1\.json", "truncated"),
+        # The answer held for 3 s (a slow store, not a dead one): waited for, not repeated.
+        "stall_on_commit_put": Fault("PUT", r"regions/_delta_log/0+2\.json", "stall",
+                                     seconds=3),
     }
     clean = Warehouse(f"s3://{s3_bucket}/clean", storage_options=s3_options)
     clean.ensure_tables()
