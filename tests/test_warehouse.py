@@ -180,9 +180,11 @@ def test_four_processes_create_one_fresh_warehouse(where, tmp_path, request):
                 schemas.SCHEMA_VERSION)
 
 
+# The truncated-body and stall cases take 12-19 s each (the clients' own back-off): slow.
 @pytest.mark.parametrize("fault", ["reset_before_log_get", "reset_after_commit_put",
-                                   "503_on_data_put", "truncated_log_get",
-                                   "stall_on_commit_put"])
+                                   "503_on_data_put",
+                                   pytest.param("truncated_log_get", marks=pytest.mark.slow),
+                                   pytest.param("stall_on_commit_put", marks=pytest.mark.slow)])
 def test_store_faults_are_ridden_through(fault, s3_server, s3_options, s3_bucket, tmp_path):
     """A reset on a Delta-log read, a reset after a commit file's PUT (applied upstream, the
     answer lost: an ambiguous commit), a 503 on a data file, a truncated Delta-log body and a
