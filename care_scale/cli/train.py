@@ -12,7 +12,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "train", help="pretrain CARE: stage1 (self-supervised) or stage2 (RNA/protein alignment)",
         description="Train CARE with Ray Train. Resumes from the latest checkpoint when "
         "<run.storage_path>/<run.name> already holds one.")
-    p.add_argument("stage", choices=values(Stage))
+    p.add_argument("stage", choices=[*values(Stage), "evaluate"],
+                   help="stage1 / stage2: train that stage; evaluate (with --demo): train both "
+                   "stages over several seeds on the arrangement cohort and print the "
+                   "comparison with untrained CARE, mean pooling, ABMIL and ridge baselines")
     p.add_argument("--config", help="YAML config (local path or URI)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. --set optim.lr=1e-4 (repeatable)")
@@ -20,11 +23,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="train on a generated known-answer cohort (tiny model, 2 workers) and "
                    "print one JSON line of before/after figures")
     p.add_argument("--workdir", help="where the demo writes its runs (default: a temp dir)")
+    g = p.add_argument_group("evaluate")
+    g.add_argument("--seeds", type=int, default=3, help="training / initialisation seeds")
+    g.add_argument("--slides", type=int, default=240, help="slides of the generated cohort")
+    g.add_argument("--stage1-steps", type=int, help="default: the stage I demo schedule")
+    g.add_argument("--stage2-steps", type=int, help="default: the stage II demo schedule")
+    g.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=handle)
 
 
 def handle(args: argparse.Namespace) -> int:
-    from care_scale.training.entry import main_stage
+    from care_scale.training.entry import main_evaluate, main_stage
 
+    if args.stage == "evaluate":
+        return main_evaluate(demo=args.demo, seeds=args.seeds, slides=args.slides,
+                             stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                             overrides=args.overrides, workdir=args.workdir, as_json=args.json)
     return main_stage(args.stage, config=args.config, overrides=args.overrides, demo=args.demo,
                       workdir=args.workdir)

@@ -109,6 +109,9 @@ class CareOutput:
     patch_tokens: torch.Tensor  # (B, N, H), zeros on padding
     rsl_loss: torch.Tensor  # scalar
     aux_loss: torch.Tensor  # scalar, lambda_rsl * rsl_loss
+    # (B,) mean expected rank of each slide's patches among their ranked candidates, in
+    # [0, 1]; the RSL pulls it toward E*. Not an export output (training diagnostics).
+    expected_rank: torch.Tensor | None = None
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f) for f in CARE_OUTPUT_FIELDS)
@@ -520,7 +523,7 @@ class CARE(nn.Module):
             num_regions=n_reg, region_of_patch=region_of_patch.reshape(bsz, n),
             coverage=alpha, semantic_weight=beta, fused_weight=fused, roi_index=roi,
             roi_embedding=roi_emb, patch_tokens=patch_tokens.reshape(bsz, n, h_dim),
-            rsl_loss=rsl, aux_loss=cfg.lambda_rsl * rsl,
+            rsl_loss=rsl, aux_loss=cfg.lambda_rsl * rsl, expected_rank=e_bar,
         )
 
     @staticmethod

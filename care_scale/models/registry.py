@@ -253,10 +253,10 @@ def _check_kind(checkpoint: str, ckpt_cfg: dict[str, Any] | None, kind: str) -> 
                               f"({ckpt_cfg.get('name')}), not a {kind.replace('_', ' ')}")
 
 
-def _seeded_build(build: Callable[[], nn.Module]) -> nn.Module:
+def _seeded_build(build: Callable[[], nn.Module], seed: int | None = None) -> nn.Module:
     # fork_rng keeps the caller's global RNG stream untouched by our fixed seed.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(UNTRAINED_SEED)
+        torch.manual_seed(UNTRAINED_SEED if seed is None else seed)
         return build()
 
 
@@ -321,9 +321,13 @@ def create_slide_encoder(
     storage_options: dict[str, Any] | None = None,
     strict: bool = True,
     trust_remote_code: bool = False,
+    init_seed: int | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build a registered slide encoder (CARE); ``overrides`` change :class:`CareConfig` fields.
+
+    ``init_seed`` seeds the random initialisation (default: the registry's fixed seed, so an
+    untrained model is the same everywhere); weights from a checkpoint replace it.
 
     With a checkpoint directory, its ``config.json`` defines the architecture (overrides are
     applied on top); a bare weights file uses the registry defaults plus overrides. A
@@ -363,7 +367,7 @@ def create_slide_encoder(
                 raise CheckpointError(f"{redact(checkpoint)}: config.json 'config' is not a mapping")
             cfg.update(arch)
     cfg.update(overrides)
-    model = _seeded_build(lambda: entry.build(cfg))
+    model = _seeded_build(lambda: entry.build(cfg), init_seed)
     model.name = name
     model.spec = entry.spec
     if state is None:

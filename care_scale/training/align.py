@@ -74,8 +74,14 @@ class MolecularInputs:
     protein_uri: str
 
 
-def load_molecular(cfg: Stage2Config, cohort: Any = None) -> MolecularInputs | None:
-    """Read, validate and normalise the RNA / protein tables of the config (or the cohort's)."""
+def load_molecular(cfg: Stage2Config, cohort: Any = None, *,
+                   fit_slides: list[str] | None = None) -> MolecularInputs | None:
+    """Read, validate and normalise the RNA / protein tables of the config (or the cohort's).
+
+    ``fit_slides``: the training slides. Every statistic (which genes vary most, the
+    standardisation of RNA and protein values) is computed over their samples only, so
+    nothing about held-out slides leaks into training or into the evaluation's inputs.
+    """
     m = cfg.molecular
     opts = m.storage_options or None
     if cohort is not None:
@@ -99,19 +105,23 @@ def load_molecular(cfg: Stage2Config, cohort: Any = None) -> MolecularInputs | N
         mapping_uri = m.mapping
         gene_list = read_gene_list(m.gene_list, storage_options=opts) if m.gene_list else None
         prot_emb_uri = m.protein_embeddings
+    fit = None if fit_slides is None else {
+        (mapping or {}).get(s, s) for s in fit_slides}
     genes, rna_vals, rna_mean, rna_std = [], {}, np.zeros(0), np.ones(0)
     if rna is not None:
+        rows = _fit_rows(rna.samples, fit)
         rna = select_genes(rna, gene_list=gene_list, gene_list_uri=m.gene_list or "",
-                           n_genes=m.n_genes)
-        rna_mean = rna.values.mean(0)
-        rna_std = rna.values.std(0) + 1e-6
+                           n_genes=m.n_genes, fit_rows=rows)
+        rna_mean = rna.values[rows].mean(0)
+        rna_std = rna.values[rows].std(0) + 1e-6
         z = (rna.values - rna_mean) / rna_std
         genes = rna.features
         rna_vals = dict(zip(rna.samples, z.astype(np.float32)))
     proteins, pids, pvals, pmean, pstd, ptable = [], {}, {}, 0.0, 1.0, None
     if prot is not None:
         ids, vals = top_proteins(prot, m.n_proteins)
-        pmean, pstd = float(vals.mean()), float(vals.std() + 1e-6)
+        rows = _fit_rows(prot.samples, fit)
+        pmean, pstd = float(vals[rows].mean()), float(vals[rows].std() + 1e-6)
         proteins = prot.features
         pids = dict(zip(prot.samples, ids))
         pvals = dict(zip(prot.samples, ((vals - pmean) / pstd).astype(np.float32)))
@@ -122,6 +132,17 @@ def load_molecular(cfg: Stage2Config, cohort: Any = None) -> MolecularInputs | N
         protein_ids=pids, protein_values=pvals, protein_mean=pmean, protein_std=pstd,
         protein_table=ptable, mapping=mapping, mapping_uri=mapping_uri,
         rna_uri=rna.uri if rna is not None else "", protein_uri=prot.uri if prot is not None else "")
+
+
+def _fit_rows(samples: list[str], fit: set[str] | None) -> np.ndarray:
+    """Row indices the statistics are computed over (all rows when no split is given)."""
+    if fit is None:
+        return np.arange(len(samples))
+    rows = np.array([i for i, smp in enumerate(samples) if smp in fit], np.int64)
+    if len(rows) < 2:
+        raise TrainingDataError(
+            f"only {len(rows)} training sample(s) have molecular data; need at least 2")
+    return rows
 
 
 def _as_table(uri: str, samples: dict[str, np.ndarray]) -> MolecularTable:
@@ -201,13 +222,11 @@ class AlignTask:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         cohort = None
         if cfg.data.synthetic:
-            _, cohort = synthetic_slides(cfg.data.synthetic_slides,
-                                         embed_dim=model_in_dim(cfg.model),
-                                         seed=cfg.data.synthetic_seed)
+            _, cohort = synthetic_slides(cfg.data, embed_dim=model_in_dim(cfg.model))
         held_out: list[SlideFeatures] = []
         if slides is None:
             slides, held_out = load_slides_for(cfg, train_only=False)
-        self.mol = load_molecular(cfg, cohort)
+        self.mol = load_molecular(cfg, cohort, fit_slides=[s.slide_id for s in slides])
         by_id = {s.slide_id: s for s in slides}
         # Pair over all slides (held-out ones too) so that the mismatch counts are about the
         # user's data, then train on the training slides only.
@@ -237,7 +256,7 @@ class AlignTask:
             for i, phase in enumerate(cfg.align.phases)}
         encoder = create_slide_encoder(cfg.model.name, cfg.model.checkpoint,
                                        storage_options=cfg.data.storage_options or None,
-                                       **cfg.model.overrides)
+                                       init_seed=cfg.model.init_seed, **cfg.model.overrides)
         self.lambda_rsl = (cfg.align.lambda_rsl if cfg.align.lambda_rsl is not None
                            else float(encoder.config.lambda_rsl))
         self.align_model = AlignModel(encoder, n_genes=len(self.mol.genes),
@@ -254,17 +273,13 @@ class AlignTask:
         return self.align_model
 
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
-        enc, other, no_decay = [], [], []
-        for name, p in self.align_model.named_parameters():
-            if name.startswith("encoder."):
-                enc.append(p)
-            elif p.ndim <= 1:
-                no_decay.append(p)
-            else:
-                other.append(p)
-        return [{"params": enc, "lr_scale": self.cfg.align.slide_lr_scale},
-                {"params": other, "lr_scale": 1.0},
-                {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        from care_scale.training.optim import param_groups
+
+        named = list(self.align_model.named_parameters())
+        return param_groups([(n, p) for n, p in named if n.startswith("encoder.")],
+                            lr_scale=self.cfg.align.slide_lr_scale,
+                            region_lr_scale=self.cfg.optim.region_lr_scale) + \
+            param_groups([(n, p) for n, p in named if not n.startswith("encoder.")])
 
     def phase_of(self, step: int) -> tuple[int, int, int]:
         b = self.phase_bounds
@@ -297,6 +312,7 @@ class AlignTask:
         loss, acc = clip_loss(zs, zm, scale)
         total = loss + self.lambda_rsl * out.rsl_loss
         return total, {"loss_clip": float(loss), "loss_rsl": float(out.rsl_loss),
+                       "expected_rank": float(out.expected_rank.detach().float().mean()),
                        "batch_top1": acc, "temperature": float(1 / scale), "phase": float(pi)}
 
     def after_step(self, step: int) -> None:

@@ -23,8 +23,9 @@ class DataConfig:
     patches_table: str | None = None
     # Only rows of this model version of the ``patches`` table (None: the table must hold one).
     model_version: str | None = None
-    # Generate the known-answer cohort (care_scale.synthetic.cohort) instead: its size.
+    # Generate a known-answer cohort instead (care_scale.synthetic.COHORTS): which, its size.
     synthetic: bool = False
+    synthetic_cohort: Literal["composition", "arrangement"] = "composition"
     synthetic_slides: int = 96
     synthetic_seed: int = 0
     # Slides held out of training (for the probes / retrieval the demo prints).
@@ -36,6 +37,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "care_tiny"  # a create_slide_encoder registry name
     checkpoint: str | None = None  # initial CARE weights (e.g. the stage I result)
+    init_seed: int | None = None  # seed of the random initialisation (None: the registry's)
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -49,6 +51,9 @@ class OptimConfig:
     warmup_steps: int = 10
     steps: int = 200  # optimizer steps in total (the schedule's length)
     grad_clip: float = 3.0
+    # lr multiplier of CARE's two region-construction scalars (log sigma, log tau): see
+    # care_scale/training/optim.py for why they need one
+    region_lr_scale: float = 20.0
     mixed_precision: bool = True  # bf16 autocast; only ever used on GPU
 
 
@@ -73,12 +78,15 @@ class SSLConfig:
     max_patches: int = 360  # sub-WSI bound (DBSCAN split), the paper's rule
     dbscan_eps: float = 1.5  # in grid steps: neighbouring patches are density-connected
     global_crop_scale: tuple[float, float] = (0.6, 1.0)  # share of the sub-WSI's extent
-    local_crops: int = 0
+    # iBOT's multi-crop: small crops the student alone sees; each predicts both teacher views.
+    local_crops: int = 2
     local_crop_scale: tuple[float, float] = (0.3, 0.5)
     feature_noise: float = 0.5  # std of additive patch noise (relative to feature std)
     feature_dropout: float = 0.1
-    global_shift: float = 1.0  # whole-view offset, in units of the cohort's slide-to-slide std
-    shift_rank: int = 8  # offsets along the top principal directions of slide means (0: isotropic)
+    global_shift: float = 1.0  # whole-view offset (isotropic: in units of the patch std)
+    # >0: move views along the top principal directions of the cohort's slide means instead
+    # (a prior neither iBOT nor the paper has; off by default, see the README's figures).
+    shift_rank: int = 0
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: share of student tokens masked
     out_dim: int = 256  # prototypes of the projection heads
     patch_out_dim: int = 256
@@ -141,10 +149,10 @@ class AlignConfig:
     protein_layers: int = 2
     protein_heads: int = 4
     init_temperature: float = 0.07
-    max_patches: int = 1024  # whole slides are randomly cropped above this
+    max_patches: int = 1024  # larger slides: a contiguous crop of this many patches per step
     feature_noise: float = 0.2
     global_shift: float = 0.3
-    shift_rank: int = 8
+    shift_rank: int = 0  # as ssl.shift_rank
     shift_mix: bool = True  # each view's shift strength uniform in [0, global_shift]
     lambda_rsl: float | None = None
     slide_lr_scale: float = 1.0  # lr multiplier of the slide encoder (it stays trainable)

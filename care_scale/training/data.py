@@ -35,7 +35,8 @@ class SlideFeatures:
     features: np.ndarray  # (N, D) float32
     grid: np.ndarray  # (N, 2) int64 integer grid positions (x, y)
     patch_types: np.ndarray | None = None  # ground truth, generated cohort only
-    label: int | None = None  # dominant type, generated cohort only
+    label: int | None = None  # the cohort's primary label, generated cohort only
+    labels: dict[str, int] = dataclasses.field(default_factory=dict)  # every named label
 
     def __len__(self) -> int:
         return len(self.features)
@@ -44,7 +45,7 @@ class SlideFeatures:
         return SlideFeatures(
             slide_id=self.slide_id + suffix, features=self.features[idx], grid=self.grid[idx],
             patch_types=None if self.patch_types is None else self.patch_types[idx],
-            label=self.label)
+            label=self.label, labels=self.labels)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -143,14 +144,17 @@ def load_patches_table(uri: str, *, model_version: str | None = None,
     return slides
 
 
-def synthetic_slides(n_slides: int, *, embed_dim: int, seed: int = 0
-                     ) -> tuple[list[SlideFeatures], Any]:
-    """The known-answer cohort as training slides (and the cohort, for its molecular tables)."""
-    from care_scale.synthetic.cohort import make_feature_cohort
+def synthetic_slides(data: Any, *, embed_dim: int) -> tuple[list[SlideFeatures], Any]:
+    """The known-answer cohort of a ``DataConfig`` as training slides (and the cohort, for its
+    molecular tables). ``label`` is the cohort's primary label, ``labels`` all of them."""
+    from care_scale.synthetic import COHORTS
 
-    cohort = make_feature_cohort(n_slides, embed_dim=embed_dim, seed=seed)
-    slides = [SlideFeatures(s.slide_id, s.features, s.grid, s.patch_types, s.dominant_type)
-              for s in cohort.slides]
+    cohort = COHORTS[data.synthetic_cohort](data.synthetic_slides, embed_dim=embed_dim,
+                                            seed=data.synthetic_seed)
+    named = {"dominant_type": cohort.labels, **cohort.label_sets}
+    slides = [SlideFeatures(s.slide_id, s.features, s.grid, s.patch_types, s.dominant_type,
+                            labels={k: int(v[i]) for k, v in named.items()})
+              for i, s in enumerate(cohort.slides)]
     return slides, cohort
 
 
@@ -206,10 +210,9 @@ class ViewParams:
     feature_dropout: float = 0.1
     global_shift: float = 1.0
     shift_basis: np.ndarray | None = None
-    teacher_view: bool = False  # also make a weakly augmented copy for an EMA teacher
     shift_mix: bool = False  # draw each view's shift strength uniformly in [0, global_shift]
     min_patches: int = 8
-    max_patches: int | None = None
+    max_patches: int | None = None  # larger crops are cut to this many contiguous patches
 
 
 def crop_indices(grid: np.ndarray, rng: np.random.Generator, scale: tuple[float, float],
@@ -242,16 +245,16 @@ def augment_features(x: np.ndarray, rng: np.random.Generator, *, scale: float, n
     """
     out = x + rng.standard_normal(x.shape).astype(np.float32) * (noise * scale)
     if shift > 0:
+        # shift_mix: uniform strength in [0, shift], so some views are nearly unshifted (an
+        # early signal to learn from) and some as shifted as real slides (invariance).
+        strength = shift * (rng.uniform() if shift_mix else 1.0)
         if shift_basis is not None and len(shift_basis):
             dirs, std = shift_basis[:, :-1], shift_basis[:, -1]
             current = dirs @ out.mean(0)
-            # Uniform strength in [0, shift]: some views nearly normalised (an early
-            # signal to learn from), some as shifted as real slides (invariance).
-            target = rng.standard_normal(len(dirs)) * std * shift * (
-                rng.uniform() if shift_mix else 1.0)
+            target = rng.standard_normal(len(dirs)) * std * strength
             offset = (target - current) @ dirs
         else:
-            offset = rng.standard_normal(x.shape[1]) * (shift * scale)
+            offset = rng.standard_normal(x.shape[1]) * (strength * scale)
         out = out + offset.astype(np.float32)
     if dropout > 0:
         out = out * (rng.uniform(size=x.shape) >= dropout) / (1 - dropout)
@@ -274,30 +277,30 @@ def shift_directions(slides: list[SlideFeatures], rank: int) -> np.ndarray:
     return np.concatenate([vt[:k], std[:, None]], 1).astype(np.float32)
 
 
+def nearest_indices(grid: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Indices of the ``n`` patches nearest a random patch: a spatially contiguous piece, so a
+    crop of a large slide keeps the neighbourhoods region construction works on (a random
+    subset of a 20,000-patch slide would leave most kept patches without a kept neighbour)."""
+    centre = grid[rng.integers(len(grid))]
+    d = np.abs(grid - centre).sum(1) + rng.uniform(0, 0.5, len(grid))
+    return np.sort(np.argsort(d, kind="stable")[:n])
+
+
 def make_view(slide: SlideFeatures, rng: np.random.Generator, p: ViewParams, scale: float
               ) -> dict[str, np.ndarray]:
     """One view: a crop, its features (augmented) and a second augmentation for ARG."""
     idx = crop_indices(slide.grid, rng, p.crop_scale, p.min_patches)
     if p.max_patches is not None and len(idx) > p.max_patches:
-        idx = np.sort(rng.choice(idx, p.max_patches, replace=False))
+        idx = idx[nearest_indices(slide.grid[idx], rng, p.max_patches)]
     x = slide.features[idx]
     grid = slide.grid[idx] - slide.grid[idx].min(0)
     kw = {"scale": scale, "noise": p.feature_noise, "dropout": p.feature_dropout,
-              "shift": p.global_shift, "shift_basis": p.shift_basis}
+              "shift": p.global_shift, "shift_basis": p.shift_basis, "shift_mix": p.shift_mix}
     view = {"features": augment_features(x, rng, **kw), "grid": grid}
     # "augmented" patch features for ARG's affinity: image-augmented features are not
     # available from stored features, so a lighter feature-space augmentation stands in.
     view["augmented"] = augment_features(view["features"], rng, scale=scale,
                                          noise=p.feature_noise * 0.5, dropout=0.0, shift=0.0)
-    if p.teacher_view:
-        # The teacher's copy of the same crop is weakly augmented and "stain-normalised"
-        # (its position along the shift directions removed): consistent targets across
-        # views from the first step, which the strongly augmented student must match.
-        t = x + rng.standard_normal(x.shape).astype(np.float32) * (0.25 * p.feature_noise * scale)
-        if p.shift_basis is not None and len(p.shift_basis):
-            dirs = p.shift_basis[:, :-1]
-            t = t - ((dirs @ t.mean(0)) @ dirs).astype(np.float32)
-        view["teacher_features"] = t.astype(np.float32)
     return view
 
 
@@ -310,17 +313,11 @@ def collate(views: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     aug = np.zeros((b, n, d), np.float32)
     grid = np.zeros((b, n, 2), np.int64)
     num = np.zeros(b, np.int64)
-    teacher = np.zeros((b, n, d), np.float32) if "teacher_features" in views[0] else None
     for i, v in enumerate(views):
         k = len(v["features"])
         feats[i, :k], aug[i, :k], grid[i, :k], num[i] = v["features"], v["augmented"], v["grid"], k
-        if teacher is not None:
-            teacher[i, :k] = v["teacher_features"]
-    out = {"features": torch.from_numpy(feats), "augmented": torch.from_numpy(aug),
-           "grid": torch.from_numpy(grid), "num_valid": torch.from_numpy(num)}
-    if teacher is not None:
-        out["teacher_features"] = torch.from_numpy(teacher)
-    return out
+    return {"features": torch.from_numpy(feats), "augmented": torch.from_numpy(aug),
+            "grid": torch.from_numpy(grid), "num_valid": torch.from_numpy(num)}
 
 
 def feature_scale(slides: list[SlideFeatures]) -> float:
@@ -375,8 +372,7 @@ def load_slides_for(cfg: Any, *, train_only: bool = True
     d = cfg.data
     opts = d.storage_options or None
     if d.synthetic:
-        slides, _ = synthetic_slides(d.synthetic_slides, embed_dim=model_in_dim(cfg.model),
-                                     seed=d.synthetic_seed)
+        slides, _ = synthetic_slides(d, embed_dim=model_in_dim(cfg.model))
     elif d.patches_table:
         slides = load_patches_table(d.patches_table, model_version=d.model_version,
                                     storage_options=opts)

@@ -18,7 +18,6 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from care_scale.config import load_config
@@ -69,34 +68,17 @@ def evaluate_stage2(cfg: Stage2Config, output: str, holdout: list, cohort: Any
                     ) -> dict[str, float]:
     """Held-out slide -> RNA (and -> protein) retrieval with the trained aligner."""
     from care_scale.training.align import load_aligner
-    from care_scale.training.data import collate
-    from care_scale.training.evaluate import retrieval_top1
+    from care_scale.training.evaluate import molecular_retrieval
 
     encoder = _encoder(cfg, output)
     model, meta = load_aligner(output, encoder, cfg=cfg,
                                storage_options=cfg.run.storage_options or None)
-    mapping = dict(zip(cohort.mapping()["slide_id"], cohort.mapping()["sample_id"]))
-    samples = [mapping[s.slide_id] for s in holdout]
-    out: dict[str, float] = {}
-    with torch.no_grad():
-        views = [{"features": s.features, "augmented": s.features,
-                  "grid": s.grid - s.grid.min(0)} for s in holdout]
-        zs = torch.cat([model.embed_slides(collate(views[i:i + 8]))[0]
-                        for i in range(0, len(views), 8)])
-        if model.rna is not None:
-            raw = cohort.rna.loc[samples, meta["genes"]].to_numpy(np.float32)
-            z = (raw - np.asarray(meta["rna_mean"])) / np.asarray(meta["rna_std"])
-            zm = model.embed_molecular("rna", {"rna": torch.as_tensor(z, dtype=torch.float32)})
-            out["retrieval_top1"], out["retrieval_chance"] = retrieval_top1(zs, zm)
-        if model.protein is not None:
-            vals = cohort.protein.loc[samples, meta["proteins"]].to_numpy(np.float32)
-            k = int(meta["n_proteins"])
-            ids = np.argsort(-vals, axis=1, kind="stable")[:, :k]
-            v = (np.take_along_axis(vals, ids, 1) - meta["protein_mean"]) / meta["protein_std"]
-            zp = model.embed_molecular("protein", {
-                "protein_ids": torch.as_tensor(ids), "protein_values": torch.as_tensor(
-                    v, dtype=torch.float32)})
-            out["protein_retrieval_top1"], _ = retrieval_top1(zs, zp)
+    hits = molecular_retrieval(model, meta, holdout, cohort)
+    out = {"retrieval_chance": 1.0 / len(holdout)}
+    if "rna" in hits:
+        out["retrieval_top1"] = hits["rna"][1]
+    if "protein" in hits:
+        out["protein_retrieval_top1"] = hits["protein"][1]
     return out
 
 
@@ -128,8 +110,7 @@ def run_demo(stage: str, *, overrides: list[str] | None = None, config: str | No
         report["emb_std_first"] = round(hist[0]["emb_std"], 4)
         report["emb_std_last"] = round(hist[-1]["emb_std"], 4)
     if stage == "stage2":
-        _, cohort = synthetic_slides(cfg.data.synthetic_slides, embed_dim=model_in_dim(cfg.model),
-                                     seed=cfg.data.synthetic_seed)
+        _, cohort = synthetic_slides(cfg.data, embed_dim=model_in_dim(cfg.model))
         report.update({k: round(v, 4) for k, v in
                        evaluate_stage2(cfg, result.output, holdout, cohort).items()})
     report.update({

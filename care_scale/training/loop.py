@@ -354,9 +354,7 @@ def preflight(stage: str, cfg: Stage1Config | Stage2Config) -> None:
 
     cohort = None
     if cfg.data.synthetic:
-        _, cohort = synthetic_slides(cfg.data.synthetic_slides,
-                                     embed_dim=model_in_dim(cfg.model),
-                                     seed=cfg.data.synthetic_seed)
+        _, cohort = synthetic_slides(cfg.data, embed_dim=model_in_dim(cfg.model))
     mol = load_molecular(cfg, cohort)
     ids = [s.slide_id for s in train + holdout]
     for phase in cfg.align.phases:

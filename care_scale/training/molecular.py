@@ -144,8 +144,13 @@ def read_gene_list(uri: str, *, storage_options: dict[str, Any] | None = None) -
 
 
 def select_genes(table: MolecularTable, *, gene_list: list[str] | None = None,
-                 gene_list_uri: str = "<gene list>", n_genes: int = 3999) -> MolecularTable:
-    """Keep the genes of ``gene_list`` (in table order), else the ``n_genes`` most variable."""
+                 gene_list_uri: str = "<gene list>", n_genes: int = 3999,
+                 fit_rows: np.ndarray | None = None) -> MolecularTable:
+    """The ``n_genes`` most variable genes (in table order), among those of ``gene_list`` when
+    one is given (the paper keeps 3,999 of the Hallmark genes). Variance over ``fit_rows``
+    (the training samples) only; all rows when None."""
+    values = table.values if fit_rows is None else table.values[fit_rows]
+    keep = list(range(len(table.features)))
     if gene_list is not None:
         wanted = {g.upper() for g in gene_list}
         keep = [i for i, g in enumerate(table.features) if g.upper() in wanted]
@@ -156,9 +161,9 @@ def select_genes(table: MolecularTable, *, gene_list: list[str] | None = None,
                 f"{table.features[:3]}); check the gene naming (symbols vs Ensembl ids)")
         log.info("gene list %s: %d of %d genes found in %s", redact(gene_list_uri), len(keep),
                  len(wanted), redact(table.uri))
-    else:
-        var = table.values.var(axis=0)
-        keep = sorted(np.argsort(-var, kind="stable")[:n_genes].tolist())
+    if len(keep) > n_genes:
+        var = values[:, keep].var(axis=0)
+        keep = sorted(keep[i] for i in np.argsort(-var, kind="stable")[:n_genes])
     return MolecularTable(uri=table.uri, samples=table.samples,
                           features=[table.features[i] for i in keep],
                           values=np.ascontiguousarray(table.values[:, keep]))

@@ -1,14 +1,19 @@
 """Stage I: iBOT-style self-distillation of the CARE slide encoder on patch-feature views.
 
 Student and teacher are the same architecture (CARE encoder + two projection heads); the
-teacher is an exponential moving average of the student and gets no gradients. Per sub-WSI
-two global views are made (crops of the feature grid + feature-space augmentation).
+teacher is an exponential moving average of the student and gets no gradients. Views are
+iBOT's multi-crop, on the feature grid of one sub-WSI: two global crops (``global_crop_scale``
+of the sub-WSI's extent) that teacher and student both see, the student's with a share of
+its tokens masked, and ``local_crops`` small crops the student alone sees; every view gets the
+feature-space augmentation (patch noise, dropout, one offset per view).
 
-- slide-level distillation: the student's slide embedding of one view predicts the teacher's
-  (centred, sharpened) distribution of the other view (DINO);
+- slide-level distillation: the student's slide embedding of every view predicts the
+  teacher's (centred, sharpened) distribution of each *other* global view (DINO);
 - masked patch-token prediction: student patch tokens at masked positions (features replaced
-  by a learned mask token) predict the teacher's tokens of the unmasked view (iBOT);
+  by a learned mask token) predict the teacher's tokens of the same, unmasked view (iBOT);
 - plus lambda_RSL * L_RSL of the student's CareOutput.
+
+No other prior: the teacher sees exactly the student's global views (unmasked), as in iBOT.
 
 Collapse is watched through the std across the batch of L2-normalised slide embeddings.
 """
@@ -16,6 +21,7 @@ Collapse is watched through the std across the batch of L2-normalised slide embe
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import warnings
@@ -118,15 +124,16 @@ class SSLTask:
         self.scale = feature_scale(subs)
         self.sampler = StepSampler(len(subs), batch_size=cfg.optim.batch_size, world_size=world,
                                    rank=rank, seed=cfg.run.seed, accum=cfg.optim.grad_accum_steps)
-        self.view = ViewParams(crop_scale=tuple(cfg.ssl.global_crop_scale),
-                               feature_noise=cfg.ssl.feature_noise,
-                               feature_dropout=cfg.ssl.feature_dropout,
-                               global_shift=cfg.ssl.global_shift,
-                               shift_basis=shift_directions(slides, cfg.ssl.shift_rank),
-                               teacher_view=True)
+        view = ViewParams(crop_scale=tuple(cfg.ssl.global_crop_scale),
+                          feature_noise=cfg.ssl.feature_noise,
+                          feature_dropout=cfg.ssl.feature_dropout,
+                          global_shift=cfg.ssl.global_shift,
+                          shift_basis=shift_directions(slides, cfg.ssl.shift_rank))
+        self.view = view
+        self.local_view = dataclasses.replace(view, crop_scale=tuple(cfg.ssl.local_crop_scale))
         encoder = create_slide_encoder(cfg.model.name, cfg.model.checkpoint,
                                        storage_options=cfg.data.storage_options or None,
-                                       **cfg.model.overrides)
+                                       init_seed=cfg.model.init_seed, **cfg.model.overrides)
         self.lambda_rsl = (cfg.ssl.lambda_rsl if cfg.ssl.lambda_rsl is not None
                            else float(encoder.config.lambda_rsl))
         self.student = SSLModel(encoder, cfg).to(device)
@@ -146,28 +153,30 @@ class SSLTask:
         return self.student
 
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith("mask_token") else decay).append(p)
-        return [{"params": decay, "lr_scale": 1.0},
-                {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+        from care_scale.training.optim import param_groups
+
+        return param_groups(self.student.named_parameters(),
+                            region_lr_scale=self.cfg.optim.region_lr_scale)
 
     def phase_of(self, step: int) -> tuple[int, int, int]:
         return 0, 0, self.cfg.optim.steps  # one phase: (index, start, length)
 
     def _batch(self, step: int, micro: int):
+        """The teacher's batch (the two global views of every item, 2B rows), the student's
+        (those views again, then the local views: (2 + L) B rows, padded to one length) and
+        the student's token mask (global rows only)."""
         rng = self.sampler.rng(step, micro)
-        idx = self.sampler.indices(step, micro)
-        views = [[make_view(self.items[i], rng, self.view, self.scale) for i in idx]
-                 for _ in range(2)]
-        batches = [collate(v) for v in views]
-        masks = [random_token_mask(b["num_valid"].numpy(), b["features"].shape[1],
-                                   tuple(self.cfg.ssl.mask_ratio), rng) for b in batches]
+        items = [self.items[i] for i in self.sampler.indices(step, micro)]
+        glob = [make_view(it, rng, self.view, self.scale) for _ in range(2) for it in items]
+        local = [make_view(it, rng, self.local_view, self.scale)
+                 for _ in range(self.cfg.ssl.local_crops) for it in items]
+        teacher, student = collate(glob), collate(glob + local)
+        mask = random_token_mask(student["num_valid"].numpy(), student["features"].shape[1],
+                                 tuple(self.cfg.ssl.mask_ratio), rng)
+        mask[len(glob):] = False  # local views are never masked (iBOT)
         to = self.device
-        batches = [{k: v.to(to) for k, v in b.items()} for b in batches]
-        return batches, [torch.from_numpy(m).to(to) for m in masks]
+        return ({k: v.to(to) for k, v in teacher.items()},
+                {k: v.to(to) for k, v in student.items()}, torch.from_numpy(mask).to(to))
 
     def teacher_temp(self, step: int) -> float:
         c = self.cfg.ssl
@@ -178,57 +187,50 @@ class SSLTask:
 
     def loss(self, step: int, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.cfg.ssl
-        batches, masks = self._batch(step, micro)
+        teacher, student, mask = self._batch(step, micro)
+        bsz = len(teacher["num_valid"]) // 2
         t_temp = self.teacher_temp(step)
+        # One forward each (DDP wants one student forward per backward); rows are views.
         with torch.no_grad():
-            t_out = [self.teacher({**b, "features": b["teacher_features"],
-                                   "augmented": b["teacher_features"]}) for b in batches]
-        s_out = [self.model(b, m) for b, m in zip(batches, masks)]
-        # slide-level distillation across views
-        t_probs = [F.softmax((t[0] - self.center) / t_temp, -1) for t in t_out]
-        slide_loss = 0.0
-        pairs = 0
-        for i in range(2):
-            for j in range(2):
-                if i == j:
-                    continue
-                s_logp = F.log_softmax(s_out[j][0] / c.student_temp, -1)
-                slide_loss = slide_loss + (-(t_probs[i] * s_logp).sum(-1)).mean()
-                pairs += 1
-        slide_loss = slide_loss / pairs
-        # masked patch-token prediction, view by view
-        patch_terms = []
-        for b, m, t, s in zip(batches, masks, t_out, s_out):
-            sel = m & _valid_mask(b["num_valid"], m.shape[1])
-            if sel.any():
-                tp = F.softmax((t[1][sel] - self.patch_center) / t_temp, -1)
-                sp = F.log_softmax(s[1][sel] / c.student_temp, -1)
-                patch_terms.append((-(tp * sp).sum(-1)).mean())
-        patch_loss = torch.stack(patch_terms).mean() if patch_terms else slide_loss * 0
-        rsl = torch.stack([s[2].rsl_loss for s in s_out]).mean()
+            t_slide, t_patch, _ = self.teacher(teacher)
+        s_slide, s_patch, s_out = self.model(student, mask)
+        n_views = len(s_slide) // bsz
+        # slide-level distillation: every student view against each *other* global teacher view
+        t_probs = F.softmax((t_slide - self.center) / t_temp, -1).reshape(2, bsz, -1)
+        s_logp = F.log_softmax(s_slide / c.student_temp, -1).reshape(n_views, bsz, -1)
+        terms = [(-(t_probs[i] * s_logp[j]).sum(-1)).mean()
+                 for i in range(2) for j in range(n_views) if j != i]
+        slide_loss = torch.stack(terms).mean()
+        # masked patch-token prediction on the global views: the student's masked tokens
+        # against the teacher's tokens of the same view (same positions, same padding)
+        n_t = t_patch.shape[1]
+        sel = mask[:2 * bsz, :n_t] & _valid_mask(teacher["num_valid"], n_t)
+        if sel.any():
+            tp = F.softmax((t_patch[sel] - self.patch_center) / t_temp, -1)
+            sp = F.log_softmax(s_patch[:2 * bsz, :n_t][sel] / c.student_temp, -1)
+            patch_loss = (-(tp * sp).sum(-1)).mean()
+        else:
+            patch_loss = slide_loss * 0
+        rsl = s_out.rsl_loss
         total = c.loss_weight_slide * slide_loss + c.loss_weight_patch * patch_loss \
             + self.lambda_rsl * rsl
-        self._update_centers(t_out, batches)
-        emb = torch.cat([F.normalize(s[2].slide_embedding.detach().float(), dim=-1)
-                         for s in s_out])
+        self._update_centers(t_slide, t_patch, teacher)
+        emb = F.normalize(s_out.slide_embedding[:2 * bsz].detach().float(), dim=-1)
         emb_std = float(emb.std(0).mean())
         self._watch_collapse(step, emb_std)
         return total, {"loss_slide": float(slide_loss), "loss_patch": float(patch_loss),
-                       "loss_rsl": float(rsl), "emb_std": emb_std, "teacher_temp": t_temp}
+                       "loss_rsl": float(rsl), "emb_std": emb_std, "teacher_temp": t_temp,
+                       "expected_rank": float(s_out.expected_rank.detach().float().mean())}
 
     @torch.no_grad()
-    def _update_centers(self, t_out, batches) -> None:
+    def _update_centers(self, t_slide: torch.Tensor, t_patch: torch.Tensor,
+                        batch: dict[str, torch.Tensor]) -> None:
         import torch.distributed as dist
 
         c = self.cfg.ssl
-        slide_mean = torch.cat([t[0] for t in t_out]).mean(0)
-        sums = []
-        counts = []
-        for b, t in zip(batches, t_out):
-            valid = _valid_mask(b["num_valid"], t[1].shape[1])
-            sums.append(t[1][valid].sum(0))
-            counts.append(valid.sum())
-        patch_sum, patch_count = torch.stack(sums).sum(0), torch.stack(counts).sum().float()
+        slide_mean = t_slide.mean(0)
+        valid = _valid_mask(batch["num_valid"], t_patch.shape[1])
+        patch_sum, patch_count = t_patch[valid].sum(0), valid.sum().float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(slide_mean)
             slide_mean /= dist.get_world_size()
