@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from care_scale.models.care import CARE_OUTPUT_FIELDS, CARE, CareConfig
+from care_scale.models.care import CARE, CARE_OUTPUT_FIELDS, CareConfig
 
 OUT = Path(__file__).with_name("care_forward.npz")
 
-SMALL = dict(in_dim=12, hidden_dim=16, num_heads=2, subregion_size=4, subregion_depth=1,
-             region_depth=1, mlp_ratio=2.0)
+SMALL = {"in_dim": 12, "hidden_dim": 16, "num_heads": 2, "subregion_size": 4,
+         "subregion_depth": 1, "region_depth": 1, "mlp_ratio": 2.0}
 CONFIGS = {
     "k4": CareConfig(**SMALL),
     "k2": CareConfig(**{**SMALL, "subregion_size": 2}, num_candidates=2, candidate_radius=1,
