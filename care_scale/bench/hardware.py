@@ -13,7 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from care_scale.inference.precision import cpu_flags
+from care_scale.inference.precision import cpu_flags, usable_cores
 
 #: The CPU flags that change which precisions run natively (AVX2-only vs AVX-512 BF16 / VNNI /
 #: AMX machines); the record keeps these, not the whole flag list.
@@ -35,14 +35,6 @@ def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def memory_gib() -> float | None:

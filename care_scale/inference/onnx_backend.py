@@ -28,15 +28,9 @@ import numpy as np
 from care_scale.artifacts import META_PREFIX
 from care_scale.exceptions import ExportError, ModelInputError
 from care_scale.inference.base import PatchBackend, PatchModelInfo, SlideBackend
+from care_scale.inference.precision import usable_cores
 
 log = logging.getLogger(__name__)
-
-
-def available_cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def session_options(*, threads: int | None = None, spinning: bool = False,
@@ -53,7 +47,7 @@ def session_options(*, threads: int | None = None, spinning: bool = False,
     opts = ort.SessionOptions()
     opts.graph_optimization_level = levels[optimization]
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = min(threads or available_cores(), available_cores())
+    opts.intra_op_num_threads = min(threads or usable_cores(), usable_cores())
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3  # warnings about unused initializers etc. are noise here

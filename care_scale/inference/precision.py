@@ -14,6 +14,7 @@ slower than fp32), int8 (dynamically quantised ONNX) only with VNNI dot-product 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,14 @@ def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
         if line.startswith(("flags", "Features")):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's total; >= 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -119,4 +128,4 @@ def choose_precision(make_backend: Callable[[str], Callable[[np.ndarray], np.nda
 
 
 __all__ = ["CPU_NEEDS", "MIN_COSINE", "PrecisionChoice", "Trial", "choose_precision",
-           "cpu_flags"]
+           "cpu_flags", "usable_cores"]

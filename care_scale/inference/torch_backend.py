@@ -15,17 +15,16 @@ the ones that won (or cost nothing) there, the others stay opt-in:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from care_scale.artifacts import SLIDE_OUTPUTS
+from care_scale.choices import Precision
 from care_scale.exceptions import ConfigError, ExportError
 from care_scale.inference.base import PatchBackend, PatchModelInfo, SlideBackend
-
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -53,6 +52,7 @@ class TorchPatchBackend(PatchBackend):
     def __init__(self, encoder: nn.Module, *, model_version: str | None = None,
                  device: str | torch.device | None = None, channels_last: bool = False,
                  precision: Precision = "fp32"):
+        from care_scale.inference.kinds import KINDS
         from care_scale.models import model_version as _model_version
 
         self.device = resolve_device(device)
@@ -62,9 +62,10 @@ class TorchPatchBackend(PatchBackend):
         if channels_last:
             encoder = encoder.to(memory_format=torch.channels_last)
         self.encoder = encoder
-        if precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"torch backend: precision must be fp32, bf16 or fp16, got "
-                              f"{precision!r}")
+        offered = KINDS["torch"].precisions
+        if precision not in offered:
+            raise ConfigError(f"torch backend: precision must be one of {', '.join(offered)}, "
+                              f"got {precision!r}")
         # Reduced precision changes the embeddings (~1e-2 relative), so it is part of the
         # recorded version: rows made with bf16 never pass for fp32 rows of the same weights.
         version = model_version or _model_version(encoder)

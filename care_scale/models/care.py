@@ -19,6 +19,11 @@ Pipeline for one batch of slides (patch features + integer grid positions):
    ``z = sum_i (lambda * alpha_i + (1 - lambda) * beta_i) g_ar_i``; ROI = argmax fused weight.
 5. Region Structuring Loss: ``(E_bar - E*)^2`` with ``E`` the expected candidate rank.
 
+Each step is a method of :class:`CARE` that ``forward`` calls in turn, passing the small
+records defined below: ``flatten`` and ``embed`` (the valid patches as one flat list),
+``subregions`` (1), ``assign`` (2), ``attend_regions`` (3), ``fuse`` (4), ``structuring`` (5)
+and ``unflatten`` (back to the caller's (B, N) layout).
+
 Cost is linear in N: attention runs only inside sub-regions and adaptive regions. Groups are
 formed by sorting integer keys and gathering members into padded per-group blocks; there is no
 Python loop over patches, windows or regions, and no data-dependent Python control flow, so the
@@ -268,6 +273,91 @@ def _checking() -> bool:
     return not (compiler is not None and (compiler.is_compiling() or exporting()))
 
 
+# --------------------------------------------------------------- records between forward steps
+# Each step of CARE.forward is a method taking and returning one of these. Per-patch tensors
+# are flat lists of the M valid patches of the batch; "s-order" is the order of step 1's sort.
+
+@dataclass
+class FlatPatches:
+    """Prologue: the valid patches of a (B, N) batch as one flat list of M items."""
+
+    bsz: int
+    n: int  # padded patches per slide
+    num_valid: torch.Tensor  # (B,) long
+    flat: torch.Tensor  # (M,) index into the B*N slots
+    slide: torch.Tensor  # (M,) slide of each patch
+    grid: torch.Tensor  # (M, 2) long, relative to the slide's smallest valid position
+
+
+@dataclass
+class SubRegions:
+    """Step 1: patches sorted by (slide, window, position), the windows' groups and tokens."""
+
+    perm: torch.Tensor  # (M,) flat index of each s-order patch
+    x: torch.Tensor  # (M, H) patch features, s-order
+    xa: torch.Tensor  # (M, H) augmented-view features (x itself without a view), s-order
+    grid: torch.Tensor  # (M, 2) s-order
+    window: torch.Tensor  # (M, 2) window coordinates, s-order
+    slide: torch.Tensor  # (M,) s-order
+    span: torch.Tensor  # (2,) key extent of window coordinates (with neighbour room)
+    keys: torch.Tensor  # (G,) ascending unique window key of each sub-region
+    groups: _Groups  # the G sub-regions as padded blocks of s-order patches
+    anchor: torch.Tensor  # (G, 2) window centres in grid units
+    g_cls: torch.Tensor  # (G, H) CLS output of the in-window self-attention
+    g_q: torch.Tensor  # (G, H) learnable-query cross-attention output
+
+
+@dataclass
+class Assignment:
+    """Step 2 (ARG): each patch's candidate sub-regions and the one it joins."""
+
+    cand: torch.Tensor  # (M, K) candidate sub-region ids, nearest first
+    cand_ok: torch.Tensor  # (M, K) bool, False where fewer than K candidates exist
+    inclusion: torch.Tensor  # (M, K) soft inclusion C of the candidates
+    affinity: torch.Tensor  # (M, K) semantic affinity rho
+    prob: torch.Tensor  # (M, K) soft assignment w / sum(w)
+    choice: torch.Tensor  # (M,) argmax w, index into the K candidates
+    region: torch.Tensor  # (M,) sub-region id of the chosen candidate
+    gate: torch.Tensor  # (M, 1) straight-through gate: 1 forward, d prob backward
+
+
+@dataclass
+class Regions:
+    """Step 3 (ARSA): adaptive regions, their embeddings and contextualised patch tokens."""
+
+    perm: torch.Tensor  # (M,) s-order index of each region-ordered patch
+    groups: _Groups  # the R_tot regions of the batch as padded blocks
+    g_ar: torch.Tensor  # (R_tot, H) region embeddings
+    tokens: torch.Tensor  # (M, H) patch tokens, region order
+    slide: torch.Tensor  # (R_tot,) slide of each region
+    count: torch.Tensor  # (B,) regions per slide
+    local: torch.Tensor  # (R_tot,) index of each region within its slide
+    slot: torch.Tensor  # (R_tot,) index into the flattened (B, R) padded layout
+    embeddings: torch.Tensor  # (B, R, H), zeros where ~mask
+    mask: torch.Tensor  # (B, R) bool
+
+
+@dataclass
+class Fusion:
+    """Step 4 (SPF): region weights, slide embedding and region of interest."""
+
+    coverage: torch.Tensor  # (B, R) alpha
+    semantic: torch.Tensor  # (B, R) beta
+    fused: torch.Tensor  # (B, R) lambda * alpha + (1 - lambda) * beta
+    slide_embedding: torch.Tensor  # (B, H)
+    roi: torch.Tensor  # (B,)
+    roi_embedding: torch.Tensor  # (B, H)
+
+
+@dataclass
+class Structuring:
+    """Step 5 (RSL): expected candidate rank per patch and per slide, and the loss."""
+
+    rank_patch: torch.Tensor  # (M,) expected rank in [0, 1] of each patch's assignment
+    rank_slide: torch.Tensor  # (B,) E_bar: mean over the slide's patches
+    loss: torch.Tensor  # scalar mean over slides of (E_bar - E*)^2
+
+
 # ------------------------------------------------------------------------------------- the model
 
 class CARE(nn.Module):
@@ -365,18 +455,31 @@ class CARE(nn.Module):
         """
         if _checking():
             self._check(features, num_valid, grid, augmented, token_mask)
-        cfg = self.config
-        k = cfg.subregion_size
+        fp = self.flatten(features, num_valid, grid)
+        x, xa = self.embed(fp, features, augmented, token_mask)
+        sub = self.subregions(fp, x, xa)
+        del x, xa  # sorted copies only from here on: memory stays at a few (M, H) tensors
+        asg = self.assign(sub)
+        reg = self.attend_regions(fp, sub, asg)
+        fus = self.fuse(fp, reg, asg)
+        rsl = self.structuring(asg.prob, sub.slide, fp.num_valid)
+        patch_tokens, region_of_patch = self.unflatten(fp, sub, reg)
+        return CareOutput(
+            slide_embedding=fus.slide_embedding, region_embeddings=reg.embeddings,
+            region_mask=reg.mask, num_regions=reg.count, region_of_patch=region_of_patch,
+            coverage=fus.coverage, semantic_weight=fus.semantic, fused_weight=fus.fused,
+            roi_index=fus.roi, roi_embedding=fus.roi_embedding, patch_tokens=patch_tokens,
+            rsl_loss=rsl.loss, aux_loss=self.config.lambda_rsl * rsl.loss,
+            expected_rank=rsl.rank_slide,
+        )
+
+    def flatten(self, features: torch.Tensor, num_valid: torch.Tensor,
+                grid: torch.Tensor) -> FlatPatches:
+        """Prologue: the valid patches as one flat list (no padding from here on)."""
         bsz, n, _ = features.shape
-        # Stored patch features may be float16; compute in the model's dtype.
-        features = features.to(self.input_proj.weight.dtype)
-        if augmented is not None:
-            augmented = augmented.to(self.input_proj.weight.dtype)
         dev = features.device
         num_valid = num_valid.to(dev).long()
         grid = grid.to(dev).long()
-
-        # ---- valid patches as one flat list of M items (no padding from here on)
         pmask = _iota(grid[0, :, 0])[None, :] < num_valid[:, None]  # (B, N)
         flat = torch.nonzero(pmask.reshape(-1)).squeeze(1)  # (M,)
         b_of = torch.div(flat, n, rounding_mode="floor")
@@ -384,29 +487,49 @@ class CARE(nn.Module):
         big = torch.full_like(grid, 2**40)
         gmin = torch.where(pmask[..., None], grid, big).amin(dim=1)  # (B, 2)
         g = grid.reshape(-1, 2)[flat] - gmin[b_of]  # (M, 2)
+        return FlatPatches(bsz, n, num_valid, flat, b_of, g)
 
-        x = self.input_norm(self.input_proj(features.reshape(bsz * n, -1)[flat]))
+    def embed(self, fp: FlatPatches, features: torch.Tensor, augmented: torch.Tensor | None,
+              token_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prologue: input projection of the flat patches (and of the augmented view, None
+        without one); masked tokens replaced by the mask token."""
+        # Stored patch features may be float16; compute in the model's dtype.
+        dtype = self.input_proj.weight.dtype
+        rows = fp.bsz * fp.n
+        x = self.input_norm(self.input_proj(features.to(dtype).reshape(rows, -1)[fp.flat]))
         if token_mask is not None:
-            tm = token_mask.to(dev).reshape(-1)[flat][:, None]
+            tm = token_mask.to(x.device).reshape(-1)[fp.flat][:, None]
             x = torch.where(tm, self.mask_token.to(x.dtype)[None], x)
-        xa = x if augmented is None else self.input_norm(
-            self.input_proj(augmented.reshape(bsz * n, -1)[flat]))
+        if augmented is None:
+            return x, None
+        return x, self.input_norm(self.input_proj(augmented.to(dtype).reshape(rows, -1)[fp.flat]))
 
-        # ---- 1. sub-regions: sort by (slide, window, position) and gather into k*k blocks
+    def subregions(self, fp: FlatPatches, x: torch.Tensor,
+                   xa: torch.Tensor | None = None) -> SubRegions:
+        """Step 1: sort by (slide, window, position), gather into k*k blocks, attend."""
+        k = self.config.subregion_size
+        g = fp.grid
         w = torch.div(g, k, rounding_mode="floor")  # window coords (M, 2)
-        span = w.amax(dim=0) + 1 + cfg.candidate_radius  # room for neighbour keys
-        win_key = (b_of * span[1] + w[:, 1]) * span[0] + w[:, 0]
+        span = w.amax(dim=0) + 1 + self.config.candidate_radius  # room for neighbour keys
+        win_key = (fp.slide * span[1] + w[:, 1]) * span[0] + w[:, 0]
         local = g - w * k
-        m_tot = flat.shape[0]
-        key = ((win_key * (k * k) + local[:, 1] * k + local[:, 0]) * m_tot + _iota(flat))
+        m_tot = fp.flat.shape[0]
+        key = ((win_key * (k * k) + local[:, 1] * k + local[:, 0]) * m_tot + _iota(fp.flat))
         perm = torch.argsort(key)
-        xs, gs, ws, bs = x[perm], g[perm], w[perm], b_of[perm]
-        xas = xs if augmented is None else xa[perm]
-        del x, xa  # sorted copies only from here on: memory stays at a few (M, H) tensors
-        sub = _groups(win_key[perm])
+        xs, gs, ws = x[perm], g[perm], w[perm]
+        xas = xs if xa is None else xa[perm]
+        keys_sorted = win_key[perm]
+        sub = _groups(keys_sorted)
         anchor = (ws[sub.starts] * k).to(xs.dtype) + (k - 1) / 2.0  # (G, 2) window centres
+        g_cls = self._subregion_cls(xs, gs, sub, anchor)
+        g_q = self.sub_query(xs, sub.index, sub.valid)  # (G, H)
+        return SubRegions(perm, xs, xas, gs, ws, fp.slide[perm], span, keys_sorted[sub.starts],
+                          sub, anchor, g_cls, g_q)
 
-        n_sub = sub.starts.shape[0]
+    def _subregion_cls(self, xs: torch.Tensor, gs: torch.Tensor, sub: _Groups,
+                       anchor: torch.Tensor) -> torch.Tensor:
+        """Self-attention with a CLS token inside each window -> g_cls (G, H)."""
+        k = self.config.subregion_size
         rel = (gs.to(xs.dtype) - anchor[sub.gid]) / k
         # The CLS token starts at the window's mean feature (plus a learned offset), so its
         # output stays in the patches' feature space, comparable with them by cosine.
@@ -415,116 +538,141 @@ class CARE(nn.Module):
         layout = _with_cls(sub)
         for blk in self.sub_blocks:
             t = blk(t, *layout)
-        g_cls = self.sub_norm(t[:n_sub])  # (G, H)
-        g_q = self.sub_query(xs, sub.index, sub.valid)  # (G, H)
+        return self.sub_norm(t[:sub.starts.shape[0]])
 
-        # ---- 2. ARG: candidates from neighbouring windows, inclusion, semantic affinity
-        sub_key = win_key[perm][sub.starts]  # (G,) ascending, unique
-        nb = ws[:, None, :] + self.offsets[None]  # (M, Q, 2)
+    def assign(self, sub: SubRegions) -> Assignment:
+        """Step 2 (ARG): candidates from neighbouring windows, inclusion, semantic affinity,
+        hard assignment with a straight-through gate."""
+        cand, cand_ok, c_top = self._candidates(sub)
+        rho = self._affinity(sub, cand, cand_ok)
+        score = rho * c_top * cand_ok.to(rho.dtype)  # w = rho * C
+        prob = score / score.sum(-1, keepdim=True).clamp_min(1e-12)
+        choice = torch.argmax(score, dim=-1)  # hard assignment (M,)
+        onehot = F.one_hot(choice, self.config.num_candidates).to(prob.dtype)
+        # Straight-through: value 1 in the forward pass, gradient of the soft probability.
+        gate = (onehot + prob - prob.detach()).gather(1, choice[:, None])  # (M, 1)
+        region = torch.gather(cand, 1, choice[:, None]).squeeze(1)  # sub-region id (M,)
+        return Assignment(cand, cand_ok, c_top, rho, prob, choice, region, gate)
+
+    def _candidates(self, sub: SubRegions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The K nearest existing sub-regions of each patch: ids, found, soft inclusion C."""
+        k, span = self.config.subregion_size, sub.span
+        nb = sub.window[:, None, :] + self.offsets[None]  # (M, Q, 2)
         inside = ((nb >= 0) & (nb < span)).all(-1)
-        q_key = (bs[:, None] * span[1] + nb[..., 1]) * span[0] + nb[..., 0]
+        q_key = (sub.slide[:, None] * span[1] + nb[..., 1]) * span[0] + nb[..., 0]
         q_key = torch.where(inside, q_key, torch.full_like(q_key, -1))
-        cand_all, found = self._lookup(sub_key, q_key)  # (M, Q) sub-region ids, bool
+        cand_all, found = self._lookup(sub.keys, q_key)  # (M, Q) sub-region ids, bool
 
         sigma = self.log_sigma.exp() * k
-        d2 = ((gs.to(xs.dtype)[:, None, :] - anchor[cand_all]) ** 2).sum(-1)
+        d2 = ((sub.grid.to(sub.x.dtype)[:, None, :] - sub.anchor[cand_all]) ** 2).sum(-1)
         logit_c = torch.where(found, -d2 / (2 * sigma**2), torch.full_like(d2, -1e9))
         c_all = torch.softmax(logit_c, dim=-1)  # soft inclusion matrix C (truncated)
-        kc = cfg.num_candidates
         # Rank candidates by an exact integer key (4*d^2 is an integer: anchors sit on half
         # steps), ties broken by the fixed offset order, so torch and ONNX Runtime agree.
         n_off = self.offsets.shape[0]
         d2_key = torch.round(4 * d2).long() * n_off + _iota(self.offsets[:, 0])[None, :]
         d2_key = torch.where(found, d2_key, torch.full_like(d2_key, 2**62))
-        top = torch.topk(d2_key, kc, dim=-1, largest=False).indices  # (M, 3), nearest first
-        c_top = torch.gather(c_all, 1, top)
-        cand = torch.gather(cand_all, 1, top)
-        cand_ok = torch.gather(found, 1, top)
+        top = torch.topk(d2_key, self.config.num_candidates, dim=-1,
+                         largest=False).indices  # (M, K), nearest first
+        return (torch.gather(cand_all, 1, top), torch.gather(found, 1, top),
+                torch.gather(c_all, 1, top))
 
+    def _affinity(self, sub: SubRegions, cand: torch.Tensor,
+                  cand_ok: torch.Tensor) -> torch.Tensor:
+        """rho: mean of four softmax-normalised cosine similarities over the candidates."""
         tau = self.log_tau.exp()
-        xn, xan = F.normalize(xs, dim=-1), F.normalize(xas, dim=-1)
-        gcn, gqn = F.normalize(g_cls, dim=-1)[cand], F.normalize(g_q, dim=-1)[cand]
-        rho = torch.zeros_like(c_top)
+        xn, xan = F.normalize(sub.x, dim=-1), F.normalize(sub.xa, dim=-1)
+        gcn, gqn = F.normalize(sub.g_cls, dim=-1)[cand], F.normalize(sub.g_q, dim=-1)[cand]
+        rho = torch.zeros_like(cand, dtype=sub.x.dtype)
         for p_feat in (xn, xan):
             for g_feat in (gcn, gqn):
                 sim = (p_feat[:, None, :] * g_feat).sum(-1) / tau
                 sim = torch.where(cand_ok, sim, torch.full_like(sim, -1e9))
                 rho = rho + torch.softmax(sim, dim=-1) / 4.0
-        score = rho * c_top * cand_ok.to(rho.dtype)  # w = rho * C
-        prob = score / score.sum(-1, keepdim=True).clamp_min(1e-12)
-        choice = torch.argmax(score, dim=-1)  # hard assignment (M,)
-        onehot = F.one_hot(choice, kc).to(prob.dtype)
-        # Straight-through: value 1 in the forward pass, gradient of the soft probability.
-        gate = (onehot + prob - prob.detach()).gather(1, choice[:, None])  # (M, 1)
-        region = torch.gather(cand, 1, choice[:, None]).squeeze(1)  # sub-region id (M,)
+        return rho
 
-        # ---- 3. ARSA: sort by (region, canonical position) and attend inside each region
-        perm2 = torch.argsort(region * m_tot + _iota(region))
+    def attend_regions(self, fp: FlatPatches, sub: SubRegions, asg: Assignment) -> Regions:
+        """Step 3 (ARSA): sort by (region, canonical position), attend inside each region,
+        lay the regions out per slide (B, R)."""
+        k = self.config.subregion_size
+        region = asg.region
+        perm2 = torch.argsort(region * region.shape[0] + _iota(region))
         reg = _groups(region[perm2])
         rid = region[perm2][reg.starts]  # sub-region id of each adaptive region
-        r_anchor = anchor[rid]
-        y = xs * gate
-        n_regions = reg.starts.shape[0]
-        rel2 = (gs[perm2].to(xs.dtype) - r_anchor[reg.gid]) / k
-        y2 = y[perm2]
+        rel2 = (sub.grid[perm2].to(sub.x.dtype) - sub.anchor[rid][reg.gid]) / k
+        y2 = (sub.x * asg.gate)[perm2]
         cls = _segment_mean(y2, reg.gid, reg.counts) + self.region_cls[0]
         t = torch.cat([cls, y2 + self.region_pos(rel2)])  # (R_tot + M, H)
         layout = _with_cls(reg)
         for blk in self.region_blocks:
             t = blk(t, *layout)
         t = self.region_norm(t)
+        n_regions = reg.starts.shape[0]
         g_ar = t[:n_regions]  # (R_tot, H)
-        ptok_sorted2 = t[n_regions:]  # (M, H) in perm2 order
+        b_reg = sub.slide[perm2][reg.starts]  # (R_tot,)
+        return Regions(perm2, reg, g_ar, t[n_regions:], b_reg,
+                       *self._pad_regions(fp, b_reg, g_ar))
 
-        # ---- per-slide padded region layout
-        b_reg = bs[perm2][reg.starts]  # (R_tot,)
-        n_reg = torch.zeros_like(num_valid).scatter_add(0, b_reg, torch.ones_like(b_reg))
+    @staticmethod
+    def _pad_regions(fp: FlatPatches, b_reg: torch.Tensor, g_ar: torch.Tensor):
+        """Per-slide padded region layout: count, local index, slot, (B, R, H), (B, R)."""
+        n_reg = torch.zeros_like(fp.num_valid).scatter_add(0, b_reg, torch.ones_like(b_reg))
         first = torch.cumsum(n_reg, 0) - n_reg
         r_loc = _iota(b_reg) - first[b_reg]
         rmax_slots = torch.nonzero(_iota(b_reg) < n_reg.max()).squeeze(1)  # arange(R)
         r_pad = rmax_slots.shape[0]
         slot = b_reg * r_pad + r_loc
         h_dim = g_ar.shape[-1]
-        reg_emb = g_ar.new_zeros(bsz * r_pad, h_dim).index_copy(0, slot, g_ar)
-        reg_emb = reg_emb.reshape(bsz, r_pad, h_dim)
+        reg_emb = g_ar.new_zeros(fp.bsz * r_pad, h_dim).index_copy(0, slot, g_ar)
         reg_mask = (rmax_slots[None, :] < n_reg[:, None])
+        return n_reg, r_loc, slot, reg_emb.reshape(fp.bsz, r_pad, h_dim), reg_mask
 
-        # ---- 4. SPF: coverage prior alpha and gated attention beta
-        mass = torch.zeros_like(g_ar[:, 0]).scatter_add(0, reg.gid, gate[perm2].squeeze(1))
-        alpha_flat = mass / num_valid[b_reg].to(mass.dtype)
+    def fuse(self, fp: FlatPatches, reg: Regions, asg: Assignment) -> Fusion:
+        """Step 4 (SPF): coverage prior alpha, gated attention beta, fused weights, ROI."""
+        g_ar, (bsz, r_pad) = reg.g_ar, reg.mask.shape
+        mass = torch.zeros_like(g_ar[:, 0]).scatter_add(0, reg.groups.gid,
+                                                        asg.gate[reg.perm].squeeze(1))
+        alpha_flat = mass / fp.num_valid[reg.slide].to(mass.dtype)
         a_logit = self.gate_w(torch.tanh(self.gate_v(g_ar)) * torch.sigmoid(self.gate_u(g_ar)))
-        neg = torch.full((bsz * r_pad,), -1e9, dtype=g_ar.dtype, device=dev)
-        a_pad = neg.index_copy(0, slot, a_logit.squeeze(1)).reshape(bsz, r_pad)
-        beta = torch.softmax(a_pad, dim=-1) * reg_mask
-        alpha = g_ar.new_zeros(bsz * r_pad).index_copy(0, slot, alpha_flat).reshape(bsz, r_pad)
-        lam = cfg.lambda_spf
+        neg = torch.full((bsz * r_pad,), -1e9, dtype=g_ar.dtype, device=g_ar.device)
+        a_pad = neg.index_copy(0, reg.slot, a_logit.squeeze(1)).reshape(bsz, r_pad)
+        beta = torch.softmax(a_pad, dim=-1) * reg.mask
+        alpha = g_ar.new_zeros(bsz * r_pad).index_copy(0, reg.slot, alpha_flat)
+        alpha = alpha.reshape(bsz, r_pad)
+        lam = self.config.lambda_spf
         fused = lam * alpha + (1 - lam) * beta
-        z = (fused[..., None] * reg_emb).sum(1)
-        roi = torch.argmax(torch.where(reg_mask, fused, torch.full_like(fused, -1.0)), dim=-1)
-        roi_emb = torch.gather(reg_emb, 1, roi[:, None, None].expand(-1, 1, h_dim)).squeeze(1)
+        z = (fused[..., None] * reg.embeddings).sum(1)
+        roi = torch.argmax(torch.where(reg.mask, fused, torch.full_like(fused, -1.0)), dim=-1)
+        idx = roi[:, None, None].expand(-1, 1, g_ar.shape[-1])
+        roi_emb = torch.gather(reg.embeddings, 1, idx).squeeze(1)
+        return Fusion(alpha, beta, fused, z, roi, roi_emb)
 
-        # ---- 5. Region Structuring Loss on the soft assignment over ranked candidates
-        ranks = torch.arange(kc, device=dev, dtype=prob.dtype) / max(kc - 1, 1)
-        e_patch = (prob * ranks).sum(-1)  # (M,) in s-order
-        e_slide = torch.zeros_like(alpha[:, 0]).scatter_add(0, bs, e_patch)
+    def structuring(self, prob: torch.Tensor, slide: torch.Tensor,
+                    num_valid: torch.Tensor) -> Structuring:
+        """Step 5 (RSL) on the soft assignment ``prob`` (M, K) over ranked candidates;
+        ``slide`` (M,) is each patch's slide, ``num_valid`` (B,) the patches per slide."""
+        kc = prob.shape[-1]
+        ranks = torch.arange(kc, device=prob.device, dtype=prob.dtype) / max(kc - 1, 1)
+        e_patch = (prob * ranks).sum(-1)  # (M,)
+        e_slide = torch.zeros_like(num_valid, dtype=prob.dtype).scatter_add(0, slide, e_patch)
         e_bar = e_slide / num_valid.to(e_slide.dtype)
-        rsl = ((e_bar - cfg.e_star) ** 2).mean()
+        return Structuring(e_patch, e_bar, ((e_bar - self.config.e_star) ** 2).mean())
 
-        # ---- back to the caller's (B, N) layout
-        inv2 = _invert(perm2)
-        ptok_s = ptok_sorted2[inv2]  # s-order
-        rloc_s = r_loc[reg.gid][inv2]
-        inv = _invert(perm)
-        patch_tokens = xs.new_zeros(bsz * n, h_dim).index_copy(0, flat, ptok_s[inv])
-        region_of_patch = torch.full((bsz * n,), -1, dtype=torch.long, device=dev)
-        region_of_patch = region_of_patch.index_copy(0, flat, rloc_s[inv])
-        return CareOutput(
-            slide_embedding=z, region_embeddings=reg_emb, region_mask=reg_mask,
-            num_regions=n_reg, region_of_patch=region_of_patch.reshape(bsz, n),
-            coverage=alpha, semantic_weight=beta, fused_weight=fused, roi_index=roi,
-            roi_embedding=roi_emb, patch_tokens=patch_tokens.reshape(bsz, n, h_dim),
-            rsl_loss=rsl, aux_loss=cfg.lambda_rsl * rsl, expected_rank=e_bar,
-        )
+    @staticmethod
+    def unflatten(fp: FlatPatches, sub: SubRegions,
+                  reg: Regions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Epilogue: patch tokens (B, N, H) and region of each patch (B, N), -1 on padding,
+        in the caller's layout."""
+        inv2 = _invert(reg.perm)
+        ptok_s = reg.tokens[inv2]  # s-order
+        rloc_s = reg.local[reg.groups.gid][inv2]
+        inv = _invert(sub.perm)
+        rows, h_dim = fp.bsz * fp.n, reg.tokens.shape[-1]
+        patch_tokens = reg.tokens.new_zeros(rows, h_dim).index_copy(0, fp.flat, ptok_s[inv])
+        region_of_patch = torch.full((rows,), -1, dtype=torch.long, device=fp.flat.device)
+        region_of_patch = region_of_patch.index_copy(0, fp.flat, rloc_s[inv])
+        return (patch_tokens.reshape(fp.bsz, fp.n, h_dim),
+                region_of_patch.reshape(fp.bsz, fp.n))
 
     @staticmethod
     def _lookup(sub_key: torch.Tensor, q_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
