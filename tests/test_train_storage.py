@@ -128,3 +128,13 @@ def test_prune_keeps_exactly_the_tracked_checkpoints(where, tmp_path, request):
     left = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
     assert left == ["checkpoint_c", "checkpoint_d", "checkpoint_manager_snapshot.json",
                     "metrics.jsonl"]
+
+
+def test_the_stage_table_matches_the_cli_choices():
+    from care_scale.choices import Stage, values
+    from care_scale.training.loop import STAGES, _stage
+
+    assert sorted(STAGES) == sorted(values(Stage))
+    for stage in STAGES:
+        cfg_cls, task_cls = _stage(stage)
+        assert task_cls.stage == stage

@@ -56,16 +56,21 @@ STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 
 
+# Each stage: its config class and its task ("module:class", imported when the stage runs).
+STAGES: dict[str, tuple[type, str]] = {
+    "stage1": (Stage1Config, "care_scale.training.ssl:SSLTask"),
+    "stage2": (Stage2Config, "care_scale.training.align:AlignTask"),
+}
+
+
 def _stage(stage: str) -> tuple[type, Any]:
-    if stage == "stage1":
-        from care_scale.training.ssl import SSLTask
+    import importlib
 
-        return Stage1Config, SSLTask
-    if stage == "stage2":
-        from care_scale.training.align import AlignTask
-
-        return Stage2Config, AlignTask
-    raise ConfigError(f"unknown training stage {stage!r}; use stage1 or stage2")
+    if stage not in STAGES:
+        raise ConfigError(f"unknown training stage {stage!r}; use one of {sorted(STAGES)}")
+    cfg_cls, target = STAGES[stage]
+    module, name = target.split(":")
+    return cfg_cls, getattr(importlib.import_module(module), name)
 
 
 def lr_at(step: int, *, base: float, min_lr: float, warmup: int, start: int, length: int
