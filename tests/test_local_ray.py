@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -111,3 +112,90 @@ def test_training_workers_process_group_listens_on_loopback_only(tmp_path):
     listeners = _run_child(_TRAIN_CHILD, str(tmp_path), timeout=400)
     assert len(listeners) >= 4, listeners  # Ray's own, and the store: the sampling saw them
     assert all(re.match(_LOOPBACK, a) for a in listeners), listeners
+
+
+def _processes_of(tmpdir: str) -> dict[int, str]:
+    """Every process on this machine of the Ray session under the temp dir ``tmpdir``: the
+    dir on its command line (Ray's servers), a file under it open (every Ray process keeps
+    its log files there), or ``RAY_TMPDIR=tmpdir`` in its environment (inherited from the
+    driver; what is left of it once Ray's process titles overwrote it)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+            links = []
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                try:
+                    links.append(os.readlink(f"/proc/{entry}/fd/{fd}"))
+                except OSError:
+                    continue
+        except OSError:
+            continue
+        if (tmpdir.encode() in cmd or f"RAY_TMPDIR={tmpdir}".encode() in env
+                or any(link.startswith(tmpdir + "/") for link in links)):
+            found[int(entry)] = cmd.replace(b"\0", b" ").decode(errors="replace")[:100]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds processes through /proc")
+def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
+    """SIGKILL of a `care-scale embed` driver mid-run (its local cluster up, slides being
+    committed): within seconds no process of that Ray session is left, the agents Ray would
+    keep for a minute included (care_scale.local_ray's watchdog)."""
+    import tempfile
+    import time
+
+    from deltalake import DeltaTable
+
+    from care_scale.synthetic import write_synthetic_slide
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):  # one-slide commits: the job is still running when it is killed
+        write_synthetic_slide(src / f"s{i}.tiff", width=1536, height=1024, mpp=0.5, seed=i % 3)
+    warehouse = tmp_path / "wh"
+    # Short: Ray's unix sockets live under it (108-byte limit).
+    ray_tmp = tempfile.mkdtemp(prefix="csr-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "care_scale", "embed", str(src), "--warehouse", str(warehouse),
+         "--set", "progress=none", "--set", "commit_every=1", "--set", "num_cpus=2"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        committed = 0
+        while time.monotonic() < deadline and proc.poll() is None and not committed:
+            try:
+                committed = len(DeltaTable(str(warehouse / "slides")).to_pyarrow_table())
+            except Exception:  # noqa: BLE001 - the table may not exist yet
+                committed = 0
+            time.sleep(0.2)
+        assert proc.poll() is None and 0 < committed < 12, "not killed mid-run"
+        before = _processes_of(ray_tmp)
+        assert len(before) >= 4, before  # GCS, raylet, workers: the check sees them
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
+        proc.wait(timeout=30)
+        killed_at = time.monotonic()
+        left = before
+        for _ in range(100):  # 20 s at most
+            left = _processes_of(ray_tmp)
+            if not left or time.monotonic() - killed_at > 20:
+                break
+            time.sleep(0.2)
+        assert not left, (left, sorted(before.values()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_of(ray_tmp):  # whatever a failed run left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
