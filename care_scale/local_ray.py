@@ -146,8 +146,8 @@ def watch(driver_pid: int) -> None:
 
     def read() -> None:
         for line in sys.stdin:
-            if line.strip():
-                sessions.append(line.strip())
+            if line.strip():  # as named (command lines) and resolved (open files' links)
+                sessions.extend({line.strip(), os.path.realpath(line.strip())})
 
     threading.Thread(target=read, daemon=True).start()
     while os.getppid() == driver_pid:

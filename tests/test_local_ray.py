@@ -199,3 +199,66 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
             except ProcessLookupError:
                 pass
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# A stand-in driver: its watchdog is told a session dir, then it starts two "Ray" processes
+# of that session (one holds a log file there open, one names the dir on its command line)
+# and one bystander, prints their pids and waits to be killed.
+_FAKE_DRIVER = r"""
+import os, subprocess, sys, time
+from care_scale.local_ray import _watchdog
+
+session = sys.argv[1]
+dog = _watchdog()
+dog.stdin.write(session + "\n")
+dog.stdin.flush()
+sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+log = open(os.path.join(session, "logs", "worker.out"), "w")
+holder = subprocess.Popen(sleeper, stdout=log, start_new_session=True)
+named = subprocess.Popen(sleeper + [f"--session-dir={session}"], start_new_session=True)
+bystander = subprocess.Popen(sleeper, start_new_session=True)
+print(holder.pid, named.pid, bystander.pid, dog.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds processes through /proc")
+def test_the_watchdog_kills_its_sessions_processes_once_the_driver_is_gone(tmp_path):
+    """No Ray needed: what care_scale.local_ray's watchdog does when its driver is SIGKILLed
+    (the processes of the session it was told go, within seconds; a bystander stays)."""
+    import time
+
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
+    driver = subprocess.Popen([sys.executable, "-c", _FAKE_DRIVER, str(session)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pids = []
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        holder, named, bystander, dog = pids
+        assert all(os.path.exists(f"/proc/{p}") for p in pids)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_running(p) for p in (holder, named, dog)):
+            time.sleep(0.1)
+        assert not any(_running(p) for p in (holder, named, dog)), pids
+        assert _running(bystander)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if driver.poll() is None:
+            driver.kill()
+        driver.wait(timeout=10)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed child of a dead parent waits to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
