@@ -6,18 +6,38 @@ to every interface and to the machine's routable address. Ray chooses the addres
 for everything, as it does on macOS and Windows. So the variable must be set before the first
 ``import ray`` of the process, and only for clusters of our own: a driver joining a real
 multi-node cluster (``RAY_ADDRESS``) must keep its routable address.
+
+Such a cluster also dies with its driver. Ray ties its GCS and raylet to the driver
+(``PR_SET_PDEATHSIG``) and workers follow the raylet within a second or two, but the dashboard
+and runtime-env agents, on noticing the raylet gone, first try to report it to the dead GCS
+and wait out a fixed 60 s RPC timeout (Ray 2.x ``process_watcher``; no setting shortens it).
+So :func:`init_local` starts a small watchdog, a child of the driver that is told each session
+directory the driver's clusters use: once the driver is gone (the watchdog is re-parented), it
+kills every process that has that session on its command line or a file of it open (Ray's
+servers, agents and workers all keep their log files there; the environment would not do:
+Ray's process titles overwrite it) and exits.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+#: How often the watchdog looks at its parent, and how long it goes on killing a session's
+#: processes once the driver is gone (a raylet may still be starting a worker), in seconds.
+WATCH_INTERVAL_S = 0.2
+REAP_FOR_S = 10.0
+
+_WATCHDOG: dict[int, subprocess.Popen] = {}  # driver pid -> its watchdog
 
 
 def loopback_only() -> bool:
@@ -42,7 +62,98 @@ def init_local(**kwargs: Any) -> None:
     import ray
 
     quiet_console()
+    watchdog = _watchdog()
     ray.init(address="local", **kwargs)
+    session = _session_dir(ray)
+    if watchdog is not None and watchdog.stdin is not None and session:
+        try:
+            watchdog.stdin.write(session + "\n")
+            watchdog.stdin.flush()
+        except OSError as exc:  # the watchdog is gone: the cluster runs on without it
+            log.debug("local Ray watchdog unreachable: %s", exc)
+
+
+def _session_dir(ray: Any) -> str | None:
+    """The session directory (/tmp/ray/session_...) of this driver's cluster, its own."""
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    return node.get_session_dir_path() if node is not None else None
+
+
+def _watchdog() -> subprocess.Popen | None:
+    """This driver's watchdog (one per driver process), started on the first call; None
+    where there is no /proc to find a session's processes by (not Linux)."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    proc = _WATCHDOG.get(os.getpid())
+    if proc is None or proc.poll() is not None:
+        # This file as a script, isolated (-I: stdlib only, whatever sys.path the driver
+        # has); in a session of its own: a Ctrl-C to the driver's group leaves it to clean up.
+        proc = subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            text=True, start_new_session=True, close_fds=True)
+        _WATCHDOG[os.getpid()] = proc
+    return proc
+
+
+def session_pids(sessions: list[str]) -> list[int]:
+    """Processes on this machine (this one aside) of these Ray sessions: a session
+    directory on their command line or a file under it open."""
+    return [int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and int(entry) != os.getpid()
+            and any(_of_session(entry, s) for s in sessions)]
+
+
+def _of_session(pid: str, session: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if session.encode() in f.read():
+                return True
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:  # gone meanwhile, or not ours to read
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(session + "/"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def reap(sessions: list[str], *, for_s: float = REAP_FOR_S) -> int:
+    """SIGKILL every process of these sessions, again until none is left or ``for_s``
+    passed; how many were killed."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + for_s
+    while sessions:
+        for pid in set(session_pids(sessions)) - killed:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                continue
+        if not session_pids(sessions) or time.monotonic() > deadline:
+            break
+        time.sleep(WATCH_INTERVAL_S)
+    return len(killed)
+
+
+def watch(driver_pid: int) -> None:
+    """The watchdog: collect session directories from stdin, one a line, until the driver
+    is gone (we are re-parented), then reap those sessions."""
+    sessions: list[str] = []
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip():  # as named (command lines) and resolved (open files' links)
+                sessions.extend({line.strip(), os.path.realpath(line.strip())})
+
+    threading.Thread(target=read, daemon=True).start()
+    while os.getppid() == driver_pid:
+        time.sleep(WATCH_INTERVAL_S)
+    time.sleep(WATCH_INTERVAL_S)  # a line the driver wrote just before it died
+    reap(list(sessions))
 
 
 #: Ray's loggers whose console handler care-scale raises, and to what level.
@@ -66,4 +177,9 @@ def quiet_console() -> None:
     logging.getLogger(_AUTH_NOTICE).setLevel(logging.ERROR)
 
 
-__all__ = ["LOOPBACK_ENV", "init_local", "loopback_only", "quiet_console"]
+__all__ = ["LOOPBACK_ENV", "init_local", "loopback_only", "quiet_console", "reap",
+           "session_pids", "watch"]
+
+
+if __name__ == "__main__":  # the watchdog process (_watchdog)
+    watch(int(sys.argv[1]))

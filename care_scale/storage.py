@@ -10,6 +10,7 @@ secrets from anything that may reach a log, a table or an exception.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
@@ -99,6 +100,74 @@ def is_transient(exc: BaseException) -> bool:
                               "connection refused", "dns error")):
         return False
     return any(n in low for n in _TRANSIENT)
+
+
+#: What went wrong on the wire, by errno or words anywhere in an exception's chain; first
+#: match wins. botocore's EndpointConnectionError says "Could not connect to the endpoint URL"
+#: whatever happened (a reset too): the original is in its ``kwargs["error"]``.
+_NETWORK_CAUSES = (
+    ("connection reset", (errno.ECONNRESET,), ("reset by peer", "connection reset")),
+    ("connection refused", (errno.ECONNREFUSED,), ("connection refused", "connect call failed")),
+    ("timed out", (errno.ETIMEDOUT,), ("timed out", "timeout")),
+    ("connection closed early", (errno.EPIPE,),
+     ("server disconnected", "connection closed", "payload is not completed", "broken pipe")),
+)
+
+
+def _exception_chain(exc: BaseException, limit: int = 16) -> list[BaseException]:
+    """``exc``, what it wraps (botocore's ``kwargs["error"]``), its causes and contexts."""
+    out: list[BaseException] = []
+    todo = [exc]
+    while todo and len(out) < limit:
+        e = todo.pop(0)
+        if e is None or any(e is o for o in out):
+            continue
+        out.append(e)
+        inner = (getattr(e, "kwargs", None) or {}).get("error") \
+            if isinstance(getattr(e, "kwargs", None), dict) else None
+        todo += [x for x in (inner, e.__cause__, e.__context__) if isinstance(x, BaseException)]
+    return out
+
+
+def network_cause(exc: BaseException) -> str | None:
+    """"connection reset", "connection refused", "timed out" or "connection closed early"
+    when ``exc`` (or what it wraps) is one of those network failures, else None."""
+    chain = _exception_chain(exc)
+    for cause, errnos, words in _NETWORK_CAUSES:
+        for e in chain:
+            if (isinstance(e, OSError) and e.errno in errnos) or \
+                    any(w in str(e).lower() for w in words):
+                return cause
+    return None
+
+
+def client_attempts(fs: Any) -> int | None:
+    """How many times the S3 client of an s3fs filesystem sends a request before it gives up
+    (botocore's retry configuration: legacy mode 5, standard and adaptive 3, unless set);
+    None for other filesystems or an unknown configuration."""
+    config = getattr(getattr(getattr(fs, "s3", None), "meta", None), "config", None)
+    retries = getattr(config, "retries", None)
+    if not isinstance(retries, dict):
+        return None
+    if retries.get("total_max_attempts"):
+        return int(retries["total_max_attempts"])
+    if retries.get("max_attempts") is not None:  # retries after the first attempt
+        return int(retries["max_attempts"]) + 1
+    return {"legacy": 5, "standard": 3, "adaptive": 3}.get(retries.get("mode", "legacy"))
+
+
+def network_failure(exc: BaseException, uri: str, fs: Any, doing: str) -> str | None:
+    """One line for a network failure while ``doing`` (e.g. "reading") ``uri`` through
+    ``fs``: what happened, the URI (redacted) and the client's attempts, e.g. "connection
+    reset while reading s3://bucket/key after 5 attempts"; None when ``exc`` is not one."""
+    cause = network_cause(exc)
+    if cause is None:
+        return None
+    attempts = client_attempts(fs)
+    tail = f" after {attempts} attempts" if attempts else ""
+    hint = (": check aws_endpoint_url / AWS_ENDPOINT_URL and the network"
+            if cause == "connection refused" else "")
+    return f"{cause} while {doing} {redact(uri)}{tail}{hint}"
 
 
 def store_error(what: str, exc: BaseException) -> Any:

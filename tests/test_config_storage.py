@@ -144,3 +144,29 @@ def test_embed_config_validation():
         load_config(EmbedConfig, None, ["target_mpp=0"])
     with pytest.raises(ConfigError, match="needs source and warehouse"):
         EmbedConfig().require_io()
+
+
+def test_network_failures_are_named_for_what_happened_not_what_botocore_says():
+    """botocore's EndpointConnectionError reads "Could not connect to the endpoint URL" for
+    a reset too; the message names the reset (from the error it wraps) and the URI, redacted."""
+    from aiohttp import ClientOSError
+    from botocore.exceptions import EndpointConnectionError
+
+    from care_scale.storage import network_cause, network_failure
+
+    uri = "https://host/b/k.svs?X-Amz-Signature=s3cr3t&X-Amz-Date=1"
+    reset = EndpointConnectionError(endpoint_url=uri,
+                                    error=ClientOSError(104, "Connection reset by peer"))
+    line = network_failure(reset, uri, None, "reading")
+    assert line == "connection reset while reading https://host/b/k.svs?X-Amz-Signature=***" \
+        "&X-Amz-Date=1", line
+    refused = EndpointConnectionError(endpoint_url=uri, error=ConnectionRefusedError(111, "x"))
+    assert network_cause(refused) == "connection refused"
+    try:
+        try:
+            raise TimeoutError("read timed out")
+        except TimeoutError as exc:
+            raise OSError("Generic S3 error") from exc
+    except OSError as chained:
+        assert network_cause(chained) == "timed out"
+    assert network_cause(ValueError("NoSuchBucket")) is None

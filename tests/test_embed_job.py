@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -681,7 +682,8 @@ def test_a_whole_job_through_store_faults_equals_a_clean_run(ray_local, cohort, 
 def test_a_slide_whose_download_keeps_failing_is_a_failures_row(ray_local, cohort, tmp_path,
                                                                  s3_options, s3_bucket):
     """Every GET of one slide reset: after the bounded retries it is one `failures` row
-    naming the download, the other slides are embedded (exit 3), nothing crashes."""
+    saying so (a connection reset, the URI, the S3 client's attempts), the other slides are
+    embedded (exit 3), nothing crashes."""
     from faultproxy import Fault, FaultProxy
 
     source = _put_cohort(cohort, s3_options, s3_bucket)
@@ -695,4 +697,9 @@ def test_a_slide_whose_download_keeps_failing_is_a_failures_row(ray_local, cohor
     assert (summary.done, summary.failed) == (N_SLIDES - 1, 1), summary.failures
     (row,) = _table(wh, "failures", s3_options).to_pylist()
     assert row["slide_id"] == "slide_1" and "download failed" in row["message"], row
+    # What happened, on which URI, after how many tries: not botocore's "Could not connect to
+    # the endpoint URL", which it says of a reset too.
+    assert re.search(rf"connection reset while reading {re.escape(source)}slide_1\.tiff "
+                     r"after \d+ attempts", row["message"]), row
+    assert "could not connect" not in row["message"].lower(), row
     assert 1 < len(fired) < 200

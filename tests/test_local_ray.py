@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -111,3 +112,153 @@ def test_training_workers_process_group_listens_on_loopback_only(tmp_path):
     listeners = _run_child(_TRAIN_CHILD, str(tmp_path), timeout=400)
     assert len(listeners) >= 4, listeners  # Ray's own, and the store: the sampling saw them
     assert all(re.match(_LOOPBACK, a) for a in listeners), listeners
+
+
+def _processes_of(tmpdir: str) -> dict[int, str]:
+    """Every process on this machine of the Ray session under the temp dir ``tmpdir``: the
+    dir on its command line (Ray's servers), a file under it open (every Ray process keeps
+    its log files there), or ``RAY_TMPDIR=tmpdir`` in its environment (inherited from the
+    driver; what is left of it once Ray's process titles overwrote it)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                env = f.read()
+            links = []
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                try:
+                    links.append(os.readlink(f"/proc/{entry}/fd/{fd}"))
+                except OSError:
+                    continue
+        except OSError:
+            continue
+        if (tmpdir.encode() in cmd or f"RAY_TMPDIR={tmpdir}".encode() in env
+                or any(link.startswith(tmpdir + "/") for link in links)):
+            found[int(entry)] = cmd.replace(b"\0", b" ").decode(errors="replace")[:100]
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds processes through /proc")
+def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
+    """SIGKILL of a `care-scale embed` driver mid-run (its local cluster up, slides being
+    committed): within seconds no process of that Ray session is left, the agents Ray would
+    keep for a minute included (care_scale.local_ray's watchdog)."""
+    import tempfile
+    import time
+
+    from deltalake import DeltaTable
+
+    from care_scale.synthetic import write_synthetic_slide
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):  # one-slide commits: the job is still running when it is killed
+        write_synthetic_slide(src / f"s{i}.tiff", width=1536, height=1024, mpp=0.5, seed=i % 3)
+    warehouse = tmp_path / "wh"
+    # Short: Ray's unix sockets live under it (108-byte limit).
+    ray_tmp = tempfile.mkdtemp(prefix="csr-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = ray_tmp
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "care_scale", "embed", str(src), "--warehouse", str(warehouse),
+         "--set", "progress=none", "--set", "commit_every=1", "--set", "num_cpus=2"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        committed = 0
+        while time.monotonic() < deadline and proc.poll() is None and not committed:
+            try:
+                committed = len(DeltaTable(str(warehouse / "slides")).to_pyarrow_table())
+            except Exception:  # noqa: BLE001 - the table may not exist yet
+                committed = 0
+            time.sleep(0.2)
+        assert proc.poll() is None and 0 < committed < 12, "not killed mid-run"
+        before = _processes_of(ray_tmp)
+        assert len(before) >= 4, before  # GCS, raylet, workers: the check sees them
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
+        proc.wait(timeout=30)
+        killed_at = time.monotonic()
+        left = before
+        for _ in range(100):  # 20 s at most
+            left = _processes_of(ray_tmp)
+            if not left or time.monotonic() - killed_at > 20:
+                break
+            time.sleep(0.2)
+        assert not left, (left, sorted(before.values()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in _processes_of(ray_tmp):  # whatever a failed run left behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# A stand-in driver: its watchdog is told a session dir, then it starts two "Ray" processes
+# of that session (one holds a log file there open, one names the dir on its command line)
+# and one bystander, prints their pids and waits to be killed.
+_FAKE_DRIVER = r"""
+import os, subprocess, sys, time
+from care_scale.local_ray import _watchdog
+
+session = sys.argv[1]
+dog = _watchdog()
+dog.stdin.write(session + "\n")
+dog.stdin.flush()
+sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+log = open(os.path.join(session, "logs", "worker.out"), "w")
+holder = subprocess.Popen(sleeper, stdout=log, start_new_session=True)
+named = subprocess.Popen(sleeper + [f"--session-dir={session}"], start_new_session=True)
+bystander = subprocess.Popen(sleeper, start_new_session=True)
+print(holder.pid, named.pid, bystander.pid, dog.pid, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds processes through /proc")
+def test_the_watchdog_kills_its_sessions_processes_once_the_driver_is_gone(tmp_path):
+    """No Ray needed: what care_scale.local_ray's watchdog does when its driver is SIGKILLed
+    (the processes of the session it was told go, within seconds; a bystander stays)."""
+    import time
+
+    session = tmp_path / "session_x"
+    (session / "logs").mkdir(parents=True)
+    driver = subprocess.Popen([sys.executable, "-c", _FAKE_DRIVER, str(session)],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    pids = []
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        holder, named, bystander, dog = pids
+        assert all(os.path.exists(f"/proc/{p}") for p in pids)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_running(p) for p in (holder, named, dog)):
+            time.sleep(0.1)
+        assert not any(_running(p) for p in (holder, named, dog)), pids
+        assert _running(bystander)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if driver.poll() is None:
+            driver.kill()
+        driver.wait(timeout=10)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed child of a dead parent waits to be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from care_scale.exceptions import SlideNotFoundError, StorageError
-from care_scale.storage import redact, strip_file_scheme, url_to_fs, write_text
+from care_scale.storage import network_failure, redact, strip_file_scheme, url_to_fs, write_text
 
 _MIB = 1 << 20
 
@@ -93,7 +93,9 @@ def stat_uri(uri: str, *, storage_options: dict[str, Any] | None = None
     except FileNotFoundError:
         raise SlideNotFoundError(redact(uri)) from None
     except remote_errors() as exc:
-        raise StorageError(f"{redact(uri)}: cannot stat ({type(exc).__name__}: "
+        why = network_failure(exc, uri, fs, "looking up")
+        raise StorageError(f"cannot stat: {why}" if why else
+                           f"{redact(uri)}: cannot stat ({type(exc).__name__}: "
                            f"{redact(exc)})") from None
     if info.get("type") == "directory":
         raise SlideNotFoundError(redact(uri), "is a directory, not a slide file")
@@ -372,7 +374,9 @@ class SlideCache:
             raise SlideNotFoundError(redact(uri)) from None
         except remote_errors() as exc:
             part.unlink(missing_ok=True)
-            raise StorageError(f"{redact(uri)}: download failed ({type(exc).__name__}: "
+            why = network_failure(exc, uri, fs, "reading")
+            raise StorageError(f"download failed: {why}" if why else
+                               f"{redact(uri)}: download failed ({type(exc).__name__}: "
                                f"{redact(exc)})") from None
         self._verify(uri, part, size, etag)
         os.replace(part, target)
