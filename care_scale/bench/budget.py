@@ -13,8 +13,8 @@ builds, ONNX exports and int8 quantisation included), not only the timed calls.
   fit what is left of the stage.
 - CARE sizes: skipped for ``memory`` when the peak, extrapolated from the smaller sizes'
   measured peaks, would exceed the memory available; for ``budget`` when one forward,
-  extrapolated from the last size's time, would not fit; sizes where three calls would not
-  fit are measured with one call (it gives both the time and the peak).
+  extrapolated from the last size's time, would not fit. Each size is measured with one call
+  (time and peak), and with more only where they fit.
 
 Pure arithmetic and two small probes (a matmul, /proc/meminfo); no model is built here.
 """
@@ -202,7 +202,7 @@ def care_skip(n: int, *, peak_mib: float | None, available_mib: float | None,
                 f"measured peaks), {available_mib:,.0f} MiB available")
     if call_s is not None and call_s > left_s:
         return (f"budget: about {call_s:.1f} s per forward (linear from N={measured_from:,}), "
-                f"{max(left_s, 0):.1f} s of --seconds left")
+                f"{max(left_s, 0):.1f} s of --seconds left (a larger --seconds runs it)")
     return None
 
 

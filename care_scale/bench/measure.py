@@ -68,10 +68,11 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------- timing
 
 
-def timed(fn: Callable[[], Any], budget_s: float) -> tuple[float, int]:
-    """(best seconds per call, calls timed): one warm-up call, then calls until ``budget_s``
-    is spent (at least one, at most :data:`MAX_REPEATS`)."""
-    fn()
+def timed(fn: Callable[[], Any], budget_s: float, *, warmup: bool = True) -> tuple[float, int]:
+    """(best seconds per call, calls timed): one warm-up call (unless ``warmup`` is False),
+    then calls until ``budget_s`` is spent (at least one, at most :data:`MAX_REPEATS`)."""
+    if warmup:
+        fn()
     best, calls, end = float("inf"), 0, time.perf_counter() + budget_s
     while calls < 1 or (time.perf_counter() < end and calls < MAX_REPEATS):
         t0 = time.perf_counter()
@@ -180,10 +181,12 @@ def _decode_once(backend: str, grids, workers: int, budget_s: float,
 
 def measure_decode(grids, *, cores: int, budget_s: float, storage_options=None
                    ) -> list[dict[str, Any]]:
-    """Per slide backend: tiles/s with 1 worker and with ``cores`` workers, CPU ms per tile."""
+    """Per slide backend: tiles/s with 1 worker and with ``cores`` workers, CPU ms per tile;
+    the backends installed share ``budget_s``."""
     from care_scale.slides import backend_available
 
     out = []
+    budget_s /= max(1, sum(backend_available(b) for b in SLIDE_BACKENDS))  # per backend
     for backend in SLIDE_BACKENDS:
         entry: dict[str, Any] = {"backend": backend, "tiles": None, "workers": cores,
                                  "tiles_per_s_one_worker": None, "tiles_per_s_node": None,
@@ -442,9 +445,9 @@ def measure_care(care, sizes: tuple[int, ...], *, device: str, stage: Stage,
     """Forward seconds and peak memory at each N, smallest first. A size is skipped for
     memory when its peak, extrapolated from the measured ones, exceeds the memory available
     (``available_mib``; read from the device when None), and for budget when one forward,
-    linear in N from the last size, does not fit what is left of ``stage``. A size where
-    three calls do not fit is measured with one call (its time and peak); the others with a
-    warm-up, timed calls (best of) and a call for the peak."""
+    linear in N from the last size, does not fit what is left of ``stage``. Each size is
+    measured with one call (its time and peak), then, where another fits its share of what is
+    left, with more calls (best of)."""
     from care_scale.bench.budget import available_memory_mib, care_skip, extrapolate_peak
 
     care = care.eval().to(device)
@@ -465,12 +468,11 @@ def measure_care(care, sizes: tuple[int, ...], *, device: str, stage: Stage,
         if entry["skipped"]:
             continue
         forward = _care_forward(care, n, device)
-        if call_s is not None and 3 * call_s > left:
-            best, peak, source = _peak_call(forward, device)
-            calls = 1
-        else:
-            best, calls = timed(forward, max(0.0, stage.left() / (len(sizes) - i)))
-            _, peak, source = _peak_call(forward, device)
+        best, peak, source = _peak_call(forward, device)  # also the warm-up
+        calls, share = 1, stage.left() / (len(sizes) - i)
+        if best <= share:
+            more, timed_calls = timed(forward, share, warmup=False)
+            best, calls = min(best, more), 1 + timed_calls
         # RSS may not grow at all (freed heap reused): estimate from no less than the inputs.
         peaks.append((n, max(peak, n * care.config.in_dim * 4 / 2**20)))
         last = (n, best)

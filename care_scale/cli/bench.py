@@ -51,8 +51,8 @@ def add_parser(subparsers: Any) -> None:
                    "build and call, then from the builds so far) and 2 calls would not fit is "
                    "listed as skipped: 'budget: ...'. A CARE size is skipped 'memory: ...' when "
                    "its peak, extrapolated from the smaller sizes, exceeds 80%% of the free "
-                   "memory, 'budget: ...' when one forward would not fit; big sizes are timed "
-                   "with one call")
+                   "memory, 'budget: ...' when one forward would not fit; each size is timed "
+                   "with one call, and more where they fit")
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per encoder call (default 32; 8 with --seconds < 5)")
     p.add_argument("--care-sizes", default=None, metavar="N,N,...",
