@@ -140,7 +140,9 @@ def slide_paths(config: BenchConfig, workdir: Path) -> tuple[list[str], str]:
         return [s.uri for s in found[: config.max_slides]], config.slides
     from care_scale.synthetic import write_synthetic_slide
 
-    side = 2048 if config.small else 6144
+    # Writing the 6144 px slide takes ~25 s on 2 busy cores, 2048-3072 px ~5 s: the big one
+    # only where the budget is long.
+    side = 2048 if config.small else (6144 if config.seconds >= 120 else 3072)
     path = workdir / "bench_slide.tif"
     write_synthetic_slide(path, width=side, height=side, seed=0, tissue_fraction=0.6)
     return [str(path)], f"generated ({side} x {side} px synthetic JPEG TIFF, 0.5 um/px)"
@@ -570,19 +572,24 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     encoder, care, build_s = _build_models(name, config.slide_encoder)
     spec = encoder.spec
     sizes = config.care_sizes or ((256, 1024) if small else CARE_SIZES)
+    ends = {"models": budget.elapsed()}  # seconds since the start at the end of each part
     with _workdir() as work:
         paths, origin = slide_paths(config, work)
         grids = _grids(paths, target_mpp=spec.mpp, patch_size=spec.input_size,
                        storage_options=config.storage_options)
+        ends["slides"] = budget.elapsed()
         decode = measure_decode(grids, cores=hw["cores"],
                                 budget_s=max(0.0, budget.stage("decode").left()),
                                 storage_options=config.storage_options)
         tiles = sample_tiles(grids, batch, config.storage_options)
+        ends["decode"] = budget.elapsed()
         patch = measure_patch_encoder(encoder, tiles, candidates(backends, precisions),
                                       flags=flags, stage=budget.stage("patch_encoder"),
                                       builds=BuildEstimate(build_s), workdir=work)
+        ends["patch_encoder"] = budget.elapsed()
     care_entries = measure_care(care, tuple(sizes), device="cuda" if cuda else "cpu",
                                 stage=budget.stage("care"))
+    ends["care"] = budget.elapsed()
     return {
         "schema": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -601,6 +608,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "slide_encoder": {"model": config.slide_encoder, "in_dim": care.config.in_dim,
                           "hidden_dim": care.config.hidden_dim, "entries": care_entries},
         "elapsed_s": budget.elapsed(),
+        "ends_s": ends,
     }
 
 
