@@ -449,7 +449,7 @@ def measure_care(care, sizes: tuple[int, ...], *, device: str, stage: Stage,
     (``available_mib``; read from the device when None), and for budget when one forward,
     linear in N from the last size, does not fit what is left of ``stage``. Each size is
     measured with one call (its time and peak), then, where another fits its share of what is
-    left, with more calls (best of)."""
+    left after one call of each larger size, with more calls (best of)."""
     from care_scale.bench.budget import available_memory_mib, care_skip, extrapolate_peak
 
     care = care.eval().to(device)
@@ -471,7 +471,9 @@ def measure_care(care, sizes: tuple[int, ...], *, device: str, stage: Stage,
             continue
         forward = _care_forward(care, n, device)
         best, peak, source = _peak_call(forward, device)  # also the warm-up
-        calls, share = 1, stage.left() / (len(sizes) - i)
+        # Repeats share what is left after one call of each larger size (linear in N).
+        reserve = sum(best * m / n for m in sorted(sizes)[i + 1:])
+        calls, share = 1, (stage.left() - reserve) / (len(sizes) - i)
         if best <= share:
             more, timed_calls = timed(forward, share, warmup=False)
             best, calls = min(best, more), 1 + timed_calls
