@@ -4,10 +4,24 @@ fixed rates, and the torch-only GPU check in its CPU fallback."""
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from care_scale.bench.budget import (
+    BUILD_FACTORS,
+    CPU_ENCODER_LADDER,
+    INT8_OVER_FP32,
+    Budget,
+    BuildEstimate,
+    Stage,
+    care_skip,
+    default_cpu_encoder,
+    extrapolate_peak,
+)
+from care_scale.bench.measure import Candidate, measure_care, measure_patch_encoder
 from care_scale.bench.plan import Alternative, ClusterShape, Rates, plan_cohort
 from care_scale.exceptions import ConfigError
 
@@ -34,8 +48,107 @@ def test_bench_smoke_run_writes_json_with_every_field(tmp_path):
         assert e["skipped"].strip() and e["tiles_per_s"] is None, e
     decoded = [d for d in result["decode"] if d["skipped"] is None]
     assert decoded and all(d["tiles_per_s_node"] > 0 for d in decoded)
-    sizes = {e["n"] for e in result["slide_encoder"]["entries"] if e["skipped"] is None}
-    assert sizes == {256, 1024}
+    care = result["slide_encoder"]["entries"]
+    assert [e["n"] for e in care] == [256, 1024] and care[0]["skipped"] is None
+    for e in care:  # the budget covers the whole run: a size may be skipped, saying why
+        assert (e["seconds"] > 0 and e["calls"] >= 1) if e["skipped"] is None else \
+            e["skipped"].startswith(("budget: ", "memory: ")), e
+    assert result["patch_encoder"]["build_s"] >= 0 and result["patch_encoder"]["chosen_by"]
+
+
+# ------------------------------------------------------------------------ the time budget
+
+def test_build_estimates_follow_the_torch_build_then_the_builds_measured():
+    builds = BuildEstimate(torch_build_s=2.0, call_s=0.5)
+    fp32 = BUILD_FACTORS["onnxruntime"][0] * 2.5 + BUILD_FACTORS["onnxruntime"][1]
+    assert builds.seconds("torch", "bf16") == 0.0
+    assert builds.seconds("onnxruntime", "fp32") == pytest.approx(fp32)
+    assert builds.seconds("onnxruntime", "int8") == pytest.approx(INT8_OVER_FP32 * fp32)
+    left = fp32 + 1.0 + 0.5  # the fp32 build and two calls fit, int8 does not
+    assert builds.skip("onnxruntime", "fp32", left) is None
+    why = builds.skip("onnxruntime", "int8", left)
+    assert why.startswith("budget: ") and "estimated from the 2.0 s fp32 torch build" in why
+    builds.record("onnxruntime", "fp32", 1.0)  # measured faster: int8 now fits
+    assert builds.seconds("onnxruntime", "int8") == pytest.approx(INT8_OVER_FP32)
+    assert builds.skip("onnxruntime", "int8", left) is None
+
+
+def test_stages_end_at_their_cumulative_share_but_keep_their_own():
+    now = time.perf_counter()
+    assert Budget(10.0, start=now).stage("patch_encoder").left() == pytest.approx(7.0, abs=0.5)
+    late = Budget(10.0, start=now - 100.0)  # the stages before overran
+    assert late.stage("care").left() == pytest.approx(3.0, abs=0.5)
+
+
+def test_patch_encoder_entries_whose_build_would_overrun_are_skipped_for_budget(tmp_path):
+    import warnings
+
+    from care_scale.models import create_patch_encoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = create_patch_encoder("vit_micro_patch16_64")
+    tiles = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
+    cands = [Candidate("torch", "cpu", "fp32", "eager"),
+             Candidate("torch", "cpu", "fp32", "inference_mode"),
+             Candidate("onnxruntime", "cpu", "fp32", "ort"),
+             Candidate("onnxruntime", "cpu", "int8", "ort")]
+    stage = Stage("patch_encoder", time.perf_counter() + 4.0)
+    # As if the fp32 torch build had taken 100 s: no export fits 4 s, torch entries do.
+    out = measure_patch_encoder(encoder, tiles, cands, flags=frozenset({"avx512_vnni"}),
+                                stage=stage, builds=BuildEstimate(100.0), workdir=tmp_path)
+    assert [e["skipped"] is None for e in out] == [True, True, False, False]
+    assert all(e["skipped"].startswith("budget: ") and e["tiles_per_s"] is None
+               and e["build_s"] is None for e in out[2:])
+    assert not (tmp_path / "exports").exists()  # nothing was built for them
+    # No time left at all: the fp32 reference is still measured, everything else skipped.
+    out = measure_patch_encoder(encoder, tiles, cands[:2], flags=frozenset(),
+                                stage=Stage("patch_encoder", time.perf_counter()),
+                                builds=BuildEstimate(0.0), workdir=tmp_path)
+    assert out[0]["tiles_per_s"] > 0 and out[1]["skipped"].startswith("budget: ")
+
+
+def test_care_sizes_skip_for_memory_from_the_measured_peaks_or_for_budget():
+    assert extrapolate_peak([], 10) is None
+    # The larger of the line through the last two peaks and proportional scaling of the last.
+    assert extrapolate_peak([(1_000, 10.0), (10_000, 1000.0)], 50_000) == pytest.approx(5400.0)
+    assert extrapolate_peak([(1_000, 100.0), (10_000, 400.0)], 50_000) == pytest.approx(2000.0)
+    assert extrapolate_peak([(1_000, 60.0)], 50_000) == pytest.approx(3000.0)  # proportional
+    kw = {"call_s": 1.0, "left_s": 10.0, "measured_from": 10_000}
+    assert care_skip(50_000, peak_mib=2020.0, available_mib=4000.0, **kw) is None
+    why = care_skip(50_000, peak_mib=2020.0, available_mib=2000.0, **kw)
+    assert why.startswith("memory: ") and "2,020 MiB" in why
+    why = care_skip(50_000, peak_mib=10.0, available_mib=4000.0, call_s=20.0, left_s=10.0,
+                    measured_from=10_000)
+    assert why.startswith("budget: ") and "N=10,000" in why
+
+
+def test_measure_care_keeps_the_first_size_and_skips_what_the_budget_cannot_hold():
+    import warnings
+
+    from care_scale.models import create_slide_encoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        care = create_slide_encoder("care_tiny")
+    out = measure_care(care, (256, 100_000), device="cpu",
+                       stage=Stage("care", time.perf_counter()))
+    assert out[0]["skipped"] is None and out[0]["seconds"] > 0 and out[0]["calls"] >= 1
+    assert out[1]["skipped"].startswith("budget: ") and out[1]["estimated_peak_mib"] is not None
+    # Memory decides before time: with no memory free the big size is skipped for memory.
+    out = measure_care(care, (256, 100_000), device="cpu",
+                       stage=Stage("care", time.perf_counter() + 0.5), available_mib=0.0)
+    assert out[0]["skipped"] is None and out[1]["skipped"].startswith("memory: "), out[1]
+    assert out[1]["estimated_peak_mib"] >= 100_000 * 192 * 4 / 2**20  # at least the inputs
+
+
+def test_cpu_default_encoder_is_the_largest_that_fits():
+    assert default_cpu_encoder(10.0, 32, gflops=1e-3)[0] == CPU_ENCODER_LADDER[0]
+    assert default_cpu_encoder(1e9, 32, gflops=1e6)[0] == CPU_ENCODER_LADDER[-1]
+    picks = [default_cpu_encoder(s, 32, gflops=100.0)[0] for s in (5.0, 50.0, 500.0, 5000.0)]
+    assert [CPU_ENCODER_LADDER.index(p) for p in picks] == sorted(
+        CPU_ENCODER_LADDER.index(p) for p in picks)
+    assert len(set(picks)) > 1
 
 
 def _rates(**gpu) -> Rates:

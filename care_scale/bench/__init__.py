@@ -6,7 +6,8 @@ at N patches, the hardware seen) and plan a cohort on a cluster from those rates
     plan = plan_cohort(rates_from_bench(result), ClusterShape(...), slides=50_000,
                        tiles_per_slide=12_000)
 
-Modules: ``hardware`` (what machine), ``measure`` (the timed parts), ``plan`` (pure
+Modules: ``hardware`` (what machine), ``measure`` (the timed parts), ``budget`` (how
+``--seconds`` bounds the whole run: stage clocks, build estimates, skips), ``plan`` (pure
 arithmetic from rates to wall time, GPU-hours and the bottleneck), ``report`` (text tables).
 Importing this package loads no model and no heavy library.
 """

@@ -6,8 +6,10 @@
 - patch encoder: tiles/s of each backend x precision this machine can run, on the same decoded
   tiles, with the parity of its features against torch fp32 eager (min and mean cosine, max
   absolute difference); those it cannot run are listed as skipped with the reason;
-- CARE: forward time and peak memory at N patches (1k, 10k, 50k; fewer and smaller where the
-  time budget is small).
+- CARE: forward time and peak memory at N patches (1k, 10k, 50k; smaller in a small run);
+  a size that would not fit the memory available or the budget is listed as skipped.
+
+``seconds`` bounds the whole run, builds included: how, in care_scale.bench.budget.
 
 Every entry is a plain dict (JSON-ready); ``tiles_per_s`` and the parity fields are None on
 skipped entries, never left out.
@@ -27,6 +29,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from care_scale.bench.budget import Budget, BuildEstimate, Stage
 from care_scale.exceptions import CareScaleError, ConfigError
 
 #: Patch-encoder backends the bench knows (``--backends all``), in report order.
@@ -43,8 +46,8 @@ MAX_REPEATS = 200
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What ``care-scale bench`` measures. ``seconds``: the time budget of the timed parts
-    (decode, encoder and CARE share it; model builds and exports come on top)."""
+    """What ``care-scale bench`` measures. ``seconds``: the time budget of the whole run,
+    model builds, exports and quantisation included (care_scale.bench.budget)."""
 
     slides: str | None = None
     patch_encoder: str | None = None
@@ -65,10 +68,11 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------- timing
 
 
-def timed(fn: Callable[[], Any], budget_s: float) -> tuple[float, int]:
-    """(best seconds per call, calls timed): one warm-up call, then calls until ``budget_s``
-    is spent (at least one, at most :data:`MAX_REPEATS`)."""
-    fn()
+def timed(fn: Callable[[], Any], budget_s: float, *, warmup: bool = True) -> tuple[float, int]:
+    """(best seconds per call, calls timed): one warm-up call (unless ``warmup`` is False),
+    then calls until ``budget_s`` is spent (at least one, at most :data:`MAX_REPEATS`)."""
+    if warmup:
+        fn()
     best, calls, end = float("inf"), 0, time.perf_counter() + budget_s
     while calls < 1 or (time.perf_counter() < end and calls < MAX_REPEATS):
         t0 = time.perf_counter()
@@ -136,7 +140,9 @@ def slide_paths(config: BenchConfig, workdir: Path) -> tuple[list[str], str]:
         return [s.uri for s in found[: config.max_slides]], config.slides
     from care_scale.synthetic import write_synthetic_slide
 
-    side = 2048 if config.small else 6144
+    # Writing the 6144 px slide takes ~25 s on 2 busy cores, 2048-3072 px ~5 s: the big one
+    # only where the budget is long.
+    side = 2048 if config.small else (6144 if config.seconds >= 120 else 3072)
     path = workdir / "bench_slide.tif"
     write_synthetic_slide(path, width=side, height=side, seed=0, tissue_fraction=0.6)
     return [str(path)], f"generated ({side} x {side} px synthetic JPEG TIFF, 0.5 um/px)"
@@ -177,10 +183,12 @@ def _decode_once(backend: str, grids, workers: int, budget_s: float,
 
 def measure_decode(grids, *, cores: int, budget_s: float, storage_options=None
                    ) -> list[dict[str, Any]]:
-    """Per slide backend: tiles/s with 1 worker and with ``cores`` workers, CPU ms per tile."""
+    """Per slide backend: tiles/s with 1 worker and with ``cores`` workers, CPU ms per tile;
+    the backends installed share ``budget_s``."""
     from care_scale.slides import backend_available
 
     out = []
+    budget_s /= max(1, sum(backend_available(b) for b in SLIDE_BACKENDS))  # per backend
     for backend in SLIDE_BACKENDS:
         entry: dict[str, Any] = {"backend": backend, "tiles": None, "workers": cores,
                                  "tiles_per_s_one_worker": None, "tiles_per_s_node": None,
@@ -347,32 +355,43 @@ def _make_runner(c: Candidate, encoder, workdir: Path) -> Callable[[np.ndarray],
     return create_patch_backend("tensorrt", encoder, artifacts=str(out), device=c.device)
 
 
+def _entry(c: Candidate, batch: int, skipped: str | None) -> dict[str, Any]:
+    return {"backend": c.backend, "device": c.device, "precision": c.precision, "mode": c.mode,
+            "batch_size": batch, "tiles_per_s": None, "calls": None, "build_s": None,
+            "min_cosine": None, "mean_cosine": None, "max_abs_err": None, "skipped": skipped}
+
+
 def measure_patch_encoder(encoder, tiles: np.ndarray, cands: list[Candidate], *,
-                          flags: frozenset[str], budget_s: float, workdir: Path
-                          ) -> list[dict[str, Any]]:
-    """tiles/s and parity vs torch fp32 eager for each candidate (the first must be that)."""
+                          flags: frozenset[str], stage: Stage, builds: BuildEstimate,
+                          workdir: Path) -> list[dict[str, Any]]:
+    """tiles/s and parity vs torch fp32 eager for each candidate (the first must be that,
+    and is always measured); later ones whose build and two calls would not fit what is left
+    of ``stage`` are skipped with a ``budget`` reason (see care_scale.bench.budget)."""
     runnable = [c for c in cands if skip_reason(c, flags) is None]
-    share = budget_s / max(1, len(runnable))
     ref: np.ndarray | None = None
     out = []
     for c in cands:
-        entry: dict[str, Any] = {"backend": c.backend, "device": c.device,
-                                 "precision": c.precision, "mode": c.mode,
-                                 "batch_size": len(tiles), "tiles_per_s": None, "calls": None,
-                                 "min_cosine": None, "mean_cosine": None, "max_abs_err": None,
-                                 "skipped": skip_reason(c, flags)}
+        entry = _entry(c, len(tiles), skip_reason(c, flags))
         out.append(entry)
         if entry["skipped"]:
             continue
+        pending = len(runnable) - runnable.index(c)
+        if ref is not None:
+            entry["skipped"] = builds.skip(c.backend, c.precision, stage.left())
+            if entry["skipped"]:
+                continue
         try:
+            t0 = time.perf_counter()
             run = _make_runner(c, encoder, workdir)
+            entry["build_s"] = time.perf_counter() - t0
+            builds.record(c.backend, c.precision, entry["build_s"])
             feats = np.asarray(run(tiles), dtype=np.float32)
-            best, calls = timed(lambda run=run: run(tiles), share)
+            best, calls = timed(lambda run=run: run(tiles), max(0.0, stage.left() / pending))
         except (CareScaleError, ImportError, RuntimeError) as exc:
             entry["skipped"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
             continue
         if ref is None:
-            ref = feats
+            ref, builds.call_s = feats, best
         entry.update(tiles_per_s=len(tiles) / best, calls=calls, **parity(ref, feats))
     return out
 
@@ -389,54 +408,80 @@ def round_grid(n: int) -> np.ndarray:
     return np.stack([xx.ravel()[order], yy.ravel()[order]], 1).astype(np.int64)
 
 
-def measure_care(care, sizes: tuple[int, ...], *, device: str, budget_s: float
-                 ) -> list[dict[str, Any]]:
-    """Forward seconds (best of the calls the budget allows) and peak memory at each N; a size
-    whose time, extrapolated linearly from the last one measured, exceeds what is left of the
-    budget is skipped with that estimate."""
+def _care_forward(care, n: int, device: str) -> Callable[[], None]:
     import torch
 
-    care = care.eval().to(device)
-    in_dim = care.config.in_dim
-    end = time.perf_counter() + budget_s
-    out, per_patch = [], None
-    for n in sizes:
-        entry: dict[str, Any] = {"n": n, "device": device, "seconds": None,
-                                 "ms_per_1k_patches": None, "peak_memory_mib": None,
-                                 "memory_source": None, "skipped": None}
-        out.append(entry)
-        left = end - time.perf_counter()
-        if per_patch is not None and per_patch * n * 2 > left:
-            entry["skipped"] = (f"about {per_patch * n:.1f} s per forward (linear from the "
-                                f"last size), {max(left, 0):.1f} s of the budget left")
-            continue
-        gen = torch.Generator().manual_seed(n)
-        feats = torch.randn(1, n, in_dim, generator=gen).to(device)
-        grid = torch.from_numpy(round_grid(n))[None].to(device)
-        num_valid = torch.tensor([n], device=device)
+    gen = torch.Generator().manual_seed(n)
+    feats = torch.randn(1, n, care.config.in_dim, generator=gen).to(device)
+    grid = torch.from_numpy(round_grid(n))[None].to(device)
+    num_valid = torch.tensor([n], device=device)
 
-        def forward(feats=feats, num_valid=num_valid, grid=grid):
-            with torch.inference_mode():
-                care(feats, num_valid, grid)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-
+    def forward():
+        with torch.inference_mode():
+            care(feats, num_valid, grid)
         if device.startswith("cuda"):
-            forward()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            forward()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            source = "torch.cuda.max_memory_allocated above the inputs"
-        else:
-            forward()
-            with PeakRSS() as mem:
-                forward()
-            peak, source = mem.peak_mib, "peak RSS above the start (sampled every 5 ms)"
-        best, _ = timed(forward, max(0.0, min(left, budget_s / len(sizes))))
-        per_patch = best / n
-        entry.update(seconds=best, ms_per_1k_patches=best * 1e6 / n, peak_memory_mib=peak,
-                     memory_source=source)
+            torch.cuda.synchronize()
+
+    return forward
+
+
+def _peak_call(forward: Callable[[], None], device: str) -> tuple[float, float, str]:
+    """(seconds, peak MiB, how the peak was read) of one call."""
+    import torch
+
+    t0 = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        forward()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        return (time.perf_counter() - t0, peak,
+                "torch.cuda.max_memory_allocated above the inputs")
+    with PeakRSS() as mem:
+        forward()
+    return time.perf_counter() - t0, mem.peak_mib, "peak RSS above the start (sampled every 5 ms)"
+
+
+def measure_care(care, sizes: tuple[int, ...], *, device: str, stage: Stage,
+                 available_mib: float | None = None) -> list[dict[str, Any]]:
+    """Forward seconds and peak memory at each N, smallest first. A size is skipped for
+    memory when its peak, extrapolated from the measured ones, exceeds the memory available
+    (``available_mib``; read from the device when None), and for budget when one forward,
+    linear in N from the last size, does not fit what is left of ``stage``. Each size is
+    measured with one call (its time and peak), then, where another fits its share of what is
+    left after one call of each larger size, with more calls (best of)."""
+    from care_scale.bench.budget import available_memory_mib, care_skip, extrapolate_peak
+
+    care = care.eval().to(device)
+    out, peaks, last = [], [], None  # last: (n, seconds per call) of the last size measured
+    for i, n in enumerate(sorted(sizes)):
+        entry: dict[str, Any] = {"n": n, "device": device, "seconds": None, "calls": None,
+                                 "ms_per_1k_patches": None, "peak_memory_mib": None,
+                                 "memory_source": None, "estimated_peak_mib": None,
+                                 "skipped": None}
+        out.append(entry)
+        entry["estimated_peak_mib"] = extrapolate_peak(peaks, n)
+        call_s = None if last is None else last[1] * n / last[0]
+        left = stage.left()
+        entry["skipped"] = care_skip(
+            n, peak_mib=entry["estimated_peak_mib"], call_s=call_s, left_s=left,
+            available_mib=available_memory_mib(device) if available_mib is None else available_mib,
+            measured_from=None if last is None else last[0])
+        if entry["skipped"]:
+            continue
+        forward = _care_forward(care, n, device)
+        best, peak, source = _peak_call(forward, device)  # also the warm-up
+        # Repeats share what is left after one call of each larger size (linear in N).
+        reserve = sum(best * m / n for m in sorted(sizes)[i + 1:])
+        calls, share = 1, (stage.left() - reserve) / (len(sizes) - i)
+        if best <= share:
+            more, timed_calls = timed(forward, share, warmup=False)
+            best, calls = min(best, more), 1 + timed_calls
+        # RSS may not grow at all (freed heap reused): estimate from no less than the inputs.
+        peaks.append((n, max(peak, n * care.config.in_dim * 4 / 2**20)))
+        last = (n, best)
+        entry.update(seconds=best, calls=calls, ms_per_1k_patches=best * 1e6 / n,
+                     peak_memory_mib=peak, memory_source=source)
     return out
 
 
@@ -474,45 +519,79 @@ def _workdir() -> Iterator[Path]:
         yield Path(d)
 
 
+def choose_patch_encoder(config: BenchConfig, *, cuda: bool, batch: int,
+                         budget: Budget) -> tuple[str, str]:
+    """(name, why) of the patch encoder to measure: ``--patch-encoder``; the micro ViT in a
+    small run; the job's default on CUDA; on the CPU the largest ladder encoder that fits
+    the patch-encoder share of the budget (care_scale.bench.budget.default_cpu_encoder)."""
+    from care_scale.bench.budget import STAGE_SHARES, default_cpu_encoder, node_gflops
+    from care_scale.inference import DEFAULT_PATCH_ENCODER
+
+    if config.patch_encoder:
+        return config.patch_encoder, "--patch-encoder"
+    if config.small:
+        return "vit_micro_patch16_64", f"--seconds < {SMALL_BELOW_S:g}: small run"
+    if cuda:
+        return DEFAULT_PATCH_ENCODER, "CUDA: the embedding job's default"
+    return default_cpu_encoder(STAGE_SHARES["patch_encoder"] * budget.seconds, batch,
+                               node_gflops())
+
+
+def _build_models(name: str, slide_encoder: str):
+    """(patch encoder, CARE, seconds the patch encoder took to build)."""
+    import warnings
+
+    from care_scale.models import create_patch_encoder, create_slide_encoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # untrained weights: the bench says so in its record
+        t0 = time.perf_counter()
+        encoder = create_patch_encoder(name)
+        build_s = time.perf_counter() - t0
+        care = create_slide_encoder(slide_encoder)
+    return encoder, care, build_s
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
-    """Measure this node (see the module docstring); a JSON-ready dict."""
+    """Measure this node (see the module docstring) within ``config.seconds`` for the whole
+    run (care_scale.bench.budget); a JSON-ready dict."""
     import torch
 
     from care_scale.bench.hardware import hardware
-    from care_scale.inference import DEFAULT_PATCH_ENCODER
     from care_scale.inference.precision import cpu_flags
-    from care_scale.models import create_patch_encoder, create_slide_encoder
 
     if config.seconds <= 0:
         raise ConfigError(f"--seconds must be > 0, got {config.seconds}")
+    budget = Budget(config.seconds)
     backends = resolve_backends(config.backends)
     precisions = check_precisions(tuple(config.precisions))
     small = config.small
     flags = cpu_flags()
     hw = hardware(flags)
-    started = time.perf_counter()
-    name = config.patch_encoder or ("vit_micro_patch16_64" if small else DEFAULT_PATCH_ENCODER)
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # untrained weights: the bench says so in its record
-        encoder = create_patch_encoder(name)
-        care = create_slide_encoder(config.slide_encoder)
-    spec = encoder.spec
+    cuda = torch.cuda.is_available()
     batch = config.batch_size or (8 if small else 32)
+    name, why = choose_patch_encoder(config, cuda=cuda, batch=batch, budget=budget)
+    encoder, care, build_s = _build_models(name, config.slide_encoder)
+    spec = encoder.spec
     sizes = config.care_sizes or ((256, 1024) if small else CARE_SIZES)
+    ends = {"models": budget.elapsed()}  # seconds since the start at the end of each part
     with _workdir() as work:
         paths, origin = slide_paths(config, work)
         grids = _grids(paths, target_mpp=spec.mpp, patch_size=spec.input_size,
                        storage_options=config.storage_options)
-        decode = measure_decode(grids, cores=hw["cores"], budget_s=config.seconds * 0.25,
+        ends["slides"] = budget.elapsed()
+        decode = measure_decode(grids, cores=hw["cores"],
+                                budget_s=max(0.0, budget.stage("decode").left()),
                                 storage_options=config.storage_options)
         tiles = sample_tiles(grids, batch, config.storage_options)
+        ends["decode"] = budget.elapsed()
         patch = measure_patch_encoder(encoder, tiles, candidates(backends, precisions),
-                                      flags=flags, budget_s=config.seconds * 0.45, workdir=work)
-    care_device = "cuda" if torch.cuda.is_available() else "cpu"
-    care_entries = measure_care(care, tuple(sizes), device=care_device,
-                                budget_s=config.seconds * 0.3)
+                                      flags=flags, stage=budget.stage("patch_encoder"),
+                                      builds=BuildEstimate(build_s), workdir=work)
+        ends["patch_encoder"] = budget.elapsed()
+    care_entries = measure_care(care, tuple(sizes), device="cuda" if cuda else "cpu",
+                                stage=budget.stage("care"))
+    ends["care"] = budget.elapsed()
     return {
         "schema": 1,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -524,16 +603,18 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                    "tissue_tiles": int(sum(len(g) for _, g in grids)),
                    "target_mpp": spec.mpp, "tile_size": spec.input_size},
         "decode": decode,
-        "patch_encoder": {"model": name, "embed_dim": int(spec.embed_dim),
-                          "input_size": int(spec.input_size),
+        "patch_encoder": {"model": name, "chosen_by": why, "build_s": build_s,
+                          "embed_dim": int(spec.embed_dim), "input_size": int(spec.input_size),
                           "trained": bool(getattr(encoder, "trained", False)),
                           "reference": "torch/cpu/fp32/eager", "entries": patch},
         "slide_encoder": {"model": config.slide_encoder, "in_dim": care.config.in_dim,
                           "hidden_dim": care.config.hidden_dim, "entries": care_entries},
-        "elapsed_s": time.perf_counter() - started,
+        "elapsed_s": budget.elapsed(),
+        "ends_s": ends,
     }
 
 
 __all__ = ["BACKENDS", "CARE_SIZES", "BenchConfig", "Candidate", "PeakRSS", "candidates",
+           "choose_patch_encoder",
            "measure_care", "measure_decode", "measure_patch_encoder", "parity", "round_grid",
            "run_bench", "skip_reason", "timed"]

@@ -29,8 +29,9 @@ def add_parser(subparsers: Any) -> None:
                    help="slides to decode (folder, glob, prefix or manifest; the first 4); "
                    "default: one generated synthetic slide")
     p.add_argument("--patch-encoder", default=None, metavar="NAME",
-                   help="registry patch encoder (default: the job's default; "
-                   "vit_micro_patch16_64 with --seconds < 5)")
+                   help="registry patch encoder (default: the job's default on CUDA; on a "
+                   "CPU the largest that fits --seconds, see there; vit_micro_patch16_64 with "
+                   "--seconds < 5)")
     p.add_argument("--slide-encoder", default="care", metavar="NAME",
                    help="registry slide encoder (default care, the paper's size)")
     p.add_argument("--backends", default="auto", metavar="auto|all|LIST",
@@ -40,8 +41,18 @@ def add_parser(subparsers: Any) -> None:
                    help="comma list of fp32,bf16,fp16,int8 (fp32, the parity reference, is "
                    "always measured)")
     p.add_argument("--seconds", type=float, default=20.0,
-                   help="time budget of the timed parts (default 20; below 5 the sizes are "
-                   "small: a smoke run)")
+                   help="time budget of the whole run, model builds, ONNX exports and int8 "
+                   "quantisation included (default 20; below 5 the sizes are small: a smoke "
+                   "run). Decode, patch encoder and CARE end at 25%%, 70%% and 100%% of it (each "
+                   "gets at least its own share). Without --patch-encoder on a CPU, the largest "
+                   "of vit_micro/demo/tiny/small/base/large whose fp32 build and 3 calls fit the "
+                   "encoder share (from its FLOPs and a matmul probe). After the fp32 reference, "
+                   "a backend/precision whose build (estimated from the measured fp32 torch "
+                   "build and call, then from the builds so far) and 2 calls would not fit is "
+                   "listed as skipped: 'budget: ...'. A CARE size is skipped 'memory: ...' when "
+                   "its peak, extrapolated from the smaller sizes, exceeds 80%% of the free "
+                   "memory, 'budget: ...' when one forward would not fit; each size is timed "
+                   "with one call, and more where they fit")
     p.add_argument("--batch-size", type=int, default=None,
                    help="tiles per encoder call (default 32; 8 with --seconds < 5)")
     p.add_argument("--care-sizes", default=None, metavar="N,N,...",
