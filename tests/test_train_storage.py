@@ -136,5 +136,5 @@ def test_the_stage_table_matches_the_cli_choices():
 
     assert sorted(STAGES) == sorted(values(Stage))
     for stage in STAGES:
-        cfg_cls, task_cls = _stage(stage)
+        _, task_cls = _stage(stage)
         assert task_cls.stage == stage

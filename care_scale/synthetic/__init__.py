@@ -1,7 +1,7 @@
 """Synthetic data with a known answer: pixel-level slides (``slides``) and, for training,
 feature-level cohorts (``cohort``)."""
 
-from typing import Callable
+from collections.abc import Callable
 
 from care_scale.synthetic.cohort import FeatureCohort, make_feature_cohort
 from care_scale.synthetic.regions import make_region_cohort
