@@ -291,10 +291,12 @@ def _annotations(cfg: EmbedConfig, row: dict[str, Any], grid: Any, opts: Any
 
 
 def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
-                etag: str | None, *, annotations: dict[str, str] | None = None) -> str:
+                etag: str | None, *, annotations: dict[str, str] | None = None,
+                decode_threads: int = 0) -> str:
     return json.dumps(
         {
             "annotations": annotations or {},
+            "decode_threads": decode_threads,
             "uri": row["uri"],
             "source_size": size,
             "source_etag": etag,
@@ -379,6 +381,7 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
     the next slide is opened, its tissue found and its first batches decoded, so the
     encoders do not wait for a slide's set-up.
     """
+    from care_scale.embed.node_threads import assigned_cpus, decode_threads
     from care_scale.embed.patch_stage import Router
     from care_scale.embed.shards import ShardBuffer
     from care_scale.slides import open_slide, stat_uri
@@ -388,6 +391,7 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
     opts = cfg.storage_options or None
     cache = _slide_cache(cfg)
     router = Router(params["encoders"], max_in_flight=cfg.concurrency.encode_in_flight)
+    readers = decode_threads(cfg.concurrency.decode_num_workers, assigned_cpus())
     slides: list[_SlideInFlight] = []
 
     def take(results: list) -> Iterator[dict]:
@@ -424,13 +428,14 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                         + (" inside its annotations" if annotated is not None else ""),
                     )
                 st.meta = _slide_meta(row, slide, grid, size, etag,
-                                      annotations=ann_meta if annotated is not None else None)
+                                      annotations=ann_meta if annotated is not None else None,
+                                      decode_threads=readers)
                 if cfg.overlays:
                     _overlay_tissue(cfg, row["slide_id"], slide, grid)
                 stage = STAGE_DECODE
                 start, parts = 0, []
                 batches = iter_tile_batches(slide, grid, batch_size=cfg.decode_batch_size,
-                                            num_workers=cfg.concurrency.decode_num_workers)
+                                            num_workers=readers)
                 for last, tb in _flag_last(batches):
                     # Decode batches are joined up to one encoder batch (a GPU wants 256
                     # tiles per call; decode memory wants fewer per batch); a call never
@@ -684,6 +689,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                                              prefetch_batches=0):
                     collector.consume(batch)
                     collector.collect()
+                collector.threads["encoders"] = encoders.info()
             collector.close(todo)
             if collector.backend_kind:
                 backend_kind = collector.backend_kind
@@ -700,9 +706,11 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     summary.backend = backend_kind
     summary.tiles = progress.tiles
     summary.seconds = time.monotonic() - t0
-    wh.finish_run(run_id, {"total": summary.total, "skipped": summary.skipped,
-                           "done": summary.done, "failed": summary.failed,
-                           "tiles": summary.tiles})
+    counts = {"total": summary.total, "skipped": summary.skipped, "done": summary.done,
+              "failed": summary.failed, "tiles": summary.tiles}
+    if todo and not config.features:  # the thread pools the workers actually ran
+        counts["threads"] = collector.threads
+    wh.finish_run(run_id, counts)
     return summary
 
 
@@ -734,6 +742,8 @@ class _Collector:
         self.n_results = 0
         self.failures: list[Any] = []
         self.backend_kind = ""
+        # Reader threads of the decode tasks, intra-op threads of the encoder actors.
+        self.threads: dict[str, Any] = {"decode": 0, "encoders": []}
 
     # -- stream in ------------------------------------------------------------------------
     def consume(self, batch: dict[str, np.ndarray]) -> None:
@@ -748,8 +758,9 @@ class _Collector:
             self.backend_kind = str(batch["backend"][i])
             self.progress.add_tiles(int(batch["count"][i]))
             self.submitted.add(sid)
-            self.stage.submit("encode_shards", sid, self.by_id[sid].to_row(),
-                              json.loads(str(batch["meta"][i])),
+            meta = json.loads(str(batch["meta"][i]))
+            self.threads["decode"] = max(self.threads["decode"], meta.get("decode_threads", 0))
+            self.stage.submit("encode_shards", sid, self.by_id[sid].to_row(), meta,
                               json.loads(str(batch["shards"][i])), self.backend_kind)
 
     def submit_feature_file(self, src: SlideSource) -> None:
