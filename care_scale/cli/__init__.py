@@ -58,6 +58,11 @@ def _one_line_warnings(default):
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    from care_scale import timeline
+
+    timeline.reset()
+    timeline.mark("cli")  # the interpreter is up and care_scale.cli imported
+
     parser = build_parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings():  # the display is restored when the command ends

@@ -88,7 +88,11 @@ class PatchEncoder:
             config = dataclasses.replace(
                 config, artifacts=local_export,
                 patch_encoder=dataclasses.replace(config.patch_encoder, checkpoint=None))
+        import time
+
         from care_scale.embed.node_threads import assigned_cpus, intra_op_threads
+
+        self.marks = {"actor_init": time.time()}  # this actor's phases (care_scale.timeline)
 
         # An actor without a reserved GPU cannot use one (Ray hides the devices from it).
         device = "cuda" if config.concurrency.num_gpus_per_actor > 0 else "cpu"
@@ -98,11 +102,14 @@ class PatchEncoder:
         self.embed_dim = int(self.backend.embed_dim)
         self.kind = str(self.backend.kind)
         self.batch_size = config.encode_batch_size
+        self.marks["actor_ready"] = time.time()
 
     def info(self) -> dict[str, Any]:
         """What this actor runs with: backend kind, the CPUs Ray assigned it and the
-        intra-op threads its backend reports (recorded in the runs table's counts)."""
-        return {"backend": self.kind, "cpus": self.cpus, "threads": self.backend.threads}
+        intra-op threads its backend reports (recorded in the runs table's counts), and its
+        timeline marks (ready, first and last tile encoded)."""
+        return {"backend": self.kind, "cpus": self.cpus, "threads": self.backend.threads,
+                "timeline": dict(self.marks)}
 
     def encode(self, tiles: np.ndarray) -> tuple[np.ndarray | None, str, tuple[str, str] | None]:
         """``(features, backend kind, None)``, or ``(None, kind, (class, message))`` when the
@@ -110,9 +117,18 @@ class PatchEncoder:
         try:
             feats = [self.backend(np.ascontiguousarray(tiles[i:i + self.batch_size]))
                      for i in range(0, len(tiles), self.batch_size)]
+            self._mark_encoded()
             return np.concatenate(feats).astype(np.float32, copy=False), self.kind, None
         except (CareScaleError, RuntimeError, ValueError) as exc:
             return None, self.kind, (type(exc).__name__, redact(exc)[:2000])
+
+
+    def _mark_encoded(self) -> None:
+        import time
+
+        now = time.time()
+        self.marks.setdefault("first_encoded", now)
+        self.marks["last_encoded"] = now
 
 
 class EncoderPool:

@@ -72,6 +72,7 @@ from care_scale.embed.slide_stage import create_slide_encoder
 from care_scale.embed.sources import SlideSource, scan_source
 from care_scale.exceptions import CareScaleError, CareScaleWarning, ConfigError
 from care_scale.storage import redact, redact_options
+from care_scale.timeline import mark
 
 log = logging.getLogger(__name__)
 
@@ -292,11 +293,12 @@ def _annotations(cfg: EmbedConfig, row: dict[str, Any], grid: Any, opts: Any
 
 def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
                 etag: str | None, *, annotations: dict[str, str] | None = None,
-                decode_threads: int = 0) -> str:
+                decode_threads: int = 0, timeline: dict[str, float] | None = None) -> str:
     return json.dumps(
         {
             "annotations": annotations or {},
             "decode_threads": decode_threads,
+            "timeline": timeline or {},
             "uri": row["uri"],
             "source_size": size,
             "source_etag": etag,
@@ -392,6 +394,7 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
     cache = _slide_cache(cfg)
     router = Router(params["encoders"], max_in_flight=cfg.concurrency.encode_in_flight)
     readers = decode_threads(cfg.concurrency.decode_num_workers, assigned_cpus())
+    marks = {"decode_task": time.time()}  # this task's own phases (care_scale.timeline)
     slides: list[_SlideInFlight] = []
 
     def take(results: list) -> Iterator[dict]:
@@ -427,9 +430,10 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                         f"({cfg.tiling} tiling)"
                         + (" inside its annotations" if annotated is not None else ""),
                     )
+                marks.setdefault("tiled", time.time())  # opened, tissue found, grid made
                 st.meta = _slide_meta(row, slide, grid, size, etag,
                                       annotations=ann_meta if annotated is not None else None,
-                                      decode_threads=readers)
+                                      decode_threads=readers, timeline=marks)
                 if cfg.overlays:
                     _overlay_tissue(cfg, row["slide_id"], slide, grid)
                 stage = STAGE_DECODE
@@ -608,6 +612,10 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
 
 def run_embedding(config: EmbedConfig) -> RunSummary:
     """Embed every slide of ``config.source`` not yet in ``config.warehouse``; see the module."""
+    from care_scale import timeline
+
+    timeline.reset(keep=("cli",))
+    mark("run")
     config.require_io()
     config.validate()
 
@@ -616,6 +624,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     from care_scale.warehouse import Warehouse
 
     config = resolve_models(config)
+    mark("resolved")  # (the registry: care_scale.models, so torch, imported)
     t0 = time.monotonic()
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4(
     ).hex[:6]
@@ -623,6 +632,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                           storage_options=config.storage_options or None)
     sources = listing.sources
     by_id = {s.slide_id: s for s in sources}
+    mark("listed")
 
     # Built here only for their versions (and, on a local cluster, the patch encoder's
     # export); the actors load their own copies.
@@ -643,6 +653,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     version = job_model_version(config, care_version, patch_version)
     # The encoder actors report the backend they actually chose ("auto" resolves there).
     backend_kind = "features" if config.features else config.backend
+    mark("models")
 
     wh.ensure_tables()
     done_ids = wh.completed_slide_ids(version)
@@ -662,12 +673,14 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     if precision_choice is not None:  # what `precision: auto` measured, and chose
         run_config["precision_auto"] = precision_choice.as_record()
     wh.start_run(run_id, run_config)
+    mark("warehouse")
     progress = Progress(len(sources), skipped=summary.skipped, mode=config.progress)
     ctx = RowContext(run_id=run_id, version=version, care_version=care_version,
                      patch_version=patch_version, keep_patches=config.keep_patches)
 
     if todo:
         started_ray = _ensure_ray(config)
+        mark("ray")
         staging = wh.staging_uri(run_id)
         stage = encoders = None
         try:
@@ -683,14 +696,19 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
             else:
                 local_export = (export_for_local_actors(config, patch_encoder)
                                 if _actors_run_on_this_node(config) else None)
+                mark("exported")
                 ds, encoders = build_dataset(config, todo, staging=staging,
                                              local_export=local_export)
+                mark("planned")
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                              prefetch_batches=0):
+                    mark("first_row")
                     collector.consume(batch)
                     collector.collect()
-                collector.threads["encoders"] = encoders.info()
+                mark("stream_done")
+                collector.actor_info(encoders.info())
             collector.close(todo)
+            mark("collected")
             if collector.backend_kind:
                 backend_kind = collector.backend_kind
         finally:
@@ -702,6 +720,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                 import ray
 
                 ray.shutdown()
+        mark("shutdown")
     progress.close()
     summary.backend = backend_kind
     summary.tiles = progress.tiles
@@ -710,6 +729,8 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
               "failed": summary.failed, "tiles": summary.tiles}
     if todo and not config.features:  # the thread pools the workers actually ran
         counts["threads"] = collector.threads
+    mark("finished")
+    counts["timeline"] = {**timeline.marks(), **(collector.worker_marks if todo else {})}
     wh.finish_run(run_id, counts)
     return summary
 
@@ -744,6 +765,20 @@ class _Collector:
         self.backend_kind = ""
         # Reader threads of the decode tasks, intra-op threads of the encoder actors.
         self.threads: dict[str, Any] = {"decode": 0, "encoders": []}
+        # The workers' timeline marks (care_scale.timeline): the earliest of each.
+        self.worker_marks: dict[str, float] = {}
+
+    def actor_info(self, infos: list[dict[str, Any]]) -> None:
+        """The encoder actors' threads and timeline marks (first ready, first / last tile)."""
+        self.threads["encoders"] = [{k: i[k] for k in ("backend", "cpus", "threads")}
+                                    for i in infos]
+        for info in infos:
+            self._worker_marks(info.get("timeline", {}), latest=("last_encoded",))
+
+    def _worker_marks(self, marks: dict[str, float], latest: tuple[str, ...] = ()) -> None:
+        for name, t in marks.items():
+            pick = max if name in latest else min
+            self.worker_marks[name] = pick(self.worker_marks.get(name, t), t)
 
     # -- stream in ------------------------------------------------------------------------
     def consume(self, batch: dict[str, np.ndarray]) -> None:
@@ -760,6 +795,7 @@ class _Collector:
             self.submitted.add(sid)
             meta = json.loads(str(batch["meta"][i]))
             self.threads["decode"] = max(self.threads["decode"], meta.get("decode_threads", 0))
+            self._worker_marks(meta.pop("timeline", {}))
             self.stage.submit("encode_shards", sid, self.by_id[sid].to_row(), meta,
                               json.loads(str(batch["shards"][i])), self.backend_kind)
 

@@ -1,0 +1,182 @@
+"""Fixed cost of one embedding run: command start -> first encoded tile, last tile -> exit.
+
+    python benchmarks/bench_fixed_cost.py [--repeats 3] [--side 2048] [--baseline-rev REV]
+
+Runs ``python -m care_scale embed SLIDE_DIR --warehouse WH`` (one generated slide, the seeded
+tiny models care_tiny + vit_demo_patch16_112 on ONNX Runtime, a fresh local Ray cluster per
+run, a fresh warehouse per run) as a subprocess, timed from just before it is spawned to its
+exit, and breaks the time down with the run's timeline (``runs.counts_json`` ->
+``timeline``, see ``care_scale/timeline.py``): the driver's phases, the encoder actor's
+start-up, its first and last encoded batch, the tail (CARE + commits, shutdown, exit).
+
+``--baseline-rev REV``: also run the same command on the tree of git revision REV (extracted
+with ``git archive`` into a temporary folder, first on ``PYTHONPATH``), alternating with this
+tree run by run, and print per-pair ratios. A revision without the timeline gives the total
+only. One warm-up run per tree first (the ONNX export cache, the page cache), not counted.
+
+Prints medians and the load average beside the CPU; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: (label, phase ends at, phase starts at): the breakdown, in the order a run goes.
+PHASES = [
+    ("interpreter + care_scale.cli imports", "cli", "spawn"),
+    ("config, care_scale.embed imports", "run", "cli"),
+    ("model registry resolved (imports torch)", "resolved", "run"),
+    ("listing the source", "listed", "resolved"),
+    ("models built (versions, torch)", "models", "listed"),
+    ("warehouse tables, runs row", "warehouse", "models"),
+    ("Ray start", "ray", "warehouse"),
+    ("driver ONNX export (cached)", "exported", "ray"),
+    ("Ray Data plan, actors created", "planned", "exported"),
+    ("encoder actor start (process -> __init__)", "actor_init", "planned"),
+    ("encoder actor __init__ (backend load)", "actor_ready", "actor_init"),
+    ("decode task start", "decode_task", "planned"),
+    ("slide opened and tiled", "tiled", "decode_task"),
+    ("-> first batch encoded", "first_encoded", "spawn"),
+    ("encoding (first -> last batch)", "last_encoded", "first_encoded"),
+    ("last batch -> stream done", "stream_done", "last_encoded"),
+    ("CARE + commits", "collected", "stream_done"),
+    ("pool and Ray shutdown", "shutdown", "collected"),
+    ("runs row, interpreter exit", "exit", "shutdown"),
+]
+
+
+def cpu_line() -> str:
+    model, flags = "?", set()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name") and model == "?":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    want = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    have = [f for f in want if f in flags]
+    return f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(have) or 'none of ' + str(want)}"
+
+
+def load_line() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def make_slide(folder: Path, side: int) -> Path:
+    sys.path.insert(0, str(ROOT))
+    from care_scale.synthetic import write_synthetic_slide
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_synthetic_slide(folder / "slide_0.tiff", width=side, height=side, mpp=0.5, seed=0)
+    return folder
+
+
+def run_once(tree: Path, slides: Path, work: Path, extra: list[str]) -> dict:
+    """One ``care-scale embed`` run on ``tree``; its wall time and the run's timeline."""
+    wh = work / "wh"
+    shutil.rmtree(wh, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "care_scale", "embed", str(slides), "--warehouse", str(wh),
+           "--set", "progress=none", "--backend", "onnxruntime", *extra]
+    spawn = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    end = time.time()
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    marks = {"spawn": spawn, "exit": end}
+    from deltalake import DeltaTable
+
+    (row,) = DeltaTable(str(wh / "runs")).to_pyarrow_table().to_pylist()
+    counts = json.loads(row["counts_json"] or "{}")
+    marks.update(counts.get("timeline", {}))
+    return {"total": end - spawn, "marks": marks, "tiles": counts.get("tiles")}
+
+
+def breakdown(marks: dict) -> dict[str, float]:
+    out = {label: marks[a] - marks[b] for label, a, b in PHASES if a in marks and b in marks}
+    if "first_encoded" in marks and "last_encoded" in marks:
+        out["FIXED: to first batch + last batch to exit"] = (
+            marks["first_encoded"] - marks["spawn"] + marks["exit"] - marks["last_encoded"])
+    return out
+
+
+def extract(rev: str, into: Path) -> Path:
+    """The tree of git revision ``rev`` in ``into`` (git archive; no checkout is touched)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "care_scale"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def report(name: str, runs: list[dict]) -> None:
+    print(f"\n{name}: {len(runs)} runs, {runs[0]['tiles']} tiles each; medians (s)")
+    tables = [breakdown(r["marks"]) for r in runs]
+    for label in dict.fromkeys(k for t in tables for k in t):
+        vals = [t[label] for t in tables if label in t]
+        print(f"  {label:<46} {statistics.median(vals):7.2f}   "
+              f"({' '.join(f'{v:.2f}' for v in vals)})")
+    totals = [r["total"] for r in runs]
+    print(f"  {'TOTAL command wall time':<46} {statistics.median(totals):7.2f}   "
+          f"({' '.join(f'{v:.2f}' for v in totals)})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--side", type=int, default=2048, help="slide side in px at 0.5 um/px")
+    ap.add_argument("--baseline-rev", help="git revision to compare with, run alternately")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="extra --set KEY=VALUE for both trees")
+    args = ap.parse_args()
+    extra = [a for kv in args.overrides for a in ("--set", kv)]
+    print(f"CPU: {cpu_line()}")
+    print(f"start: {load_line()}")
+    with tempfile.TemporaryDirectory(prefix="fixed-cost-") as tmp:
+        tmp = Path(tmp)
+        slides = make_slide(tmp / "slides", args.side)
+        trees = {"this tree": ROOT}
+        if args.baseline_rev:
+            trees = {f"baseline {args.baseline_rev}": extract(args.baseline_rev, tmp / "base"),
+                     **trees}
+        runs: dict[str, list[dict]] = {n: [] for n in trees}
+        for name, tree in trees.items():  # warm-up: export cache, page cache
+            run_once(tree, slides, tmp / "work", extra)
+        for i in range(args.repeats):
+            for name, tree in (list(trees.items()) if i % 2 == 0
+                               else list(trees.items())[::-1]):
+                runs[name].append(run_once(tree, slides, tmp / "work", extra))
+                print(f"  run {i + 1} {name}: {runs[name][-1]['total']:.2f} s  [{load_line()}]",
+                      flush=True)
+        for name in trees:
+            report(name, runs[name])
+        if args.baseline_rev:
+            base, this = (runs[n] for n in trees)
+            ratios = [b["total"] / t["total"] for b, t in zip(base, this)]
+            fixed = [(breakdown(b["marks"]), breakdown(t["marks"])) for b, t in zip(base, this)]
+            key = "FIXED: to first batch + last batch to exit"
+            print(f"\nper-pair total ratio baseline/this: {' '.join(f'{r:.2f}' for r in ratios)}"
+                  f" (median {statistics.median(ratios):.2f})")
+            if all(key in b and key in t for b, t in fixed):
+                print("per-pair fixed cost baseline -> this (s): "
+                      + "  ".join(f"{b[key]:.2f}->{t[key]:.2f}" for b, t in fixed))
+    print(f"\nend: {load_line()}; CPU: {cpu_line()}")
+
+
+if __name__ == "__main__":
+    main()
