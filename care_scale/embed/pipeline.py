@@ -592,11 +592,14 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
                  + c.encoder_actors * c.num_cpus_per_actor),
             gpu=(c.slide_encoder_actors * c.num_gpus_per_slide_actor
                  + c.encoder_actors * c.num_gpus_per_actor))
-    blocks = _source_blocks(todo, c.decode_tasks)
-    ds = ray.data.from_arrow(blocks)
-    # Only now: making the input blocks runs a one-CPU Ray task, which on a small node would
-    # wait forever behind the actors' reservation.
+    # The actors first: their worker processes start while Ray Data plans and starts the
+    # decode tasks (each is seconds of process start-up on a small node).
     pool = EncoderPool(config, local_export=local_export)
+    blocks = _source_blocks(todo, c.decode_tasks)
+    # from_blocks: the blocks' metadata is computed here. (from_arrow computes it in a
+    # one-CPU Ray task: one more worker process to start, and on a small node a task that
+    # waits forever behind the actors' reservation.)
+    ds = ray.data.from_blocks(blocks)
     ds = ds.map_batches(
         # The whole input block per call: batches stay in flight from one slide to the next.
         embed_slides, batch_size=None,
@@ -610,38 +613,40 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
     return ds, pool
 
 
-def run_embedding(config: EmbedConfig) -> RunSummary:
-    """Embed every slide of ``config.source`` not yet in ``config.warehouse``; see the module."""
-    from care_scale import timeline
+@dataclass
+class _Prepared:
+    """What the driver settles before any slide is decoded (``_prepare``)."""
 
-    timeline.reset(keep=("cli",))
-    mark("run")
-    config.require_io()
-    config.validate()
+    config: EmbedConfig
+    run_id: str
+    sources: list[SlideSource]
+    todo: list[SlideSource]
+    wh: Any
+    care: Any
+    patch_encoder: Any
+    ctx: RowContext
+    summary: RunSummary
+    backend_kind: str
 
-    from care_scale.embed.results import build_failure
+
+def _prepare(config: EmbedConfig, listing: Any) -> _Prepared:
+    """Models, versions, warehouse tables and the runs row: everything before the first slide
+    that needs no Ray (so it runs while Ray starts, see ``run_embedding``)."""
+    from care_scale.embed.calibrate import resolve_precision
     from care_scale.models import model_version
     from care_scale.warehouse import Warehouse
 
     config = resolve_models(config)
     mark("resolved")  # (the registry: care_scale.models, so torch, imported)
-    t0 = time.monotonic()
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4(
     ).hex[:6]
-    listing = scan_source(config.source, features=config.features,
-                          storage_options=config.storage_options or None)
     sources = listing.sources
-    by_id = {s.slide_id: s for s in sources}
-    mark("listed")
-
     # Built here only for their versions (and, on a local cluster, the patch encoder's
     # export); the actors load their own copies.
     care = create_slide_encoder(config)
     check_pairing(config, care, sources)
     check_artifacts(config)
     wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
-    from care_scale.embed.calibrate import resolve_precision
-
     config, precision_choice = resolve_precision(
         config, sources, cache=_slide_cache(config),
         runs=wh.run_configs() if config.precision == "auto" else ())
@@ -674,14 +679,93 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
         run_config["precision_auto"] = precision_choice.as_record()
     wh.start_run(run_id, run_config)
     mark("warehouse")
-    progress = Progress(len(sources), skipped=summary.skipped, mode=config.progress)
     ctx = RowContext(run_id=run_id, version=version, care_version=care_version,
                      patch_version=patch_version, keep_patches=config.keep_patches)
+    return _Prepared(config=config, run_id=run_id, sources=sources, todo=todo, wh=wh,
+                     care=care, patch_encoder=patch_encoder, ctx=ctx, summary=summary,
+                     backend_kind=backend_kind)
+
+
+def _may_have_work(config: EmbedConfig, sources: list[SlideSource]) -> bool:
+    """Whether starting Ray before the versions are known is worth it: some listed slide is
+    in no version of the warehouse's slides table (a re-run of a finished cohort, the common
+    case where nothing is to do, then never starts Ray)."""
+    if not sources:
+        return False
+    from care_scale.storage import join, url_to_fs
+
+    opts = config.storage_options or None
+    fs, path = url_to_fs(join(config.warehouse, "slides", "_delta_log"), opts)
+    if not fs.exists(path):
+        return True
+    from care_scale.warehouse import Warehouse
+
+    known = Warehouse(config.warehouse, storage_options=opts).known_slide_ids()
+    return any(s.slide_id not in known for s in sources)
+
+
+def _prepare_while_ray_starts(config: EmbedConfig, listing: Any
+                              ) -> tuple[_Prepared, bool]:
+    """``_prepare`` in a thread while this (main) thread starts or joins Ray, when there may
+    be slides to embed: the torch import, model builds and table reads overlap Ray's seconds
+    of start-up. Returns what was prepared and whether this call started Ray (the caller shuts
+    it down). Ray stays in the main thread: it sets signal handlers there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    early = _may_have_work(config, listing.sources)
+    if early and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+        from care_scale.local_ray import loopback_only
+
+        loopback_only()  # before the thread can import ray
+    started_ray = False
+    with ThreadPoolExecutor(1, thread_name_prefix="care-scale-prepare") as pool:
+        future = pool.submit(_prepare, config, listing)
+        try:
+            if early:
+                mark("ray_start")
+                started_ray = _ensure_ray(config)
+                mark("ray")
+            prepared = future.result()
+        except BaseException:
+            future.cancel()
+            if started_ray:
+                _shutdown_ray()
+            raise
+    return prepared, started_ray
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def run_embedding(config: EmbedConfig) -> RunSummary:
+    """Embed every slide of ``config.source`` not yet in ``config.warehouse``; see the module."""
+    from care_scale import timeline
+    from care_scale.embed.results import build_failure
+
+    timeline.reset(keep=("cli",))
+    mark("run")
+    config.require_io()
+    config.validate()
+    t0 = time.monotonic()
+    listing = scan_source(config.source, features=config.features,
+                          storage_options=config.storage_options or None)
+    mark("listed")
+    p, started_ray = _prepare_while_ray_starts(config, listing)
+    mark("prepared")
+    config, todo, wh, summary, ctx = p.config, p.todo, p.wh, p.summary, p.ctx
+    backend_kind = p.backend_kind
+    by_id = {s.slide_id: s for s in p.sources}
+    progress = Progress(len(p.sources), skipped=summary.skipped, mode=config.progress)
 
     if todo:
-        started_ray = _ensure_ray(config)
-        mark("ray")
-        staging = wh.staging_uri(run_id)
+        if not started_ray:
+            mark("ray_start")
+            started_ray = _ensure_ray(config)
+            mark("ray")
+        staging = wh.staging_uri(p.run_id)
         stage = encoders = None
         try:
             from care_scale.embed.slide_stage import SlideStage
@@ -694,7 +778,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                     collector.submit_feature_file(src)
                     collector.collect()
             else:
-                local_export = (export_for_local_actors(config, patch_encoder)
+                local_export = (export_for_local_actors(config, p.patch_encoder)
                                 if _actors_run_on_this_node(config) else None)
                 mark("exported")
                 ds, encoders = build_dataset(config, todo, staging=staging,
@@ -717,10 +801,10 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                     pool.shutdown()
             _remove_staging(staging, config)
             if started_ray:
-                import ray
-
-                ray.shutdown()
+                _shutdown_ray()
         mark("shutdown")
+    elif started_ray:  # started early, and every slide turned out done for this version
+        _shutdown_ray()
     progress.close()
     summary.backend = backend_kind
     summary.tiles = progress.tiles
@@ -731,7 +815,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
         counts["threads"] = collector.threads
     mark("finished")
     counts["timeline"] = {**timeline.marks(), **(collector.worker_marks if todo else {})}
-    wh.finish_run(run_id, counts)
+    wh.finish_run(p.run_id, counts)
     return summary
 
 
