@@ -53,8 +53,10 @@ PHASES = [
     ("encoding (first -> last batch)", "last_encoded", ("first_encoded",)),
     ("last batch -> stream done", "stream_done", ("last_encoded",)),
     ("CARE + commits", "collected", ("stream_done",)),
-    ("pool and Ray shutdown", "shutdown", ("collected",)),
-    ("runs row, interpreter exit", "exit", ("shutdown",)),
+    ("actor pools killed, staging removed", "pools_down", ("collected",)),
+    ("ray.shutdown()", "shutdown", ("pools_down", "collected")),
+    ("runs row, summary printed", "summary", ("shutdown",)),
+    ("interpreter exit", "exit", ("summary", "shutdown")),
 ]
 
 
@@ -91,16 +93,26 @@ def run_once(tree: Path, slides: Path, work: Path, extra: list[str]) -> dict:
     """One ``care-scale embed`` run on ``tree``; its wall time and the run's timeline."""
     wh = work / "wh"
     shutil.rmtree(wh, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONUNBUFFERED": "1"}  # the summary line arrives when printed
     cmd = [sys.executable, "-m", "care_scale", "embed", str(slides), "--warehouse", str(wh),
            "--set", "progress=none", "--backend", "onnxruntime", *extra]
     spawn = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300,
-                          check=False)
-    end = time.time()
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    marks = {"spawn": spawn, "exit": end}
+    summary = None
+    with (tempfile.TemporaryFile("w+") as errf,
+          subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=errf,
+                           text=True) as proc):
+        out = []
+        for line in proc.stdout:  # the summary's first line: run_embedding has returned
+            summary = summary or time.time()
+            out.append(line)
+        code = proc.wait(timeout=300)
+        end = time.time()
+        errf.seek(0)
+        err = errf.read()
+    if code != 0:
+        raise SystemExit(f"run failed ({code}):\n{''.join(out)}\n{err}")
+    marks = {"spawn": spawn, "exit": end, **({"summary": summary} if summary else {})}
     from deltalake import DeltaTable
 
     (row,) = DeltaTable(str(wh / "runs")).to_pyarrow_table().to_pylist()

@@ -8,6 +8,11 @@
 # TRIDENT_SRC  what pip installs TRIDENT from: a pip URL (default, its public source), a
 #              source folder, or a git directory without a work tree (its HEAD is exported).
 # PYTHON       the interpreter the venv is made from (TRIDENT wants 3.10 or 3.11).
+# PEER_PIP_CLEAN  1 (default): pip reads no pip.conf and no PIP_FIND_LINKS, so it installs
+#              from PyPI what a clean machine gets. A local wheel folder holding the
+#              torch-2.13.0+cpu wheel would otherwise satisfy "torch==2.13.0", and PyPI's
+#              torchvision 0.28.0 is built against the default torch build, not that one
+#              ("operator torchvision::nms does not exist"). 0: use this machine's pip config.
 #
 # Pins: timm 0.9.16 (TRIDENT's own pin) and torchvision 0.28.0 beside PyPI's default torch
 # 2.13.0 build (not the CPU-only wheel), installed before TRIDENT so its unpinned torch
@@ -26,6 +31,10 @@ esac
 
 "$PYTHON" -m venv "$PEER_VENV"
 PIP=("$PEER_VENV/bin/python" -m pip)
+if [ "${PEER_PIP_CLEAN:-1}" = 1 ]; then
+  PIP=(env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT
+       PIP_CONFIG_FILE=/dev/null "${PIP[@]}")
+fi
 "${PIP[@]}" install --quiet --upgrade pip
 "${PIP[@]}" install "torch==2.13.0" "torchvision==0.28.0" "timm==0.9.16"
 
@@ -38,4 +47,11 @@ if [ -d "$src" ] && [ ! -e "$src/pyproject.toml" ] && git --git-dir "$src" rev-p
   src=$tree
 fi
 "${PIP[@]}" install "$src" "timm==0.9.16"
-"$PEER_VENV/bin/python" -c "import trident, timm, torch; print('trident ok; timm', timm.__version__, 'torch', torch.__version__)"
+"$PEER_VENV/bin/python" - <<'PY'
+import timm, torch, torchvision, trident  # noqa: F401  (torchvision's ops load with torch)
+
+print("trident ok; timm", timm.__version__, "torch", torch.__version__,
+      "torchvision", torchvision.__version__)
+if "+cpu" in torch.__version__:
+    raise SystemExit("got the CPU-only torch wheel; PyPI's default build was wanted")
+PY

@@ -800,6 +800,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                 if pool is not None:
                     pool.shutdown()
             _remove_staging(staging, config)
+            mark("pools_down")
             if started_ray:
                 _shutdown_ray()
         mark("shutdown")
