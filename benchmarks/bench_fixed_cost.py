@@ -12,7 +12,7 @@ start-up, its first and last encoded batch, the tail (CARE + commits, shutdown, 
 ``--baseline-rev REV``: also run the same command on the tree of git revision REV (extracted
 with ``git archive`` into a temporary folder, first on ``PYTHONPATH``), alternating with this
 tree run by run, and print per-pair ratios. A revision without the timeline gives the total
-only. One warm-up run per tree first (the ONNX export cache, the page cache), not counted.
+only. ``--warmup`` uncounted runs per tree first (the ONNX export cache, the page cache).
 
 Prints medians and the load average beside the CPU; asserts nothing.
 """
@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--side", type=int, default=2048, help="slide side in px at 0.5 um/px")
     ap.add_argument("--baseline-rev", help="git revision to compare with, run alternately")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="uncounted runs per tree first (0 once the export cache is warm)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="extra --set KEY=VALUE for both trees")
     args = ap.parse_args()
@@ -175,8 +177,9 @@ def main() -> None:
             trees = {f"baseline {args.baseline_rev}": extract(args.baseline_rev, tmp / "base"),
                      **trees}
         runs: dict[str, list[dict]] = {n: [] for n in trees}
-        for name, tree in trees.items():  # warm-up: export cache, page cache
-            run_once(tree, slides, tmp / "work", extra)
+        for _ in range(args.warmup):  # export cache, page cache
+            for tree in trees.values():
+                run_once(tree, slides, tmp / "work", extra)
         for i in range(args.repeats):
             for name, tree in (list(trees.items()) if i % 2 == 0
                                else list(trees.items())[::-1]):
