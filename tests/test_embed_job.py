@@ -108,7 +108,14 @@ def test_local_folder_to_local_warehouse_and_rerun(ray_local, cohort, tmp_path):
     runs = _table(wh, "runs").to_pylist()
     assert [r["run_id"] for r in runs] == [summary.run_id]
 
-    # Re-run: nothing re-processed, no duplicate rows.
+    # Re-run: nothing re-processed, no duplicate rows; every slide is known, so Ray is not
+    # started ahead of the version check.
+    from care_scale.embed.pipeline import _may_have_work
+    from care_scale.embed.sources import scan_source
+
+    listed = scan_source(str(cohort)).sources
+    assert not _may_have_work(_config(cohort, wh), listed)
+    assert _may_have_work(_config(cohort, tmp_path / "new-wh"), listed)
     again = run_embedding(_config(cohort, wh, keep_patches=True))
     assert (again.done, again.skipped, again.tiles) == (0, N_SLIDES, 0)
     assert _table(wh, "slides").num_rows == N_SLIDES
@@ -714,9 +721,14 @@ def test_encoder_threads_follow_the_cpus_ray_gives_the_actor(ray_local, cohort, 
             "num_cpus_per_slide_actor": 0, "decode_num_cpus": 0}
     run_embedding(_config(cohort, tmp_path / "auto", concurrency=conc))
     (run,) = _table(tmp_path / "auto", "runs").to_pylist()
-    threads = json.loads(run["counts_json"])["threads"]
-    assert threads == {"encoders": [{"backend": "onnxruntime", "cpus": 2.0, "threads": 2}],
-                       "decode": 2}
+    counts = json.loads(run["counts_json"])
+    assert counts["threads"] == {"decode": 2, "encoders": [
+        {"backend": "onnxruntime", "cpus": 2.0, "threads": 2}]}
+    # The run's timeline (benchmarks/bench_fixed_cost.py): driver phases and the workers'.
+    t = counts["timeline"]
+    assert t["run"] <= t["listed"] <= t["warehouse"] <= t["planned"] <= t["finished"]
+    assert t["actor_init"] <= t["actor_ready"] <= t["first_encoded"] <= t["last_encoded"]
+    assert t["decode_task"] <= t["tiled"] <= t["stream_done"]
     # Explicit settings win, on torch too (its intra-op pool as torch reports it).
     conc.update(torch_threads=1, decode_num_workers=3)
     run_embedding(_config(cohort, tmp_path / "set", backend="torch", concurrency=conc))
