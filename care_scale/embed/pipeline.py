@@ -712,8 +712,9 @@ def _prepare_while_ray_starts(config: EmbedConfig, listing: Any
     it down). Ray stays in the main thread: it sets signal handlers there."""
     from concurrent.futures import ThreadPoolExecutor
 
-    early = _may_have_work(config, listing.sources)
-    if early and not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+    if not _may_have_work(config, listing.sources):
+        return _prepare(config, listing), False
+    if not (config.ray_address or os.environ.get("RAY_ADDRESS")):
         from care_scale.local_ray import loopback_only
 
         loopback_only()  # before the thread can import ray
@@ -721,10 +722,9 @@ def _prepare_while_ray_starts(config: EmbedConfig, listing: Any
     with ThreadPoolExecutor(1, thread_name_prefix="care-scale-prepare") as pool:
         future = pool.submit(_prepare, config, listing)
         try:
-            if early:
-                mark("ray_start")
-                started_ray = _ensure_ray(config)
-                mark("ray")
+            mark("ray_start")
+            started_ray = _ensure_ray(config)
+            mark("ray")
             prepared = future.result()
         except BaseException:
             future.cancel()
