@@ -89,12 +89,13 @@ def make_slide(folder: Path, side: int) -> Path:
     return folder
 
 
-def run_once(tree: Path, slides: Path, work: Path, extra: list[str]) -> dict:
+def run_once(tree: Path, slides: Path, work: Path, extra: list[str],
+             env_extra: dict[str, str] | None = None) -> dict:
     """One ``care-scale embed`` run on ``tree``; its wall time and the run's timeline."""
     wh = work / "wh"
     shutil.rmtree(wh, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONUNBUFFERED": "1"}  # the summary line arrives when printed
+           "PYTHONUNBUFFERED": "1", **(env_extra or {})}  # the summary arrives when printed
     cmd = [sys.executable, "-m", "care_scale", "embed", str(slides), "--warehouse", str(wh),
            "--set", "progress=none", "--backend", "onnxruntime", *extra]
     spawn = time.time()
@@ -103,8 +104,9 @@ def run_once(tree: Path, slides: Path, work: Path, extra: list[str]) -> dict:
           subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=errf,
                            text=True) as proc):
         out = []
-        for line in proc.stdout:  # the summary's first line: run_embedding has returned
-            summary = summary or time.time()
+        for line in proc.stdout:
+            if line.startswith("run ") and summary is None:  # the summary's first line
+                summary = time.time()
             out.append(line)
         code = proc.wait(timeout=300)
         end = time.time()
@@ -161,6 +163,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--side", type=int, default=2048, help="slide side in px at 0.5 um/px")
     ap.add_argument("--baseline-rev", help="git revision to compare with, run alternately")
+    ap.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="the baseline is this tree (or --baseline-rev's) with these "
+                         "variables set, e.g. CARE_SCALE_FAST_EXIT=0")
     ap.add_argument("--warmup", type=int, default=1,
                     help="uncounted runs per tree first (0 once the export cache is warm)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
@@ -172,23 +177,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fixed-cost-") as tmp:
         tmp = Path(tmp)
         slides = make_slide(tmp / "slides", args.side)
-        trees = {"this tree": ROOT}
-        if args.baseline_rev:
-            trees = {f"baseline {args.baseline_rev}": extract(args.baseline_rev, tmp / "base"),
-                     **trees}
+        base_env = dict(kv.split("=", 1) for kv in args.baseline_env)
+        trees = {"this tree": (ROOT, {})}
+        if args.baseline_rev or base_env:
+            base = extract(args.baseline_rev, tmp / "base") if args.baseline_rev else ROOT
+            label = " ".join([args.baseline_rev or "this tree", *args.baseline_env])
+            trees = {f"baseline {label}": (base, base_env), **trees}
         runs: dict[str, list[dict]] = {n: [] for n in trees}
         for _ in range(args.warmup):  # export cache, page cache
-            for tree in trees.values():
-                run_once(tree, slides, tmp / "work", extra)
+            for tree, env in trees.values():
+                run_once(tree, slides, tmp / "work", extra, env)
         for i in range(args.repeats):
-            for name, tree in (list(trees.items()) if i % 2 == 0
-                               else list(trees.items())[::-1]):
-                runs[name].append(run_once(tree, slides, tmp / "work", extra))
+            for name, (tree, env) in (list(trees.items()) if i % 2 == 0
+                                      else list(trees.items())[::-1]):
+                runs[name].append(run_once(tree, slides, tmp / "work", extra, env))
                 print(f"  run {i + 1} {name}: {runs[name][-1]['total']:.2f} s  [{load_line()}]",
                       flush=True)
         for name in trees:
             report(name, runs[name])
-        if args.baseline_rev:
+        if len(trees) == 2:
             base, this = (runs[n] for n in trees)
             ratios = [b["total"] / t["total"] for b, t in zip(base, this)]
             fixed = [(breakdown(b["marks"]), breakdown(t["marks"])) for b, t in zip(base, this)]
