@@ -109,7 +109,14 @@ def test_local_folder_to_local_warehouse_and_rerun(ray_local, cohort, tmp_path):
     runs = _table(wh, "runs").to_pylist()
     assert [r["run_id"] for r in runs] == [summary.run_id]
 
-    # Re-run: nothing re-processed, no duplicate rows.
+    # Re-run: nothing re-processed, no duplicate rows; every slide is known, so Ray is not
+    # started ahead of the version check.
+    from care_scale.embed.pipeline import _may_have_work
+    from care_scale.embed.sources import scan_source
+
+    listed = scan_source(str(cohort)).sources
+    assert not _may_have_work(_config(cohort, wh), listed)
+    assert _may_have_work(_config(cohort, tmp_path / "new-wh"), listed)
     again = run_embedding(_config(cohort, wh, keep_patches=True))
     assert (again.done, again.skipped, again.tiles) == (0, N_SLIDES, 0)
     assert _table(wh, "slides").num_rows == N_SLIDES
@@ -703,3 +710,36 @@ def test_a_slide_whose_download_keeps_failing_is_a_failures_row(ray_local, cohor
                      r"after \d+ attempts", row["message"]), row
     assert "could not connect" not in row["message"].lower(), row
     assert 1 < len(fired) < 200
+
+
+def test_thread_pools_are_sized_from_the_cpus_given_unless_set():
+    from care_scale.embed.node_threads import MIN_DECODE_THREADS, decode_threads, intra_op_threads
+
+    assert intra_op_threads(None, 2.0) == 2 and intra_op_threads(None, 0.5) == 1
+    assert intra_op_threads(None, None) == 1 and intra_op_threads(3, 1.0) == 3
+    assert intra_op_threads(None, 4096.0) == len(os.sched_getaffinity(0))  # cores present
+    assert decode_threads(None, 0.5) == MIN_DECODE_THREADS and decode_threads(None, 6.0) == 6
+    assert decode_threads(1, 6.0) == 1
+
+
+def test_encoder_threads_follow_the_cpus_ray_gives_the_actor(ray_local, cohort, tmp_path):
+    # The encoder actor gets the test cluster's 2 CPUs (the other stages reserve none here).
+    conc = {"decode_tasks": 1, "encoder_actors": 1, "num_cpus_per_actor": 2,
+            "num_cpus_per_slide_actor": 0, "decode_num_cpus": 0}
+    run_embedding(_config(cohort, tmp_path / "auto", concurrency=conc))
+    (run,) = _table(tmp_path / "auto", "runs").to_pylist()
+    counts = json.loads(run["counts_json"])
+    assert counts["threads"] == {"decode": 2, "encoders": [
+        {"backend": "onnxruntime", "cpus": 2.0, "threads": 2}]}
+    # The run's timeline (benchmarks/bench_fixed_cost.py): driver phases and the workers'.
+    t = counts["timeline"]
+    assert t["run"] <= t["listed"] <= t["warehouse"] <= t["planned"] <= t["finished"]
+    assert t["actor_init"] <= t["actor_ready"] <= t["first_encoded"] <= t["last_encoded"]
+    assert t["decode_task"] <= t["tiled"] <= t["stream_done"]
+    # Explicit settings win, on torch too (its intra-op pool as torch reports it).
+    conc.update(torch_threads=1, decode_num_workers=3)
+    run_embedding(_config(cohort, tmp_path / "set", backend="torch", concurrency=conc))
+    (run,) = _table(tmp_path / "set", "runs").to_pylist()
+    threads = json.loads(run["counts_json"])["threads"]
+    assert threads == {"encoders": [{"backend": "torch", "cpus": 2.0, "threads": 1}],
+                       "decode": 3}

@@ -56,13 +56,50 @@ def _one_line_warnings(default):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. ``argv=None`` (the ``care-scale`` process itself: the console script,
+    ``python -m care_scale``) also ends the process when the command is done (``_fast_exit``);
+    with an explicit ``argv`` (tests, ``jobs/*.py``) it returns the exit code."""
     import warnings
+
+    from care_scale import timeline
+
+    timeline.reset()
+    timeline.mark("cli")  # the interpreter is up and care_scale.cli imported
 
     parser = build_parser()
     args = parser.parse_args(argv)
     with warnings.catch_warnings():  # the display is restored when the command ends
         warnings.showwarning = _one_line_warnings(warnings.showwarning)
-        return _run(args)
+        code = _run(args)
+    if argv is None and os.environ.get(FAST_EXIT_ENV, "1") != "0":
+        _fast_exit(code)
+    return code
+
+
+#: ``0`` turns :func:`_fast_exit` off (the interpreter's own teardown runs, as before).
+FAST_EXIT_ENV = "CARE_SCALE_FAST_EXIT"
+
+
+def _fast_exit(code: int) -> None:
+    """End the process without the interpreter's module teardown: after an embedding run,
+    unloading torch, ONNX Runtime and Ray Data (their finalizers and C++ static destructors)
+    takes 1-2 s on 2 cores (``benchmarks/bench_fixed_cost.py``) and does nothing a finished
+    command needs. What a normal exit waits for still happens first: non-daemon threads are
+    joined, the atexit handlers run (Ray's, temporary folders' cleanup, logging's flush), the
+    standard streams are flushed."""
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a reader that went away
+            pass
+    os._exit(code)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -61,12 +61,16 @@ class Concurrency:
     (``num_gpus_per_actor`` GPUs each on a GPU cluster, 0 on CPU); ``slide_encoder_actors``
     actors each hold CARE and write the slides' rows (``num_gpus_per_slide_actor`` puts them
     on GPUs). ``decode_num_workers`` threads
-    decode tiles inside one task. ``*_resources``: custom Ray resources a stage's workers
+    decode tiles inside one task. Thread pools left unset (None) follow the CPUs Ray gives
+    the worker (``care_scale.embed.node_threads``): an encoder actor runs one intra-op thread
+    per CPU of ``num_cpus_per_actor``, a decode task one reader per CPU of
+    ``decode_num_cpus`` (at least 2). ``*_resources``: custom Ray resources a stage's workers
     need (``{decode: 1}``), to pin stages to node groups.
     """
 
     decode_tasks: int = 2
-    decode_num_workers: int = 2
+    # Tile-reader threads of one decode task; None: from decode_num_cpus (at least 2).
+    decode_num_workers: int | None = None
     # Logical CPUs reserved per decode task. With the encoder actor's 1 and a slide-encoder
     # actor's 0.5, one decode task still fits on a 2-CPU machine.
     decode_num_cpus: float = 0.5
@@ -80,8 +84,9 @@ class Concurrency:
     # Tile batches one decode task keeps at the encoder actors while it decodes the next:
     # enough to keep them busy, few enough to bound the pixels in the object store.
     encode_in_flight: int = 2
-    # Intra-op threads of one encoder actor (torch or ONNX Runtime).
-    torch_threads: int = 1
+    # Intra-op threads of one encoder actor (torch or ONNX Runtime); None: one per CPU Ray
+    # gives the actor (num_cpus_per_actor), capped by the cores present.
+    torch_threads: int | None = None
     slide_encoder_actors: int = 1
     num_cpus_per_slide_actor: float = 0.5
     num_gpus_per_slide_actor: float = 0.0
@@ -165,8 +170,8 @@ class EmbedConfig:
                               "snapshot code (only slide_encoder.trust_remote_code exists)")
         c = self.concurrency
         for name in ("decode_tasks", "encoder_actors", "decode_num_workers", "encode_in_flight",
-                     "slide_encoder_actors", "slide_encoder_threads"):
-            if getattr(c, name) < 1:
+                     "slide_encoder_actors", "slide_encoder_threads", "torch_threads"):
+            if getattr(c, name) is not None and getattr(c, name) < 1:
                 raise ConfigError(f"concurrency.{name} must be >= 1, got {getattr(c, name)}")
         for name in ("num_gpus_per_actor", "num_cpus_per_actor", "num_cpus_per_slide_actor",
                      "num_gpus_per_slide_actor", "decode_num_cpus"):

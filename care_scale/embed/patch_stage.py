@@ -51,10 +51,13 @@ from care_scale.exceptions import CareScaleError
 from care_scale.storage import redact
 
 
-def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> Any:
+def create_patch_backend(config: EmbedConfig, *, device: str | None = None,
+                         threads: int | None = None) -> Any:
     """The patch backend of one encoder actor: ``__call__(uint8 (B,H,W,3)) -> float32 (B,D)``,
-    ``.kind`` (what "auto" chose), ``.embed_dim``, ``.model_version``. Exports on the fly
-    (into this node's cache) where the kind needs artifacts and the config names none."""
+    ``.kind`` (what "auto" chose), ``.embed_dim``, ``.model_version``, ``.threads``. Exports on
+    the fly (into this node's cache) where the kind needs artifacts and the config names none.
+    ``threads``: intra-op threads (default ``concurrency.torch_threads``; unset there too: the
+    runtime's own default)."""
     from care_scale.export import create_patch_backend as _create
 
     return _create(
@@ -65,7 +68,7 @@ def create_patch_backend(config: EmbedConfig, *, device: str | None = None) -> A
         storage_options=config.storage_options or None,
         device=device,
         tile_size=config.patch_size,
-        threads=config.concurrency.torch_threads,
+        threads=threads if threads is not None else config.concurrency.torch_threads,
         precision=config.precision,
     )
 
@@ -85,16 +88,28 @@ class PatchEncoder:
             config = dataclasses.replace(
                 config, artifacts=local_export,
                 patch_encoder=dataclasses.replace(config.patch_encoder, checkpoint=None))
+        import time
+
+        from care_scale.embed.node_threads import assigned_cpus, intra_op_threads
+
+        self.marks = {"actor_init": time.time()}  # this actor's phases (care_scale.timeline)
+
         # An actor without a reserved GPU cannot use one (Ray hides the devices from it).
         device = "cuda" if config.concurrency.num_gpus_per_actor > 0 else "cpu"
-        self.backend = create_patch_backend(config, device=device)
+        self.cpus = assigned_cpus()
+        threads = intra_op_threads(config.concurrency.torch_threads, self.cpus)
+        self.backend = create_patch_backend(config, device=device, threads=threads)
         self.embed_dim = int(self.backend.embed_dim)
         self.kind = str(self.backend.kind)
         self.batch_size = config.encode_batch_size
-        if self.kind == "torch":  # only then: an ONNX Runtime actor never imports torch
-            import torch
+        self.marks["actor_ready"] = time.time()
 
-            torch.set_num_threads(max(1, config.concurrency.torch_threads))
+    def info(self) -> dict[str, Any]:
+        """What this actor runs with: backend kind, the CPUs Ray assigned it and the
+        intra-op threads its backend reports (recorded in the runs table's counts), and its
+        timeline marks (ready, first and last tile encoded)."""
+        return {"backend": self.kind, "cpus": self.cpus, "threads": self.backend.threads,
+                "timeline": dict(self.marks)}
 
     def encode(self, tiles: np.ndarray) -> tuple[np.ndarray | None, str, tuple[str, str] | None]:
         """``(features, backend kind, None)``, or ``(None, kind, (class, message))`` when the
@@ -102,9 +117,18 @@ class PatchEncoder:
         try:
             feats = [self.backend(np.ascontiguousarray(tiles[i:i + self.batch_size]))
                      for i in range(0, len(tiles), self.batch_size)]
+            self._mark_encoded()
             return np.concatenate(feats).astype(np.float32, copy=False), self.kind, None
         except (CareScaleError, RuntimeError, ValueError) as exc:
             return None, self.kind, (type(exc).__name__, redact(exc)[:2000])
+
+
+    def _mark_encoded(self) -> None:
+        import time
+
+        now = time.time()
+        self.marks.setdefault("first_encoded", now)
+        self.marks["last_encoded"] = now
 
 
 class EncoderPool:
@@ -122,6 +146,16 @@ class EncoderPool:
                              resources=c.encoder_resources, max_restarts=3, max_task_retries=3)
         cls = ray.remote(PatchEncoder).options(**opts)
         self.actors = [cls.remote(config, local_export) for _ in range(c.encoder_actors)]
+
+    def info(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Each live actor's :meth:`PatchEncoder.info` ([] for actors that do not answer)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        try:
+            return list(ray.get([a.info.remote() for a in self.actors], timeout=timeout_s))
+        except (GetTimeoutError, RayActorError):
+            return []
 
     def shutdown(self) -> None:
         import ray

@@ -72,6 +72,7 @@ from care_scale.embed.slide_stage import create_slide_encoder
 from care_scale.embed.sources import SlideSource, scan_source
 from care_scale.exceptions import CareScaleError, CareScaleWarning, ConfigError
 from care_scale.storage import redact, redact_options
+from care_scale.timeline import mark
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +292,13 @@ def _annotations(cfg: EmbedConfig, row: dict[str, Any], grid: Any, opts: Any
 
 
 def _slide_meta(row: dict[str, Any], slide: Any, grid: Any, size: int | None,
-                etag: str | None, *, annotations: dict[str, str] | None = None) -> str:
+                etag: str | None, *, annotations: dict[str, str] | None = None,
+                decode_threads: int = 0, timeline: dict[str, float] | None = None) -> str:
     return json.dumps(
         {
             "annotations": annotations or {},
+            "decode_threads": decode_threads,
+            "timeline": timeline or {},
             "uri": row["uri"],
             "source_size": size,
             "source_etag": etag,
@@ -379,6 +383,7 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
     the next slide is opened, its tissue found and its first batches decoded, so the
     encoders do not wait for a slide's set-up.
     """
+    from care_scale.embed.node_threads import assigned_cpus, decode_threads
     from care_scale.embed.patch_stage import Router
     from care_scale.embed.shards import ShardBuffer
     from care_scale.slides import open_slide, stat_uri
@@ -388,6 +393,8 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
     opts = cfg.storage_options or None
     cache = _slide_cache(cfg)
     router = Router(params["encoders"], max_in_flight=cfg.concurrency.encode_in_flight)
+    readers = decode_threads(cfg.concurrency.decode_num_workers, assigned_cpus())
+    marks = {"decode_task": time.time()}  # this task's own phases (care_scale.timeline)
     slides: list[_SlideInFlight] = []
 
     def take(results: list) -> Iterator[dict]:
@@ -423,14 +430,16 @@ def embed_slides(batch: dict[str, np.ndarray], *, params: dict[str, Any]) -> Ite
                         f"({cfg.tiling} tiling)"
                         + (" inside its annotations" if annotated is not None else ""),
                     )
+                marks.setdefault("tiled", time.time())  # opened, tissue found, grid made
                 st.meta = _slide_meta(row, slide, grid, size, etag,
-                                      annotations=ann_meta if annotated is not None else None)
+                                      annotations=ann_meta if annotated is not None else None,
+                                      decode_threads=readers, timeline=marks)
                 if cfg.overlays:
                     _overlay_tissue(cfg, row["slide_id"], slide, grid)
                 stage = STAGE_DECODE
                 start, parts = 0, []
                 batches = iter_tile_batches(slide, grid, batch_size=cfg.decode_batch_size,
-                                            num_workers=cfg.concurrency.decode_num_workers)
+                                            num_workers=readers)
                 for last, tb in _flag_last(batches):
                     # Decode batches are joined up to one encoder batch (a GPU wants 256
                     # tiles per call; decode memory wants fewer per batch); a call never
@@ -583,11 +592,14 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
                  + c.encoder_actors * c.num_cpus_per_actor),
             gpu=(c.slide_encoder_actors * c.num_gpus_per_slide_actor
                  + c.encoder_actors * c.num_gpus_per_actor))
-    blocks = _source_blocks(todo, c.decode_tasks)
-    ds = ray.data.from_arrow(blocks)
-    # Only now: making the input blocks runs a one-CPU Ray task, which on a small node would
-    # wait forever behind the actors' reservation.
+    # The actors first: their worker processes start while Ray Data plans and starts the
+    # decode tasks (each is seconds of process start-up on a small node).
     pool = EncoderPool(config, local_export=local_export)
+    blocks = _source_blocks(todo, c.decode_tasks)
+    # from_blocks: the blocks' metadata is computed here. (from_arrow computes it in a
+    # one-CPU Ray task: one more worker process to start, and on a small node a task that
+    # waits forever behind the actors' reservation.)
+    ds = ray.data.from_blocks(blocks)
     ds = ds.map_batches(
         # The whole input block per call: batches stay in flight from one slide to the next.
         embed_slides, batch_size=None,
@@ -601,32 +613,40 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
     return ds, pool
 
 
-def run_embedding(config: EmbedConfig) -> RunSummary:
-    """Embed every slide of ``config.source`` not yet in ``config.warehouse``; see the module."""
-    config.require_io()
-    config.validate()
+@dataclass
+class _Prepared:
+    """What the driver settles before any slide is decoded (``_prepare``)."""
 
-    from care_scale.embed.results import build_failure
+    config: EmbedConfig
+    run_id: str
+    sources: list[SlideSource]
+    todo: list[SlideSource]
+    wh: Any
+    care: Any
+    patch_encoder: Any
+    ctx: RowContext
+    summary: RunSummary
+    backend_kind: str
+
+
+def _prepare(config: EmbedConfig, listing: Any) -> _Prepared:
+    """Models, versions, warehouse tables and the runs row: everything before the first slide
+    that needs no Ray (so it runs while Ray starts, see ``run_embedding``)."""
+    from care_scale.embed.calibrate import resolve_precision
     from care_scale.models import model_version
     from care_scale.warehouse import Warehouse
 
     config = resolve_models(config)
-    t0 = time.monotonic()
+    mark("resolved")  # (the registry: care_scale.models, so torch, imported)
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4(
     ).hex[:6]
-    listing = scan_source(config.source, features=config.features,
-                          storage_options=config.storage_options or None)
     sources = listing.sources
-    by_id = {s.slide_id: s for s in sources}
-
     # Built here only for their versions (and, on a local cluster, the patch encoder's
     # export); the actors load their own copies.
     care = create_slide_encoder(config)
     check_pairing(config, care, sources)
     check_artifacts(config)
     wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
-    from care_scale.embed.calibrate import resolve_precision
-
     config, precision_choice = resolve_precision(
         config, sources, cache=_slide_cache(config),
         runs=wh.run_configs() if config.precision == "auto" else ())
@@ -638,6 +658,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     version = job_model_version(config, care_version, patch_version)
     # The encoder actors report the backend they actually chose ("auto" resolves there).
     backend_kind = "features" if config.features else config.backend
+    mark("models")
 
     wh.ensure_tables()
     done_ids = wh.completed_slide_ids(version)
@@ -657,13 +678,94 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     if precision_choice is not None:  # what `precision: auto` measured, and chose
         run_config["precision_auto"] = precision_choice.as_record()
     wh.start_run(run_id, run_config)
-    progress = Progress(len(sources), skipped=summary.skipped, mode=config.progress)
+    mark("warehouse")
     ctx = RowContext(run_id=run_id, version=version, care_version=care_version,
                      patch_version=patch_version, keep_patches=config.keep_patches)
+    return _Prepared(config=config, run_id=run_id, sources=sources, todo=todo, wh=wh,
+                     care=care, patch_encoder=patch_encoder, ctx=ctx, summary=summary,
+                     backend_kind=backend_kind)
+
+
+def _may_have_work(config: EmbedConfig, sources: list[SlideSource]) -> bool:
+    """Whether starting Ray before the versions are known is worth it: some listed slide is
+    in no version of the warehouse's slides table (a re-run of a finished cohort, the common
+    case where nothing is to do, then never starts Ray)."""
+    if not sources:
+        return False
+    from care_scale.storage import join, url_to_fs
+
+    opts = config.storage_options or None
+    fs, path = url_to_fs(join(config.warehouse, "slides", "_delta_log"), opts)
+    if not fs.exists(path):
+        return True
+    from care_scale.warehouse import Warehouse
+
+    known = Warehouse(config.warehouse, storage_options=opts).known_slide_ids()
+    return any(s.slide_id not in known for s in sources)
+
+
+def _prepare_while_ray_starts(config: EmbedConfig, listing: Any
+                              ) -> tuple[_Prepared, bool]:
+    """``_prepare`` in a thread while this (main) thread starts or joins Ray, when there may
+    be slides to embed: the torch import, model builds and table reads overlap Ray's seconds
+    of start-up. Returns what was prepared and whether this call started Ray (the caller shuts
+    it down). Ray stays in the main thread: it sets signal handlers there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not _may_have_work(config, listing.sources):
+        return _prepare(config, listing), False
+    if not (config.ray_address or os.environ.get("RAY_ADDRESS")):
+        from care_scale.local_ray import loopback_only
+
+        loopback_only()  # before the thread can import ray
+    started_ray = False
+    with ThreadPoolExecutor(1, thread_name_prefix="care-scale-prepare") as pool:
+        future = pool.submit(_prepare, config, listing)
+        try:
+            mark("ray_start")
+            started_ray = _ensure_ray(config)
+            mark("ray")
+            prepared = future.result()
+        except BaseException:
+            future.cancel()
+            if started_ray:
+                _shutdown_ray()
+            raise
+    return prepared, started_ray
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+def run_embedding(config: EmbedConfig) -> RunSummary:
+    """Embed every slide of ``config.source`` not yet in ``config.warehouse``; see the module."""
+    from care_scale import timeline
+    from care_scale.embed.results import build_failure
+
+    timeline.reset(keep=("cli",))
+    mark("run")
+    config.require_io()
+    config.validate()
+    t0 = time.monotonic()
+    listing = scan_source(config.source, features=config.features,
+                          storage_options=config.storage_options or None)
+    mark("listed")
+    p, started_ray = _prepare_while_ray_starts(config, listing)
+    mark("prepared")
+    config, todo, wh, summary, ctx = p.config, p.todo, p.wh, p.summary, p.ctx
+    backend_kind = p.backend_kind
+    by_id = {s.slide_id: s for s in p.sources}
+    progress = Progress(len(p.sources), skipped=summary.skipped, mode=config.progress)
 
     if todo:
-        started_ray = _ensure_ray(config)
-        staging = wh.staging_uri(run_id)
+        if not started_ray:
+            mark("ray_start")
+            started_ray = _ensure_ray(config)
+            mark("ray")
+        staging = wh.staging_uri(p.run_id)
         stage = encoders = None
         try:
             from care_scale.embed.slide_stage import SlideStage
@@ -676,15 +778,21 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                     collector.submit_feature_file(src)
                     collector.collect()
             else:
-                local_export = (export_for_local_actors(config, patch_encoder)
+                local_export = (export_for_local_actors(config, p.patch_encoder)
                                 if _actors_run_on_this_node(config) else None)
+                mark("exported")
                 ds, encoders = build_dataset(config, todo, staging=staging,
                                              local_export=local_export)
+                mark("planned")
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                              prefetch_batches=0):
+                    mark("first_row")
                     collector.consume(batch)
                     collector.collect()
+                mark("stream_done")
+                collector.actor_info(encoders.info())
             collector.close(todo)
+            mark("collected")
             if collector.backend_kind:
                 backend_kind = collector.backend_kind
         finally:
@@ -692,17 +800,23 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                 if pool is not None:
                     pool.shutdown()
             _remove_staging(staging, config)
+            mark("pools_down")
             if started_ray:
-                import ray
-
-                ray.shutdown()
+                _shutdown_ray()
+        mark("shutdown")
+    elif started_ray:  # started early, and every slide turned out done for this version
+        _shutdown_ray()
     progress.close()
     summary.backend = backend_kind
     summary.tiles = progress.tiles
     summary.seconds = time.monotonic() - t0
-    wh.finish_run(run_id, {"total": summary.total, "skipped": summary.skipped,
-                           "done": summary.done, "failed": summary.failed,
-                           "tiles": summary.tiles})
+    counts = {"total": summary.total, "skipped": summary.skipped, "done": summary.done,
+              "failed": summary.failed, "tiles": summary.tiles}
+    if todo and not config.features:  # the thread pools the workers actually ran
+        counts["threads"] = collector.threads
+    mark("finished")
+    counts["timeline"] = {**timeline.marks(), **(collector.worker_marks if todo else {})}
+    wh.finish_run(p.run_id, counts)
     return summary
 
 
@@ -734,6 +848,22 @@ class _Collector:
         self.n_results = 0
         self.failures: list[Any] = []
         self.backend_kind = ""
+        # Reader threads of the decode tasks, intra-op threads of the encoder actors.
+        self.threads: dict[str, Any] = {"decode": 0, "encoders": []}
+        # The workers' timeline marks (care_scale.timeline): the earliest of each.
+        self.worker_marks: dict[str, float] = {}
+
+    def actor_info(self, infos: list[dict[str, Any]]) -> None:
+        """The encoder actors' threads and timeline marks (first ready, first / last tile)."""
+        self.threads["encoders"] = [{k: i[k] for k in ("backend", "cpus", "threads")}
+                                    for i in infos]
+        for info in infos:
+            self._worker_marks(info.get("timeline", {}), latest=("last_encoded",))
+
+    def _worker_marks(self, marks: dict[str, float], latest: tuple[str, ...] = ()) -> None:
+        for name, t in marks.items():
+            pick = max if name in latest else min
+            self.worker_marks[name] = pick(self.worker_marks.get(name, t), t)
 
     # -- stream in ------------------------------------------------------------------------
     def consume(self, batch: dict[str, np.ndarray]) -> None:
@@ -748,8 +878,10 @@ class _Collector:
             self.backend_kind = str(batch["backend"][i])
             self.progress.add_tiles(int(batch["count"][i]))
             self.submitted.add(sid)
-            self.stage.submit("encode_shards", sid, self.by_id[sid].to_row(),
-                              json.loads(str(batch["meta"][i])),
+            meta = json.loads(str(batch["meta"][i]))
+            self.threads["decode"] = max(self.threads["decode"], meta.get("decode_threads", 0))
+            self._worker_marks(meta.pop("timeline", {}))
+            self.stage.submit("encode_shards", sid, self.by_id[sid].to_row(), meta,
                               json.loads(str(batch["shards"][i])), self.backend_kind)
 
     def submit_feature_file(self, src: SlideSource) -> None:

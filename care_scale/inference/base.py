@@ -40,6 +40,8 @@ class PatchBackend(ABC):
     kind: ClassVar[str]
     #: why this kind was chosen (set by ``create_patch_backend``)
     selection: str = "constructed directly"
+    #: intra-op threads it runs with, as the runtime reports them (None: not a CPU pool)
+    threads: int | None = None
 
     def __init__(self, info: PatchModelInfo):
         self.info = info

@@ -93,12 +93,12 @@ def build_slide_encoder(model: Any, checkpoint: str | None,
 
 
 def _load_torch(model, *, checkpoint, storage_options, device, channels_last, precision,
-                **_unused) -> PatchBackend:
+                threads=None, **_unused) -> PatchBackend:
     from care_scale.inference.torch_backend import TorchPatchBackend
 
     encoder = build_patch_encoder(model, checkpoint, storage_options)
     return TorchPatchBackend(encoder, device=device, channels_last=channels_last,
-                             precision=precision)
+                             precision=precision, threads=threads)
 
 
 def _load_onnx(model, *, artifacts, checkpoint, storage_options, device, tile_size, cache_dir,

@@ -131,9 +131,11 @@ class OnnxPatchBackend(PatchBackend):
         self._exporter = exporter
         self._sessions: dict[int, Any] = {info.tile_size: session}
         self.providers = session.get_providers()
+        self.threads = int(session.get_session_options().intra_op_num_threads)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "providers": list(self.providers), "onnx": str(self.path)}
+        return {**super().describe(), "providers": list(self.providers), "onnx": str(self.path),
+                "threads": self.threads}
 
     def _session(self, tile: int):
         if tile not in self._sessions:

@@ -51,12 +51,15 @@ class TorchPatchBackend(PatchBackend):
 
     def __init__(self, encoder: nn.Module, *, model_version: str | None = None,
                  device: str | torch.device | None = None, channels_last: bool = False,
-                 precision: Precision = "fp32"):
+                 precision: Precision = "fp32", threads: int | None = None):
         from care_scale.inference.kinds import KINDS
         from care_scale.models import model_version as _model_version
 
         self.device = resolve_device(device)
         self.precision = precision
+        if threads is not None:  # torch's intra-op pool is the process's: set it here
+            torch.set_num_threads(max(1, int(threads)))
+        self.threads = torch.get_num_threads()
         self.channels_last = channels_last
         encoder = encoder.eval().to(self.device)
         if channels_last:
@@ -74,7 +77,8 @@ class TorchPatchBackend(PatchBackend):
         super().__init__(patch_info(encoder, version))
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "precision": self.precision, "device": str(self.device)}
+        return {**super().describe(), "precision": self.precision, "device": str(self.device),
+                "threads": self.threads}
 
     def _autocast(self):
         if self.precision == "fp32":

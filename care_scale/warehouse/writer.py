@@ -219,6 +219,13 @@ class Warehouse:
         mv = t.column("model_version").to_pylist()
         return {s for s, m in zip(ids, mv) if m == model_version}
 
+    def known_slide_ids(self) -> set[str]:
+        """Every slide id in the slides table, whatever its model version."""
+        dt = self.open("slides")
+        if dt is None:
+            return set()
+        return set(dt.to_pyarrow_table(columns=["slide_id"]).column("slide_id").to_pylist())
+
     def run_configs(self) -> list[dict[str, Any]]:
         """Every run's recorded config, oldest first ([] before the first run)."""
         dt = self.open("runs")
