@@ -72,6 +72,8 @@ def _stage_overrides(stage: str, cfg: ComparisonConfig, seed: int, workdir: str)
            f"data.holdout_fraction={cfg.holdout_fraction}", f"run.seed={seed}",
            f"model.init_seed={seed}", f"run.name=compare-{stage}-seed{seed}",
            f"run.storage_path={os.path.join(workdir, 'runs')}"]
+    if stage == "stage2":
+        out.append("align.shift_rank=0")  # the default; the demo sets 8 for its own cohort
     if steps is not None:
         out.append(f"optim.steps={steps}")
         if stage == "stage2":

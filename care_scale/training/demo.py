@@ -39,7 +39,10 @@ def demo_overrides(stage: str, workdir: str) -> list[str]:
     if stage == "stage1":
         return common + ["optim.lr=5e-4", "ssl.out_dim=64", "ssl.patch_out_dim=64",
                          "ssl.teacher_momentum=0.95"]
-    return common + ["optim.lr=1e-3", "align.phases=rna,protein", "align.phase_steps=180,60"]
+    # The composition cohort's large batch effect: stage II's stain jitter helps there
+    # (README, Pretraining); the comparison (training.compare) switches it off again.
+    return common + ["optim.lr=1e-3", "align.phases=rna,protein", "align.phase_steps=180,60",
+                     "align.shift_rank=8"]
 
 
 def load_stage_config(stage: str, path: str | None, overrides: list[str] | None, *,
