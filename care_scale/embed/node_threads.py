@@ -38,9 +38,9 @@ def intra_op_threads(setting: int | None, assigned: float | None) -> int:
         return max(1, int(setting))
     if not assigned:
         return 1
-    from care_scale.inference.onnx_backend import available_cores
+    from care_scale.inference.precision import usable_cores
 
-    return max(1, min(math.ceil(assigned - 1e-9), available_cores()))
+    return max(1, min(math.ceil(assigned - 1e-9), usable_cores()))
 
 
 def decode_threads(setting: int | None, assigned: float | None) -> int:
