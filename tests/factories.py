@@ -108,3 +108,20 @@ def write_dicom_wsm(path, *, image_type: bool = True, side: int = 16) -> None:
     ]
     path.write_bytes(b"\0" * 128 + b"DICM" + el(2, 0, "UL", ul(len(meta))) + meta
                      + b"".join(body))
+
+
+def demo_in_new_process(stage: str, workdir) -> dict:
+    """`care-scale train <stage> --demo` as a user runs it (own process, own local Ray),
+    bounded in time; returns its JSON line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "care_scale", "train", stage, "--demo",
+                           "--workdir", str(workdir), "--set", "run.checkpoint_every=1000"],
+                          capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])

@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from factories import demo_in_new_process
 
 
 @pytest.mark.slow
-def test_stage2_retrieval_and_purity(tmp_path, ray_local):
-    from care_scale.training.demo import run_demo
+def test_stage2_retrieval_and_purity(tmp_path):
     from care_scale.training.loop import read_metrics
 
-    report = run_demo("stage2", workdir=str(tmp_path), overrides=["run.checkpoint_every=1000"])
+    report = demo_in_new_process("stage2", tmp_path)
     print(json.dumps(report))
     assert report["steps"] == report["steps_planned"]
     n_heldout = report["heldout_slides"]
@@ -36,3 +36,4 @@ def test_stage2_retrieval_and_purity(tmp_path, ray_local):
     assert phases == sorted(phases) and set(phases) == {0, 1}
     rna = [r["loss_clip"] for r in hist if int(r["phase"]) == 0]
     assert rna[-1] < rna[0] - 0.3, rna
+
