@@ -28,7 +28,7 @@ def encoder(model: str, weights: str, input_size: int, mean: list[float], std: l
     from trident.patch_encoder_models.load import CustomInferenceEncoder
 
     net = timm.create_model(model, pretrained=False, num_classes=0)
-    net.load_state_dict(torch.load(weights, map_location="cpu"))
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     tf = transforms.Compose([
         transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.ToTensor(),

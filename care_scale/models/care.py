@@ -116,7 +116,7 @@ class CareOutput:
     aux_loss: torch.Tensor  # scalar, lambda_rsl * rsl_loss
     # (B,) mean expected rank of each slide's patches among their ranked candidates, in
     # [0, 1]; the RSL pulls it toward E*. Not an export output (training diagnostics).
-    expected_rank: torch.Tensor | None = None
+    expected_rank: torch.Tensor
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f) for f in CARE_OUTPUT_FIELDS)

@@ -81,18 +81,6 @@ def _stage_overrides(stage: str, cfg: ComparisonConfig, seed: int, workdir: str)
     return out + list(cfg.overrides)
 
 
-def _encoder(cfg: Any, checkpoint: str | None, seed: int | None = None) -> Any:
-    import warnings
-
-    from care_scale.models import create_slide_encoder
-    from care_scale.models.registry import UntrainedWeightsWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UntrainedWeightsWarning)
-        return create_slide_encoder(cfg.model.name, checkpoint, init_seed=seed,
-                                    **cfg.model.overrides)
-
-
 def _retrieval_baseline(train: list, holdout: list, cohort: Any, mol: Any) -> dict[str, Any]:
     """Ridge from mean features to the standardised profiles (training statistics only)."""
     from care_scale.training.baselines import mean_pool, ridge_retrieval
@@ -149,7 +137,7 @@ def run_comparison(cfg: ComparisonConfig | None = None, *, workdir: str | None =
     from care_scale.training.align import load_aligner, load_molecular
     from care_scale.training.baselines import mean_pool
     from care_scale.training.data import load_slides_for, model_in_dim, synthetic_slides
-    from care_scale.training.demo import load_stage_config
+    from care_scale.training.demo import build_encoder, load_stage_config
     from care_scale.training.evaluate import (
         encode_for_eval,
         molecular_retrieval,
@@ -167,21 +155,21 @@ def run_comparison(cfg: ComparisonConfig | None = None, *, workdir: str | None =
     _, cohort = synthetic_slides(base.data, embed_dim=model_in_dim(base.model))
     labels = {k: np.array([s.labels[k] for s in holdout]) for k in LABEL_NAMES}
     types = [s.patch_types for s in holdout]
-    k = int(_encoder(base, None).config.subregion_size)
+    care_cfg = build_encoder(base, None).config
 
     encodings: dict[str, list[dict[str, Any]]] = {"untrained": [], "stage1": [], "stage2": []}
     retrieval: dict[str, list[dict[str, Any]]] = {"rna": [], "protein": []}
     train_seconds = []
     for seed in range(cfg.seeds):
-        encodings["untrained"].append(encode_for_eval(_encoder(base, None, seed), holdout))
+        encodings["untrained"].append(encode_for_eval(build_encoder(base, None, seed), holdout))
         c1 = load_stage_config("stage1", None, _stage_overrides("stage1", cfg, seed, workdir),
                                demo=True, workdir=workdir)
         r1 = fit("stage1", c1)
-        encodings["stage1"].append(encode_for_eval(_encoder(c1, r1.output), holdout))
+        encodings["stage1"].append(encode_for_eval(build_encoder(c1, r1.output), holdout))
         c2 = load_stage_config("stage2", None, _stage_overrides("stage2", cfg, seed, workdir)
                                + [f"model.checkpoint={r1.output}"], demo=True, workdir=workdir)
         r2 = fit("stage2", c2)
-        enc2 = _encoder(c2, r2.output)
+        enc2 = build_encoder(c2, r2.output)
         encodings["stage2"].append(encode_for_eval(enc2, holdout))
         aligner, meta = load_aligner(r2.output, enc2, cfg=c2)
         for kind, hits in molecular_retrieval(aligner, meta, holdout, cohort).items():
@@ -201,10 +189,10 @@ def run_comparison(cfg: ComparisonConfig | None = None, *, workdir: str | None =
         "region_purity": {
             **{name: _mean_std([region_purity(e["regions"], types) for e in enc])
                for name, enc in encodings.items()},
-            "windows": round(window_purity(holdout, k), 4)},
+            "windows": round(window_purity(holdout, int(care_cfg.subregion_size)), 4)},
         "expected_rank": {name: [e["expected_rank"] for e in enc]
                           for name, enc in encodings.items()},
-        "e_star": float(_encoder(base, None).config.e_star),
+        "e_star": float(care_cfg.e_star),
         "retrieval": {
             "stage2": {kind: {f"top{n}": _mean_std([h[n] for h in hits]) for n in (1, 5)}
                        for kind, hits in retrieval.items()},

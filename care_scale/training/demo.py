@@ -54,7 +54,9 @@ def load_stage_config(stage: str, path: str | None, overrides: list[str] | None,
     return load_config(cls, path, extra)
 
 
-def _encoder(cfg: Any, checkpoint: str | None) -> torch.nn.Module:
+def build_encoder(cfg: Any, checkpoint: str | None, init_seed: int | None = None
+             ) -> torch.nn.Module:
+    """The config's slide encoder from ``checkpoint`` (None: untrained, seeded), quietly."""
     import warnings
 
     from care_scale.models import create_slide_encoder
@@ -64,7 +66,7 @@ def _encoder(cfg: Any, checkpoint: str | None) -> torch.nn.Module:
         warnings.simplefilter("ignore", UntrainedWeightsWarning)
         return create_slide_encoder(cfg.model.name, checkpoint,
                                     storage_options=cfg.run.storage_options or None,
-                                    **cfg.model.overrides)
+                                    init_seed=init_seed, **cfg.model.overrides)
 
 
 def evaluate_stage2(cfg: Stage2Config, output: str, holdout: list, cohort: Any
@@ -73,7 +75,7 @@ def evaluate_stage2(cfg: Stage2Config, output: str, holdout: list, cohort: Any
     from care_scale.training.align import load_aligner
     from care_scale.training.evaluate import molecular_retrieval
 
-    encoder = _encoder(cfg, output)
+    encoder = build_encoder(cfg, output)
     model, meta = load_aligner(output, encoder, cfg=cfg,
                                storage_options=cfg.run.storage_options or None)
     hits = molecular_retrieval(model, meta, holdout, cohort)
@@ -95,9 +97,9 @@ def run_demo(stage: str, *, overrides: list[str] | None = None, config: str | No
     t0 = time.time()
     cfg = load_stage_config(stage, config, overrides, demo=True, workdir=workdir)
     train, holdout = load_slides_for(cfg, train_only=False)
-    before = slide_metrics(_encoder(cfg, cfg.model.checkpoint), train, holdout)
+    before = slide_metrics(build_encoder(cfg, cfg.model.checkpoint), train, holdout)
     result = fit(stage, cfg)
-    after = slide_metrics(_encoder(cfg, result.output), train, holdout)
+    after = slide_metrics(build_encoder(cfg, result.output), train, holdout)
     hist = result.history
     report: dict[str, Any] = {
         "stage": stage,

@@ -5,8 +5,8 @@
   classifiers are ``care_scale.evaluation.classifiers``'s, which ``care-scale probe`` runs
   with the full protocol);
 - ``knn_accuracy``: cosine k-nearest-neighbour vote;
-- ``retrieval_top1``: slide -> molecular profile retrieval among held-out pairs, with its
-  chance level 1/n;
+- ``retrieval_topk`` / ``molecular_retrieval``: slide -> molecular profile retrieval among
+  held-out pairs (chance 1/n);
 - ``region_purity``: share of patches whose adaptive region's majority ground-truth type is
   their own type (1.0 = every region is one tissue type).
 """
@@ -22,40 +22,28 @@ import torch.nn.functional as F
 from care_scale.training.data import SlideFeatures, collate
 
 
-@torch.no_grad()
-def run_encoder(encoder: torch.nn.Module, slides: list[SlideFeatures], *, batch_size: int = 8
-                ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Slide embeddings (S, H) and each slide's region_of_patch, inference mode."""
-    encoder.eval()
-    embs, regions = [], []
-    for i in range(0, len(slides), batch_size):
-        chunk = slides[i:i + batch_size]
-        views = [{"features": s.features, "augmented": s.features,
-                  "grid": s.grid - s.grid.min(0)} for s in chunk]
-        b = collate(views)
-        out = encoder(b["features"], b["num_valid"], b["grid"])
-        embs.append(out.slide_embedding.float().numpy())
-        for j, s in enumerate(chunk):
-            regions.append(out.region_of_patch[j, :len(s)].numpy())
-    return np.concatenate(embs), regions
+def _classifier(kind: str, *, n_train: int, seed: int = 0):
+    """The two fixed classifiers every figure here uses: "probe" = standardised logistic
+    regression (C = 1; the full protocol with its C grid is ``care-scale probe``), "knn" =
+    cosine 5-nearest-neighbour vote on raw embeddings."""
+    from care_scale.evaluation.classifiers import knn, logistic
+
+    if kind == "probe":
+        return logistic(C=1.0, max_iter=3000, standardize=True, seed=seed)
+    return knn(k=min(5, n_train), metric="cosine", standardize=False)
 
 
 def probe_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                    test_y: np.ndarray, *, seed: int = 0) -> float:
-    """Accuracy of the standardised logistic regression (C = 1; the full protocol with its C
-    grid is ``care-scale probe``, ``care_scale.evaluation``)."""
-    from care_scale.evaluation.classifiers import logistic
-
-    clf = logistic(C=1.0, max_iter=3000, standardize=True, seed=seed).fit(train_x, train_y)
+    """Held-out accuracy of the "probe" classifier."""
+    clf = _classifier("probe", n_train=len(train_y), seed=seed).fit(train_x, train_y)
     return float((clf.predict(test_x) == test_y).mean())
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                 test_y: np.ndarray, *, k: int = 5) -> float:
-    """Accuracy of a cosine k-nearest-neighbour majority vote on raw embeddings."""
-    from care_scale.evaluation.classifiers import knn
-
-    clf = knn(k=min(k, len(train_y)), metric="cosine", standardize=False).fit(train_x, train_y)
+                 test_y: np.ndarray) -> float:
+    """Held-out accuracy of the "knn" classifier."""
+    clf = _classifier("knn", n_train=len(train_y)).fit(train_x, train_y)
     return float((clf.predict(test_x) == test_y).mean())
 
 
@@ -67,11 +55,6 @@ def retrieval_topk(queries: np.ndarray, targets: np.ndarray, *, ks: tuple[int, .
     sim = q @ t.t()
     rank = (sim > sim.diagonal()[:, None]).sum(1)  # how many targets beat the true one
     return {k: float((rank < k).float().mean()) for k in ks}
-
-
-def retrieval_top1(slide_emb: np.ndarray, mol_emb: np.ndarray) -> tuple[float, float]:
-    """Top-1 accuracy of retrieving pair i's molecular embedding from slide i; and chance."""
-    return retrieval_topk(slide_emb, mol_emb, ks=(1,))[1], 1.0 / len(slide_emb)
 
 
 def region_purity(regions: list[np.ndarray], patch_types: list[np.ndarray]) -> float:
@@ -131,11 +114,9 @@ def cv_balanced_accuracy(x: np.ndarray, y: np.ndarray, *, classifier: str, folds
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    from care_scale.evaluation.classifiers import knn, logistic
     from care_scale.evaluation.metrics import balanced_accuracy
 
-    clf = (logistic(C=1.0, max_iter=3000, standardize=True, seed=seed) if classifier == "probe"
-           else knn(k=5, metric="cosine", standardize=False))
+    clf = _classifier(classifier, n_train=len(y) - len(y) // folds, seed=seed)
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     return balanced_accuracy(y, cross_val_predict(clf, x, y, cv=cv))
 
@@ -163,8 +144,9 @@ def encode_for_eval(encoder: torch.nn.Module, slides: list[SlideFeatures], *,
 def slide_metrics(encoder: torch.nn.Module, train: list[SlideFeatures],
                   holdout: list[SlideFeatures]) -> dict[str, Any]:
     """Probe / kNN on the dominant type (held-out slides) and region purity (held-out)."""
-    tr_x, _ = run_encoder(encoder, train)
-    te_x, te_regions = run_encoder(encoder, holdout)
+    tr_x = encode_for_eval(encoder, train)["slide"]
+    te = encode_for_eval(encoder, holdout)
+    te_x, te_regions = te["slide"], te["regions"]
     tr_y = np.array([s.label for s in train])
     te_y = np.array([s.label for s in holdout])
     return {
