@@ -736,6 +736,11 @@ def test_encoder_threads_follow_the_cpus_ray_gives_the_actor(ray_local, cohort, 
     assert t["run"] <= t["listed"] <= t["warehouse"] <= t["planned"] <= t["finished"]
     assert t["actor_init"] <= t["actor_ready"] <= t["first_encoded"] <= t["last_encoded"]
     assert t["decode_task"] <= t["tiled"] <= t["stream_done"]
+    # The tiles the actors encoded over time (the report's plot): from 0 to every tile.
+    over = counts["tiles_over_time"]
+    assert over[0][1] == 0 and over[-1][1] == counts["tiles"] > 0
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(over, over[1:]))
+    assert t["actor_ready"] - 0.01 <= over[0][0] and over[-1][0] <= t["last_encoded"] + 0.01
     # Explicit settings win, on torch too (its intra-op pool as torch reports it).
     conc.update(torch_threads=1, decode_num_workers=3)
     run_embedding(_config(cohort, tmp_path / "set", backend="torch", concurrency=conc))

@@ -20,8 +20,9 @@ from PIL import Image
 from care_scale.cli import main
 from care_scale.embed.results import RowContext, build_failure
 from care_scale.embed.sources import SlideSource
-from care_scale.overlays.report import rate_series
+from care_scale.overlays.report import rate_series, sampled_rate_series
 from care_scale.synthetic import write_synthetic_slide
+from care_scale.timeline import MAX_SAMPLES, TileCounter, merge_counts
 from care_scale.warehouse import Warehouse
 
 DATA = Path(__file__).parent / "data"
@@ -140,3 +141,35 @@ def test_report_in_headless_chromium(report, tmp_path):
     # The click-through: the slide's modal is shown when its anchor is the target.
     modal = _chromium("--dump-dom", url + "#slide-syn")
     assert modal.returncode == 0 and 'id="slide-syn"' in modal.stdout
+
+
+def test_sampled_rate_series_from_the_tiles_over_time_record():
+    from datetime import datetime, timezone
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    s0 = t0.timestamp()
+    # Start-up until t=4 s, then 100 tiles/s until t=8 s, then 50 tiles/s until t=12 s.
+    record = [[s0 + 4, 0], [s0 + 6, 200], [s0 + 8, 400], [s0 + 12, 600]]
+    series = sampled_rate_series(record, t0, bins=6)
+    assert [x for x, _ in series] == pytest.approx([2, 4, 6, 8, 10, 12])
+    assert [r for _, r in series] == pytest.approx([0, 0, 100, 100, 50, 50])
+    assert sampled_rate_series(record[:1], t0) == []
+
+
+def test_tile_counter_stays_bounded_and_merges_actors(monkeypatch):
+    import care_scale.timeline as tl
+
+    clock = [1000.0]
+    monkeypatch.setattr(tl.time, "time", lambda: clock[0])
+    a, b = TileCounter(), TileCounter()
+    for _ in range(5 * MAX_SAMPLES):  # a long run: one batch of 10 tiles every 0.5 s
+        clock[0] += 0.5
+        a.add(10)
+    assert len(a.samples) < MAX_SAMPLES and a.samples[-1] == [clock[0], 10 * 5 * MAX_SAMPLES]
+    steps = [y[0] - x[0] for x, y in zip(a.samples[1:], a.samples[2:])]
+    assert max(steps) <= 2 * min(steps) + 1  # evenly thinned, not truncated
+    clock[0] += 1
+    b.add(7)
+    merged = merge_counts([a.samples, b.samples, []])
+    assert merged[-1][1] == a.tiles + b.tiles and len(merged) <= MAX_SAMPLES
+    assert merged[0][1] == 0 and all(x[1] <= y[1] for x, y in zip(merged, merged[1:]))

@@ -91,6 +91,7 @@ class PatchEncoder:
         import time
 
         from care_scale.embed.node_threads import assigned_cpus, intra_op_threads
+        from care_scale.timeline import TileCounter
 
         self.marks = {"actor_init": time.time()}  # this actor's phases (care_scale.timeline)
 
@@ -103,13 +104,14 @@ class PatchEncoder:
         self.kind = str(self.backend.kind)
         self.batch_size = config.encode_batch_size
         self.marks["actor_ready"] = time.time()
+        self.counter = TileCounter()  # tiles encoded over time, for the report's plot
 
     def info(self) -> dict[str, Any]:
         """What this actor runs with: backend kind, the CPUs Ray assigned it and the
         intra-op threads its backend reports (recorded in the runs table's counts), and its
-        timeline marks (ready, first and last tile encoded)."""
+        timeline marks (ready, first and last tile encoded) and its tiles over time."""
         return {"backend": self.kind, "cpus": self.cpus, "threads": self.backend.threads,
-                "timeline": dict(self.marks)}
+                "timeline": dict(self.marks), "tiles_over_time": self.counter.samples}
 
     def encode(self, tiles: np.ndarray) -> tuple[np.ndarray | None, str, tuple[str, str] | None]:
         """``(features, backend kind, None)``, or ``(None, kind, (class, message))`` when the
@@ -118,6 +120,7 @@ class PatchEncoder:
             feats = [self.backend(np.ascontiguousarray(tiles[i:i + self.batch_size]))
                      for i in range(0, len(tiles), self.batch_size)]
             self._mark_encoded()
+            self.counter.add(len(tiles))
             return np.concatenate(feats).astype(np.float32, copy=False), self.kind, None
         except (CareScaleError, RuntimeError, ValueError) as exc:
             return None, self.kind, (type(exc).__name__, redact(exc)[:2000])

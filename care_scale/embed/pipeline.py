@@ -72,7 +72,7 @@ from care_scale.embed.slide_stage import create_slide_encoder
 from care_scale.embed.sources import SlideSource, scan_source
 from care_scale.exceptions import CareScaleError, CareScaleWarning, ConfigError
 from care_scale.storage import redact, redact_options
-from care_scale.timeline import mark
+from care_scale.timeline import mark, merge_counts
 
 log = logging.getLogger(__name__)
 
@@ -814,6 +814,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
               "failed": summary.failed, "tiles": summary.tiles}
     if todo and not config.features:  # the thread pools the workers actually ran
         counts["threads"] = collector.threads
+        counts["tiles_over_time"] = collector.tiles_over_time  # the report's tiles/s plot
     mark("finished")
     counts["timeline"] = {**timeline.marks(), **(collector.worker_marks if todo else {})}
     wh.finish_run(p.run_id, counts)
@@ -852,6 +853,8 @@ class _Collector:
         self.threads: dict[str, Any] = {"decode": 0, "encoders": []}
         # The workers' timeline marks (care_scale.timeline): the earliest of each.
         self.worker_marks: dict[str, float] = {}
+        # The encoder actors' tiles over time, summed (care_scale.timeline.merge_counts).
+        self.tiles_over_time: list[list[float]] = []
 
     def actor_info(self, infos: list[dict[str, Any]]) -> None:
         """The encoder actors' threads and timeline marks (first ready, first / last tile)."""
@@ -859,6 +862,7 @@ class _Collector:
                                     for i in infos]
         for info in infos:
             self._worker_marks(info.get("timeline", {}), latest=("last_encoded",))
+        self.tiles_over_time = merge_counts([i.get("tiles_over_time", []) for i in infos])
 
     def _worker_marks(self, marks: dict[str, float], latest: tuple[str, ...] = ()) -> None:
         for name, t in marks.items():

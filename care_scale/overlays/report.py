@@ -9,8 +9,10 @@ browser, with nothing to fail in its console. Sections:
   from ``--overlays`` or ``care-scale show --out WH/overlays``), scaled down; a click opens the
   full picture, the heatmap and the slide's regions table;
 - failures: every ``failures`` row with its stage and reason;
-- tiles/s over each run: tiles of the slides finished in each time bin (``slides.embedded_at``)
-  per second of the bin.
+- tiles/s over each run: from the tiles the driver counted over time (``runs.counts_json`` ->
+  ``tiles_over_time``), in up to ``PLOT_BINS`` equal bins from the run's start; runs written
+  before that record existed fall back to the tiles of the slides finished in each bin
+  (``slides.embedded_at``).
 """
 
 from __future__ import annotations
@@ -238,6 +240,27 @@ def rate_series(slides: list[dict[str, Any]], start: datetime | None,
     return [((i + 1) * width, c / width) for i, c in enumerate(counts)]
 
 
+def sampled_rate_series(samples: list[list[float]], start: datetime | None,
+                        bins: int = PLOT_BINS) -> list[tuple[float, float]]:
+    """(seconds since ``start`` at the bin's end, tiles/s in the bin) from a run's
+    ``tiles_over_time`` record (epoch seconds, cumulative tiles), the cumulative count
+    interpolated linearly between samples; the time before the first sample (Ray and model
+    start-up) is a stretch at 0 tiles/s."""
+    import numpy as np
+
+    if len(samples) < 2:
+        return []
+    t, n = np.asarray(samples, float).T
+    t0 = start.timestamp() if isinstance(start, datetime) and start.timestamp() <= t[0] else t[0]
+    end = t[-1] - t0
+    if end <= 0:
+        return []
+    edges = t0 + np.linspace(0.0, end, bins + 1)
+    cum = np.interp(edges, t, n, left=0.0)
+    width = edges[1] - edges[0]
+    return [(float(e - t0), float(d / width)) for e, d in zip(edges[1:], np.diff(cum))]
+
+
 def _svg_plot(series: dict[str, list[tuple[float, float]]]) -> str:
     """Inline SVG: tiles/s against seconds since the run started, one line per run."""
     w, h, ml, mb, mt, mr = 760, 300, 70, 44, 16, 16
@@ -282,8 +305,12 @@ def _svg_plot(series: dict[str, list[tuple[float, float]]]) -> str:
 def _plot(data: ReportData) -> str:
     series = {}
     for r in data.runs:
-        own = [s for s in data.slides if s["run_id"] == r["run_id"]]
-        s = rate_series(own, r["started_at"])
+        samples = json.loads(r["counts_json"] or "{}").get("tiles_over_time")
+        if samples:
+            s = sampled_rate_series(samples, r["started_at"])
+        else:
+            own = [s for s in data.slides if s["run_id"] == r["run_id"]]
+            s = rate_series(own, r["started_at"])
         if s:
             series[r["run_id"]] = s
     body = _svg_plot(series) if series else "<p>No finished slides to plot.</p>"
