@@ -239,41 +239,67 @@ def to_fsspec(options: dict[str, Any] | None, uri: str | None = None) -> dict[st
     return kwargs
 
 
+#: botocore credential providers whose keys come from the AWS shared credentials/config file
+#: (static keys, ``credential_process``, ``role_arn`` assume-role, SSO): object_store cannot
+#: read those files, so we hand their keys on. The rest (``env``, web identity, container and
+#: instance roles) object_store resolves and refreshes itself.
+_FILE_METHODS = ("shared-credentials-file", "config-file", "custom-process", "assume-role",
+                 "sso")
+
+
 @functools.lru_cache(maxsize=8)
-def _shared_file_credentials(profile: str | None, files: tuple[str | None, str | None]
-                             ) -> tuple[tuple[str, str], ...]:
-    """Keys of the AWS shared credentials / config file as botocore reads them (profile
-    ``AWS_PROFILE``, files ``AWS_SHARED_CREDENTIALS_FILE`` / ``AWS_CONFIG_FILE``); () when the
-    chain finds none there. Cached per process, per profile and file paths."""
+def _file_credentials(profile: str | None, files: tuple[str | None, str | None],
+                      stamps: tuple[float | None, ...]) -> tuple[Any, str | None]:
+    """botocore's credentials object for the profile and its region, or (None, None) when
+    the chain finds them elsewhere. Cached per profile, file paths and the files'
+    modification times (``stamps``), so a rewritten file is read again."""
     import botocore.session
 
     session = botocore.session.Session(profile=profile)
     creds = session.get_credentials()
-    if creds is None or creds.method not in ("shared-credentials-file", "config-file"):
-        return ()  # env vars, web identity, container and instance roles: object_store's own
-    frozen = creds.get_frozen_credentials()
-    out = [("aws_access_key_id", frozen.access_key), ("aws_secret_access_key", frozen.secret_key)]
-    if frozen.token:
-        out.append(("aws_session_token", frozen.token))
-    region = session.get_config_variable("region")
-    if region:
-        out.append(("aws_region", region))
-    return tuple(out)
+    if creds is None or creds.method not in _FILE_METHODS:
+        return None, None
+    return creds, session.get_config_variable("region")
+
+
+def _stamp(path: str) -> float | None:
+    try:
+        return os.stat(os.path.expanduser(path)).st_mtime
+    except OSError:
+        return None
 
 
 def shared_file_credentials() -> dict[str, str]:
-    """What the AWS shared credentials/config file gives for this process's profile.
+    """What the AWS shared credentials/config file gives for this process's profile (profile
+    ``AWS_PROFILE``, files ``AWS_SHARED_CREDENTIALS_FILE`` / ``AWS_CONFIG_FILE``).
 
     s3fs (botocore) reads those files; deltalake's object_store does not (it goes on to the
     instance metadata service and fails). Handing deltalake the same keys makes the slides
     and the warehouse see one credential chain: explicit options, then ``AWS_*`` variables
-    (object_store reads them), then these files, then roles (object_store again)."""
+    (object_store reads them), then these files, then roles (object_store again).
+
+    Temporary credentials stay fresh: the keys are taken anew on every call (every table
+    open), from a file rewritten since the last call (``aws sso login``, a refresher) or from
+    botocore's refreshable credentials (``credential_process``, assume-role, SSO), which
+    botocore renews before they expire."""
+    creds_file = os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+    config_file = os.environ.get("AWS_CONFIG_FILE")
+    stamps = tuple(_stamp(p) for p in (creds_file or "~/.aws/credentials",
+                                       config_file or "~/.aws/config"))
     try:
-        return dict(_shared_file_credentials(
-            os.environ.get("AWS_PROFILE") or None,
-            (os.environ.get("AWS_SHARED_CREDENTIALS_FILE"), os.environ.get("AWS_CONFIG_FILE"))))
+        creds, region = _file_credentials(os.environ.get("AWS_PROFILE") or None,
+                                          (creds_file, config_file), stamps)
     except ImportError:  # botocore comes with s3fs; without it there is no S3 anyway
         return {}
+    if creds is None:
+        return {}
+    frozen = creds.get_frozen_credentials()  # refreshes refreshable credentials near expiry
+    out = {"aws_access_key_id": frozen.access_key, "aws_secret_access_key": frozen.secret_key}
+    if frozen.token:
+        out["aws_session_token"] = frozen.token
+    if region:
+        out["aws_region"] = region
+    return out
 
 
 def to_delta(options: dict[str, Any] | None, uri: str | None = None) -> dict[str, str]:

@@ -85,7 +85,7 @@ def merge_counts(records: list[list[list[float]]]) -> list[list[float]]:
     for r in records:
         t, n = np.asarray(r, float).T
         total += np.interp(times, t, n, left=0.0, right=n[-1])
-    out = [[round(float(t), 2), int(round(c))] for t, c in zip(times, total)]
+    out = [[round(float(t), 2), int(np.rint(c))] for t, c in zip(times, total)]
     while len(out) > MAX_SAMPLES:
         out = _thin(out)
     return out

@@ -7,6 +7,7 @@ few seconds once Ray is up.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -739,7 +740,7 @@ def test_encoder_threads_follow_the_cpus_ray_gives_the_actor(ray_local, cohort, 
     # The tiles the actors encoded over time (the report's plot): from 0 to every tile.
     over = counts["tiles_over_time"]
     assert over[0][1] == 0 and over[-1][1] == counts["tiles"] > 0
-    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(over, over[1:]))
+    assert all(a[0] <= b[0] and a[1] <= b[1] for a, b in itertools.pairwise(over))
     assert t["actor_ready"] - 0.01 <= over[0][0] and over[-1][0] <= t["last_encoded"] + 0.01
     # Explicit settings win, on torch too (its intra-op pool as torch reports it).
     conc.update(torch_threads=1, decode_num_workers=3)

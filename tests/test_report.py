@@ -7,6 +7,7 @@ recorded, a failure recorded, one slide's overlays made by ``care-scale show``.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -172,4 +173,4 @@ def test_tile_counter_stays_bounded_and_merges_actors(monkeypatch):
     b.add(7)
     merged = merge_counts([a.samples, b.samples, []])
     assert merged[-1][1] == a.tiles + b.tiles and len(merged) <= MAX_SAMPLES
-    assert merged[0][1] == 0 and all(x[1] <= y[1] for x, y in zip(merged, merged[1:]))
+    assert merged[0][1] == 0 and all(x[1] <= y[1] for x, y in itertools.pairwise(merged))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import sys
+import time
 
 import pytest
 from factories import DIM, FDIM, fake_result
@@ -226,7 +229,7 @@ def test_credentials_only_in_the_aws_shared_file_reach_the_warehouse(
     botocore reads there, as s3fs does, instead of asking the instance metadata service."""
     import fsspec
 
-    from care_scale.storage import _shared_file_credentials, to_delta
+    from care_scale.storage import _file_credentials, to_delta
 
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
                 "AWS_DEFAULT_REGION"):
@@ -240,7 +243,7 @@ def test_credentials_only_in_the_aws_shared_file_reach_the_warehouse(
     monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
     monkeypatch.setenv("AWS_PROFILE", "lab")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to fall on
-    _shared_file_credentials.cache_clear()
+    _file_credentials.cache_clear()
     endpoint_only = {"aws_endpoint_url": s3_options["aws_endpoint_url"]}
     uri = f"s3://{s3_bucket}/wh"
     opts = to_delta(endpoint_only, uri + "/slides")
@@ -257,4 +260,51 @@ def test_credentials_only_in_the_aws_shared_file_reach_the_warehouse(
     # Explicit keys win over the file; nothing is added to them.
     explicit = to_delta({**endpoint_only, "aws_access_key_id": "other"}, uri)
     assert explicit["aws_access_key_id"] == "other" and "aws_secret_access_key" not in explicit
-    _shared_file_credentials.cache_clear()
+    _file_credentials.cache_clear()
+    # A rewritten file (a refresher, `aws sso login`) is read again at the next table open.
+    creds.write_text(creds.read_text().replace(s3_options["aws_access_key_id"], "rotated"))
+    os.utime(creds, (time.time() + 5, time.time() + 5))
+    assert to_delta(endpoint_only, uri)["aws_access_key_id"] == "rotated"
+    _file_credentials.cache_clear()
+
+
+def test_temporary_credentials_from_credential_process_are_refreshed(
+        s3_options, s3_bucket, tmp_path, monkeypatch):
+    """A profile with ``credential_process`` handing out keys that expire in 5 minutes:
+    botocore renews them inside its refresh window, and every table open takes the renewed
+    ones, so a job of hours outlives its first keys."""
+    from care_scale.storage import _file_credentials, to_delta
+
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    calls = tmp_path / "calls"
+    proc = tmp_path / "creds.py"
+    proc.write_text(
+        "import datetime, json, pathlib\n"
+        f"p = pathlib.Path({str(calls)!r})\n"
+        "n = int(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text(str(n))\n"
+        "exp = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)\n"
+        f"print(json.dumps({{'Version': 1, 'AccessKeyId': {s3_options['aws_access_key_id']!r}, "
+        f"'SecretAccessKey': {s3_options['aws_secret_access_key']!r}, "
+        "'SessionToken': f'token-{n}', 'Expiration': exp.isoformat()}))\n")
+    config = tmp_path / "config"
+    config.write_text(f"[profile lab]\ncredential_process = {sys.executable} {proc}\n"
+                      "region = us-east-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    _file_credentials.cache_clear()
+    endpoint_only = {"aws_endpoint_url": s3_options["aws_endpoint_url"]}
+    uri = f"s3://{s3_bucket}/temporary"
+    first = to_delta(endpoint_only, uri)["aws_session_token"]
+    second = to_delta(endpoint_only, uri)["aws_session_token"]
+    # Renewed at each open (they are inside botocore's refresh window), not frozen once.
+    assert first.startswith("token-") and second.startswith("token-") and first != second
+    wh = Warehouse(uri, storage_options=endpoint_only)
+    wh.write_results([fake_result("t0")])
+    assert wh.completed_slide_ids(fake_result("t0").slide["model_version"]) == {"t0"}
+    assert int(calls.read_text()) > 2
+    _file_credentials.cache_clear()
