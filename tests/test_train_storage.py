@@ -53,6 +53,7 @@ def test_feature_files_and_patches_table(tmp_path):
         np.testing.assert_array_equal(a.features[order_a], b.features[order_b])
 
 
+@pytest.mark.slow  # a whole stage I run on Ray Train in a new process
 def test_stage1_run_on_s3(tmp_path, s3_bucket, s3_options):
     import fsspec
 
