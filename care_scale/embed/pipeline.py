@@ -537,6 +537,7 @@ def _ensure_ray(config: EmbedConfig) -> bool:
         # Ray sets it per worker to the CPUs it assigns (1 for our defaults) where unset;
         # the pools that matter are sized explicitly (node_threads).
         init_local(
+            head_services=False,
             num_cpus=config.num_cpus,
             object_store_memory=config.object_store_memory,
             include_dashboard=False,
