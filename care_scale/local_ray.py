@@ -58,8 +58,10 @@ def loopback_only() -> bool:
 #: ``1`` keeps the head services that ``init_local(head_services=False)`` leaves out.
 HEAD_SERVICES_ENV = "CARE_SCALE_RAY_HEAD_SERVICES"
 #: What ``head_services=False`` leaves out: ``ray.init`` starts them on every head node, and
-#: has no option to leave them out.
+#: has no option to leave them out. The log monitor only where ``log_to_driver=False``: it
+#: tails the workers' log files for the drivers that print them.
 _HEAD_SERVICES = ("start_api_server", "start_monitor")
+_LOG_MONITOR = "start_log_monitor"
 
 
 def init_local(*, head_services: bool = True, **kwargs: Any) -> None:
@@ -68,10 +70,12 @@ def init_local(*, head_services: bool = True, **kwargs: Any) -> None:
     ``head_services=False`` (the embedding job's own cluster; ``CARE_SCALE_RAY_HEAD_SERVICES=1``
     keeps them): without the dashboard's API server (which ``include_dashboard=False`` still
     starts, to serve job submission, the state API and usage stats, and which ``ray.init``
-    waits for) and the autoscaler monitor (a one-node cluster has nothing to scale). Each is
-    a Python process of 60-90 MiB, and the API server is 2.5-5 s on the critical path of a
-    2-core machine's start-up (``benchmarks/bench_fixed_cost.py``). What the job uses stays:
-    GCS, raylet, its agents (metrics, runtime environments), the workers.
+    waits for), the autoscaler monitor (a one-node cluster has nothing to scale) and, with
+    ``log_to_driver=False``, the log monitor (no driver prints the workers' logs; they stay
+    in their files). Each is a Python process of 50-90 MiB and ~1 CPU s, and the API server
+    is 2.5-5 s on the critical path of a 2-core machine's start-up
+    (``benchmarks/bench_fixed_cost.py``). What the job uses stays: GCS, raylet, its agents
+    (metrics, runtime environments), the workers.
     """
     if not loopback_only():
         log.warning("ray was imported before care-scale started its local cluster, so Ray's "
@@ -84,7 +88,8 @@ def init_local(*, head_services: bool = True, **kwargs: Any) -> None:
     if head_services or os.environ.get(HEAD_SERVICES_ENV) == "1":
         ray.init(address="local", **kwargs)
     else:
-        with _without_head_services():
+        skip = _HEAD_SERVICES + (() if kwargs.get("log_to_driver", True) else (_LOG_MONITOR,))
+        with _without(skip):
             ray.init(address="local", **kwargs)
     session = _session_dir(ray)
     if watchdog is not None and watchdog.stdin is not None and session:
@@ -96,17 +101,17 @@ def init_local(*, head_services: bool = True, **kwargs: Any) -> None:
 
 
 @contextlib.contextmanager
-def _without_head_services() -> Iterator[None]:
-    """While ``ray.init`` starts a head node in this thread: its :data:`_HEAD_SERVICES`
-    started as no-ops. Ray's ``Node`` methods (private API) are restored after, so every
-    other cluster of this process starts as Ray starts it; where a Ray release renamed
-    them, nothing is left out."""
+def _without(services: tuple[str, ...]) -> Iterator[None]:
+    """While ``ray.init`` starts a head node in this thread: the ``Node`` methods named in
+    ``services`` (Ray's private API) are no-ops. They are restored after, so every other
+    cluster of this process starts as Ray starts it; where a Ray release renamed one,
+    nothing is left out."""
     from ray._private import node
 
-    originals = {name: getattr(node.Node, name) for name in _HEAD_SERVICES
+    originals = {name: getattr(node.Node, name) for name in services
                  if callable(getattr(node.Node, name, None))}
-    if len(originals) < len(_HEAD_SERVICES):
-        log.debug("this Ray has no %s: its head services start", _HEAD_SERVICES)
+    if len(originals) < len(services):
+        log.debug("this Ray lacks one of %s: every service starts", services)
         originals = {}
     try:
         for name in originals:
