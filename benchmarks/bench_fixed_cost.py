@@ -190,15 +190,18 @@ def run_once(tree: Path, slides: Path, work: Path, extra: list[str],
     with ``processes``, its process tree's breakdown: :class:`TreeSampler`)."""
     wh = work / "wh"
     shutil.rmtree(wh, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONUNBUFFERED": "1", **(env_extra or {})}  # the summary arrives when printed
+    # Run from ``work``: ``python -m`` puts the working directory first on sys.path, so run
+    # from a checkout it would import that checkout's care_scale, whatever PYTHONPATH says.
     cmd = [sys.executable, "-m", "care_scale", "embed", str(slides), "--warehouse", str(wh),
            "--set", "progress=none", "--backend", "onnxruntime", *extra]
     spawn = time.time()
     summary = None
     with (tempfile.TemporaryFile("w+") as errf,
           subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=errf,
-                           text=True) as proc):
+                           text=True, cwd=work) as proc):
         sampler = TreeSampler(proc.pid) if processes else None
         if sampler is not None:
             sampler.start()
