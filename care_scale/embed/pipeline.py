@@ -532,8 +532,9 @@ def _ensure_ray(config: EmbedConfig) -> bool:
         # No job-level runtime_env: the worker processes Ray prestarts when the driver
         # connects (one per CPU) have none, and only a worker of the job's own runtime env
         # can run its actors and tasks. With one, those were killed unused and every actor
-        # and task waited for a process of its own (bench_fixed_cost: encoder actor start
-        # 10.7 -> 3.2 s, decode task start 17 -> 7.3 s under load 6-7). OMP_NUM_THREADS:
+        # and task waited for a process of its own (bench_fixed_cost --baseline-rev main,
+        # alternating, load 6-7: encoder actor start 7.3 -> 4.3 s median; two processes
+        # fewer, 1.6 CPU s less). OMP_NUM_THREADS:
         # Ray sets it per worker to the CPUs it assigns (1 for our defaults) where unset;
         # the pools that matter are sized explicitly (node_threads).
         init_local(
