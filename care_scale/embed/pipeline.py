@@ -529,8 +529,8 @@ def _ensure_ray(config: EmbedConfig) -> bool:
     else:
         from care_scale.local_ray import init_local
 
-        # No job-level runtime_env: the worker processes Ray prestarts when the driver
-        # connects (one per CPU) have none, and only a worker of the job's own runtime env
+        # No job-level runtime_env: the worker processes the raylet prestarts (one per
+        # CPU) have none, and only a worker of the job's own runtime env
         # can run its actors and tasks. With one, those were killed unused and every actor
         # and task waited for a process of its own (bench_fixed_cost --baseline-rev main,
         # alternating, load 6-7: encoder actor start 7.3 -> 4.3 s median; two processes
