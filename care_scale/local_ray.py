@@ -20,6 +20,7 @@ Ray's process titles overwrite it) and exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,28 @@ def loopback_only() -> bool:
     return True
 
 
-def init_local(**kwargs: Any) -> None:
-    """``ray.init(address="local", **kwargs)``: a fresh single-node cluster on loopback."""
+#: ``1`` keeps the head services that ``init_local(head_services=False)`` leaves out.
+HEAD_SERVICES_ENV = "CARE_SCALE_RAY_HEAD_SERVICES"
+#: What ``head_services=False`` leaves out: ``ray.init`` starts them on every head node, and
+#: has no option to leave them out. The log monitor only where ``log_to_driver=False``: it
+#: tails the workers' log files for the drivers that print them.
+_HEAD_SERVICES = ("start_api_server", "start_monitor")
+_LOG_MONITOR = "start_log_monitor"
+
+
+def init_local(*, head_services: bool = True, **kwargs: Any) -> None:
+    """``ray.init(address="local", **kwargs)``: a fresh single-node cluster on loopback.
+
+    ``head_services=False`` (the embedding job's own cluster; ``CARE_SCALE_RAY_HEAD_SERVICES=1``
+    keeps them): without the dashboard's API server (which ``include_dashboard=False`` still
+    starts, to serve job submission, the state API and usage stats, and which ``ray.init``
+    waits for), the autoscaler monitor (a one-node cluster has nothing to scale) and, with
+    ``log_to_driver=False``, the log monitor (no driver prints the workers' logs; they stay
+    in their files). Each is a Python process of 50-90 MiB and ~1 CPU s, and the API server
+    is 2.5-5 s on the critical path of a 2-core machine's start-up
+    (``benchmarks/bench_fixed_cost.py``). What the job uses stays: GCS, raylet, its agents
+    (metrics, runtime environments), the workers.
+    """
     if not loopback_only():
         log.warning("ray was imported before care-scale started its local cluster, so Ray's "
                     "servers may listen beyond 127.0.0.1; set %s=0 before importing ray",
@@ -63,7 +85,12 @@ def init_local(**kwargs: Any) -> None:
 
     quiet_console()
     watchdog = _watchdog()
-    ray.init(address="local", **kwargs)
+    if head_services or os.environ.get(HEAD_SERVICES_ENV) == "1":
+        ray.init(address="local", **kwargs)
+    else:
+        skip = _HEAD_SERVICES + (() if kwargs.get("log_to_driver", True) else (_LOG_MONITOR,))
+        with _without(skip):
+            ray.init(address="local", **kwargs)
     session = _session_dir(ray)
     if watchdog is not None and watchdog.stdin is not None and session:
         try:
@@ -71,6 +98,32 @@ def init_local(**kwargs: Any) -> None:
             watchdog.stdin.flush()
         except OSError as exc:  # the watchdog is gone: the cluster runs on without it
             log.debug("local Ray watchdog unreachable: %s", exc)
+
+
+@contextlib.contextmanager
+def _without(services: tuple[str, ...]) -> Iterator[None]:
+    """While ``ray.init`` starts a head node in this thread: the ``Node`` methods named in
+    ``services`` (Ray's private API) are no-ops. They are restored after, so every other
+    cluster of this process starts as Ray starts it; where a Ray release renamed one,
+    nothing is left out."""
+    from ray._private import node
+
+    originals = {name: getattr(node.Node, name) for name in services
+                 if callable(getattr(node.Node, name, None))}
+    if len(originals) < len(services):
+        log.debug("this Ray lacks one of %s: every service starts", services)
+        originals = {}
+    try:
+        for name in originals:
+            setattr(node.Node, name, _skip_head_service)
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(node.Node, name, method)
+
+
+def _skip_head_service(self: Any, *args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _session_dir(ray: Any) -> str | None:
@@ -177,7 +230,7 @@ def quiet_console() -> None:
     logging.getLogger(_AUTH_NOTICE).setLevel(logging.ERROR)
 
 
-__all__ = ["LOOPBACK_ENV", "init_local", "loopback_only", "quiet_console", "reap",
+__all__ = ["HEAD_SERVICES_ENV", "LOOPBACK_ENV", "init_local", "loopback_only", "quiet_console", "reap",
            "session_pids", "watch"]
 
 

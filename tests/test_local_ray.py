@@ -180,6 +180,9 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
         assert proc.poll() is None and 0 < committed < 12, "not killed mid-run"
         before = _processes_of(ray_tmp)
         assert len(before) >= 4, before  # GCS, raylet, workers: the check sees them
+        # The job's own cluster runs without the services it does not use (init_local).
+        assert not [c for c in before.values()
+                    if re.search(r"dashboard/dashboard\.py|monitor\.py", c)], before
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
         proc.wait(timeout=30)
         killed_at = time.monotonic()
@@ -262,3 +265,20 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_services_left_out_of_a_local_cluster_are_back_after_its_start():
+    """``init_local(head_services=False)`` makes Ray's head-service starters no-ops only
+    while it starts its cluster (no Ray cluster needed to check that); a Ray that lacks one
+    of them keeps them all."""
+    from ray._private.node import Node
+
+    from care_scale.local_ray import _HEAD_SERVICES, _without
+
+    before = {name: getattr(Node, name) for name in _HEAD_SERVICES}
+    with _without(_HEAD_SERVICES):
+        assert all(getattr(Node, n)(None) is None and getattr(Node, n) is not before[n]
+                   for n in _HEAD_SERVICES)
+    assert {name: getattr(Node, name) for name in _HEAD_SERVICES} == before
+    with _without((*_HEAD_SERVICES, "start_no_such_service")):
+        assert {name: getattr(Node, name) for name in _HEAD_SERVICES} == before

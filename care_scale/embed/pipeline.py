@@ -529,12 +529,20 @@ def _ensure_ray(config: EmbedConfig) -> bool:
     else:
         from care_scale.local_ray import init_local
 
+        # No job-level runtime_env: the worker processes the raylet prestarts (one per
+        # CPU) have none, and only a worker of the job's own runtime env
+        # can run its actors and tasks. With one, those were killed unused and every actor
+        # and task waited for a process of its own (bench_fixed_cost --baseline-rev main,
+        # alternating, load 6-7: encoder actor start 7.3 -> 4.3 s median; two processes
+        # fewer, 1.6 CPU s less). OMP_NUM_THREADS:
+        # Ray sets it per worker to the CPUs it assigns (1 for our defaults) where unset;
+        # the pools that matter are sized explicitly (node_threads).
         init_local(
+            head_services=False,
             num_cpus=config.num_cpus,
             object_store_memory=config.object_store_memory,
             include_dashboard=False,
             log_to_driver=False,
-            runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}},
         )
     return True
 
