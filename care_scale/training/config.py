@@ -98,6 +98,15 @@ class SSLConfig:
     teacher_momentum: float = 0.99  # EMA, cosine-increased to 1.0
     loss_weight_slide: float = 1.0
     loss_weight_patch: float = 1.0
+    # Region-level target (ssl.py, "Region-level loss"): every student view's patch predicts
+    # the region that holds the same patch in the other global teacher view. "dino": DINO
+    # cross-entropy on a region head's prototypes; "contrast": InfoNCE among the teacher
+    # view's regions of the same sub-WSI (negatives share the slide's stain offset, so only
+    # region content tells them apart); "none": off.
+    region_loss: Literal["none", "dino", "contrast"] = "none"
+    loss_weight_region: float = 1.0
+    region_out_dim: int = 64  # prototypes of the region head ("dino")
+    region_temp: float = 0.1  # InfoNCE temperature ("contrast")
     lambda_rsl: float | None = None  # None: the CARE config's lambda_rsl
     collapse_std: float = 1e-3  # warn when the embedding std across a batch drops below
 
