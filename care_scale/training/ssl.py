@@ -105,13 +105,17 @@ class SSLModel(nn.Module):
         aug = batch["augmented"] if mask is None else None
         out = self.encoder(batch["features"], batch["num_valid"], batch["grid"],
                            augmented=aug, token_mask=mask)
-        region = None
+        region = bow = None
         if self.region_head is not None:
             head = self.region_head
             region = (head.embed if self.region_loss == "contrast" else head)(
                 out.region_embeddings)
+            if self.region_loss == "bow":
+                # the slide embedding lives in the regions' space (their weighted sum): the
+                # same head reads it as a distribution over region words
+                bow = head(out.slide_embedding)
         return self.slide_head(out.slide_embedding), self.patch_head(out.patch_tokens), \
-            region, out
+            (region, bow), out
 
 
 def _valid_mask(num_valid: torch.Tensor, n: int) -> torch.Tensor:
@@ -127,6 +131,29 @@ def random_token_mask(num_valid: np.ndarray, n: int, ratio: tuple[float, float],
         m = round(r * int(k))
         if m > 0:
             mask[i, rng.choice(int(k), m, replace=False)] = True
+    return mask
+
+
+def block_token_mask(grid: np.ndarray, num_valid: np.ndarray, ratio: tuple[float, float],
+                     rng: np.random.Generator) -> np.ndarray:
+    """(B, n) bool: iBOT's blockwise masking on the patch grid: square blocks (side 2-4
+    grid steps) around random tokens until a share in ``ratio`` of each view is masked."""
+    b, n = grid.shape[:2]
+    mask = np.zeros((b, n), bool)
+    for i, k in enumerate(num_valid):
+        k = int(k)
+        target = round(rng.uniform(*ratio) * k)
+        g = grid[i, :k]
+        for _ in range(4 * k):  # bounded: each try masks at least its centre once it is free
+            if mask[i, :k].sum() >= target:
+                break
+            c = g[rng.integers(k)]
+            lo = c - rng.integers(0, 2, 2)
+            side = rng.integers(2, 5, 2)
+            block = np.all((g >= lo) & (g < lo + side), axis=1)
+            room = target - mask[i, :k].sum()
+            new = np.nonzero(block & ~mask[i, :k])[0][:room]
+            mask[i, new] = True
     return mask
 
 
@@ -248,8 +275,13 @@ class SSLTask:
         local = [make_view(it, rng, self.local_view, self.scale)
                  for _ in range(self.cfg.ssl.local_crops) for it in items]
         teacher, student = collate(glob), collate(glob + local)
-        mask = random_token_mask(student["num_valid"].numpy(), student["features"].shape[1],
-                                 tuple(self.cfg.ssl.mask_ratio), rng)
+        if self.cfg.ssl.mask_mode == "block":
+            mask = block_token_mask(student["grid"].numpy(), student["num_valid"].numpy(),
+                                    tuple(self.cfg.ssl.mask_ratio), rng)
+        else:
+            mask = random_token_mask(student["num_valid"].numpy(),
+                                     student["features"].shape[1],
+                                     tuple(self.cfg.ssl.mask_ratio), rng)
         mask[len(glob):] = False  # local views are never masked (iBOT)
         to = self.device
         return ({k: v.to(to) for k, v in teacher.items()},
@@ -269,8 +301,8 @@ class SSLTask:
         t_temp = self.teacher_temp(step)
         # One forward each (DDP wants one student forward per backward); rows are views.
         with torch.no_grad():
-            t_slide, t_patch, t_region, t_out = self.teacher(teacher)
-        s_slide, s_patch, s_region, s_out = self.model(student, mask)
+            t_slide, t_patch, (t_region, _), t_out = self.teacher(teacher)
+        s_slide, s_patch, (s_region, s_bow), s_out = self.model(student, mask)
         n_views = len(s_slide) // bsz
         # slide-level distillation: every student view against each *other* global teacher view
         t_probs = F.softmax((t_slide - self.center) / t_temp, -1).reshape(2, bsz, -1)
@@ -297,11 +329,29 @@ class SSLTask:
                                for i in range(2) for j in range(n_views) if j != i])
             match = shared_patches(student["index"], teacher["index"], pairs)
             if len(match[0]):
+                contrast = c.region_loss == "contrast"
                 reg_loss = region_loss(
-                    c.region_loss, s_region, s_out.region_of_patch, t_region,
-                    t_out.region_of_patch, t_out.region_mask, match,
-                    student_temp=c.region_temp if c.region_loss == "contrast"
-                    else c.student_temp, teacher_temp=t_temp, center=self.region_center)
+                    "contrast" if contrast else "dino", s_region, s_out.region_of_patch,
+                    t_region, t_out.region_of_patch, t_out.region_mask, match,
+                    student_temp=c.region_temp if contrast else c.student_temp,
+                    teacher_temp=t_temp, center=self.region_center)
+        bow_loss = slide_loss * 0
+        if s_bow is not None:
+            # OBoW-style: each student view's slide embedding predicts the *other* global
+            # teacher view's bag of region words (patch-weighted histogram of its regions'
+            # sharpened prototype distributions)
+            with torch.no_grad():
+                words = F.softmax((t_region - self.region_center) / t_temp, -1)
+                rop = t_out.region_of_patch
+                valid = (rop >= 0).to(words.dtype)
+                per_patch = torch.gather(words, 1, rop.clamp_min(0)[..., None].expand(
+                    -1, -1, words.shape[-1]))
+                hist = (per_patch * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+                hist = hist.reshape(2, bsz, -1)
+            s_bow_logp = F.log_softmax(s_bow / c.student_temp, -1).reshape(n_views, bsz, -1)
+            bow_loss = torch.stack([(-(hist[i] * s_bow_logp[j]).sum(-1)).mean()
+                                    for i in range(2) for j in range(n_views) if j != i]).mean()
+            reg_loss = reg_loss + bow_loss
         rsl = s_out.rsl_loss
         total = c.loss_weight_slide * slide_loss + c.loss_weight_patch * patch_loss \
             + c.loss_weight_region * reg_loss + self.lambda_rsl * rsl
@@ -310,7 +360,7 @@ class SSLTask:
         emb_std = float(emb.std(0).mean())
         self._watch_collapse(step, emb_std)
         return total, {"loss_slide": float(slide_loss), "loss_patch": float(patch_loss),
-                       "loss_region": float(reg_loss),
+                       "loss_region": float(reg_loss), "loss_bow": float(bow_loss),
                        "loss_rsl": float(rsl), "emb_std": emb_std, "teacher_temp": t_temp,
                        "expected_rank": float(s_out.expected_rank.detach().float().mean())}
 
@@ -328,7 +378,7 @@ class SSLTask:
         # every worker all-reduces the same tensors)
         region_sum = torch.zeros_like(self.region_center)
         region_count = torch.zeros((), device=region_sum.device)
-        if c.region_loss == "dino" and t_region is not None:
+        if c.region_loss in ("dino", "bow") and t_region is not None:
             region_sum, region_count = t_region[region_mask].sum(0), region_mask.sum().float()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(slide_mean)
@@ -338,7 +388,7 @@ class SSLTask:
         m = c.center_momentum
         self.center.mul_(m).add_(slide_mean, alpha=1 - m)
         self.patch_center.mul_(m).add_(patch_sum / patch_count.clamp(min=1), alpha=1 - m)
-        if c.region_loss == "dino":
+        if c.region_loss in ("dino", "bow"):
             self.region_center.mul_(m).add_(region_sum / region_count.clamp(min=1),
                                             alpha=1 - m)
 
