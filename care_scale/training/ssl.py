@@ -26,7 +26,12 @@ region holding it predicts the teacher's embedding of the region holding it (reg
 between views: windows are anchored at each crop's corner). Weighting by shared patches is
 weighting by overlap. ``"dino"``: DINO cross-entropy on a region head (centred, sharpened
 teacher); ``"contrast"``: InfoNCE whose candidates are all regions of that teacher view, i.e.
-regions of the same slide that share its stain offset, so only their content separates them.
+regions of the same slide that share its stain offset, so only their content separates them;
+``"bow"``: ``"dino"`` plus an OBoW-style slide target: the region head reads each student
+view's slide embedding (a weighted sum of region embeddings, so in their space) as a
+distribution over region words, which predicts the other teacher view's bag of region words.
+None of them is on by default: on the arrangement cohort none lifted the slide probe
+(README, "Does pretraining learn?").
 
 Collapse is watched through the std across the batch of L2-normalised slide embeddings.
 """
@@ -98,7 +103,8 @@ class SSLModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
         """(slide logits (B, K), patch logits (B, N, K), region outputs (B, R, .) or None,
-        CareOutput). Region outputs: prototype logits ("dino") or the normalised bottleneck
+        CareOutput). Region outputs: (per region (B, R, .), slide (B, K) or None): prototype
+        logits ("dino", "bow"; the slide's only for "bow") or the normalised bottleneck
         ("contrast"); computed here, inside forward, so DDP sees the head's parameters used."""
         # Masked views go without the "augmented" features: those would show the ARG the
         # very patches the student is asked to predict.
@@ -374,7 +380,7 @@ class SSLTask:
         slide_mean = t_slide.mean(0)
         valid = _valid_mask(batch["num_valid"], t_patch.shape[1])
         patch_sum, patch_count = t_patch[valid].sum(0), valid.sum().float()
-        # region centre: over the teacher's real regions ("dino" only; zeros otherwise, so
+        # region centre: over the teacher's real regions ("dino", "bow"; zeros otherwise, so
         # every worker all-reduces the same tensors)
         region_sum = torch.zeros_like(self.region_center)
         region_count = torch.zeros((), device=region_sum.device)
