@@ -88,6 +88,9 @@ class SSLConfig:
     # (a prior neither iBOT nor the paper has; off by default, see the README's figures).
     shift_rank: int = 0
     mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: share of student tokens masked
+    # which tokens: "random" (independent tokens) or "block" (iBOT's blockwise masking: square
+    # blocks of the grid, so a masked token's neighbours are often masked too)
+    mask_mode: Literal["random", "block"] = "random"
     out_dim: int = 256  # prototypes of the projection heads
     patch_out_dim: int = 256
     head_hidden: int = 256
@@ -98,6 +101,17 @@ class SSLConfig:
     teacher_momentum: float = 0.99  # EMA, cosine-increased to 1.0
     loss_weight_slide: float = 1.0
     loss_weight_patch: float = 1.0
+    # Region-level target (ssl.py, "Region-level loss"): every student view's patch predicts
+    # the region that holds the same patch in the other global teacher view. "dino": DINO
+    # cross-entropy on a region head's prototypes; "contrast": InfoNCE among the teacher
+    # view's regions of the same sub-WSI (negatives share the slide's stain offset, so only
+    # region content tells them apart); "none": off.
+    # "bow": "dino" plus, OBoW-style, each view's slide embedding read by the region head
+    # predicts the other teacher view's bag of region words (histogram of its regions').
+    region_loss: Literal["none", "dino", "contrast", "bow"] = "none"
+    loss_weight_region: float = 1.0
+    region_out_dim: int = 64  # prototypes of the region head ("dino")
+    region_temp: float = 0.1  # InfoNCE temperature ("contrast")
     lambda_rsl: float | None = None  # None: the CARE config's lambda_rsl
     collapse_std: float = 1e-3  # warn when the embedding std across a batch drops below
 

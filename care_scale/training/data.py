@@ -296,7 +296,9 @@ def make_view(slide: SlideFeatures, rng: np.random.Generator, p: ViewParams, sca
     grid = slide.grid[idx] - slide.grid[idx].min(0)
     kw = {"scale": scale, "noise": p.feature_noise, "dropout": p.feature_dropout,
               "shift": p.global_shift, "shift_basis": p.shift_basis, "shift_mix": p.shift_mix}
-    view = {"features": augment_features(x, rng, **kw), "grid": grid}
+    # "index": each patch's position in ``slide``, so views of one item can be matched patch
+    # by patch (stage I's region-level loss).
+    view = {"features": augment_features(x, rng, **kw), "grid": grid, "index": idx}
     # "augmented" patch features for ARG's affinity: image-augmented features are not
     # available from stored features, so a lighter feature-space augmentation stands in.
     view["augmented"] = augment_features(view["features"], rng, scale=scale,
@@ -305,7 +307,8 @@ def make_view(slide: SlideFeatures, rng: np.random.Generator, p: ViewParams, sca
 
 
 def collate(views: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Pad views to the longest: features/augmented (B,N,D), grid (B,N,2), num_valid (B,)."""
+    """Pad views to the longest: features/augmented (B,N,D), grid (B,N,2), num_valid (B,);
+    plus index (B,N), -1 on padding, when every view has one (see :func:`make_view`)."""
     n = max(len(v["features"]) for v in views)
     d = views[0]["features"].shape[1]
     b = len(views)
@@ -316,8 +319,14 @@ def collate(views: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     for i, v in enumerate(views):
         k = len(v["features"])
         feats[i, :k], aug[i, :k], grid[i, :k], num[i] = v["features"], v["augmented"], v["grid"], k
-    return {"features": torch.from_numpy(feats), "augmented": torch.from_numpy(aug),
-            "grid": torch.from_numpy(grid), "num_valid": torch.from_numpy(num)}
+    out = {"features": torch.from_numpy(feats), "augmented": torch.from_numpy(aug),
+           "grid": torch.from_numpy(grid), "num_valid": torch.from_numpy(num)}
+    if all("index" in v for v in views):
+        index = np.full((b, n), -1, np.int64)
+        for i, v in enumerate(views):
+            index[i, :len(v["index"])] = v["index"]
+        out["index"] = torch.from_numpy(index)
+    return out
 
 
 def feature_scale(slides: list[SlideFeatures]) -> float:
