@@ -139,6 +139,25 @@ def test_train_evaluate_needs_the_demo_flag(capsys):
     assert "care-scale train evaluate --demo" in capsys.readouterr().err
 
 
+def test_stage_only_settings_reach_their_stage_alone(tmp_path):
+    """``--stage1-set`` goes to stage I only (stage II's config has no ``ssl`` section and
+    rejects it), ``--set`` to both."""
+    from care_scale.exceptions import ConfigError
+    from care_scale.training.compare import ComparisonConfig, _stage_overrides
+    from care_scale.training.demo import load_stage_config
+
+    cfg = ComparisonConfig(overrides=["optim.lr=0.0007"],
+                           stage1_overrides=["ssl.region_loss=contrast"],
+                           stage2_overrides=["align.init_temperature=0.2"])
+    c1, c2 = (load_stage_config(st, None, _stage_overrides(st, cfg, 1, str(tmp_path)),
+                                demo=True, workdir=str(tmp_path)) for st in ("stage1", "stage2"))
+    assert c1.ssl.region_loss == "contrast" and c2.align.init_temperature == 0.2
+    assert c1.optim.lr == c2.optim.lr == 0.0007
+    with pytest.raises(ConfigError, match="ssl"):  # what --set ssl.* would have done
+        load_stage_config("stage2", None, ["ssl.region_loss=contrast"], demo=True,
+                          workdir=str(tmp_path))
+
+
 @pytest.mark.slow
 def test_the_comparison_runs_end_to_end_at_toy_size(tmp_path, ray_local):
     """Mechanics only (6 steps a stage): every row, column and goal is measured and printed."""

@@ -28,6 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--slides", type=int, default=240, help="slides of the generated cohort")
     g.add_argument("--stage1-steps", type=int, help="default: the stage I demo schedule")
     g.add_argument("--stage2-steps", type=int, help="default: the stage II demo schedule")
+    g.add_argument("--stage1-set", dest="stage1_overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a stage I field only (--set goes to "
+                   "both stages), e.g. --stage1-set ssl.region_loss=contrast (repeatable)")
+    g.add_argument("--stage2-set", dest="stage2_overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override a stage II field only (repeatable)")
     g.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=handle)
 
@@ -38,6 +43,8 @@ def handle(args: argparse.Namespace) -> int:
     if args.stage == "evaluate":
         return main_evaluate(demo=args.demo, seeds=args.seeds, slides=args.slides,
                              stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-                             overrides=args.overrides, workdir=args.workdir, as_json=args.json)
+                             overrides=args.overrides, stage1_overrides=args.stage1_overrides,
+                             stage2_overrides=args.stage2_overrides, workdir=args.workdir,
+                             as_json=args.json)
     return main_stage(args.stage, config=args.config, overrides=args.overrides, demo=args.demo,
                       workdir=args.workdir)

@@ -45,6 +45,10 @@ class ComparisonConfig:
     stage1_steps: int | None = None  # None: the demo schedule (training.demo.DEMO_STEPS)
     stage2_steps: int | None = None
     overrides: list[str] = dataclasses.field(default_factory=list)  # applied to both stages
+    # Applied to one stage only, after ``overrides``: settings the other stage's config has
+    # not got (e.g. ``ssl.region_loss=contrast`` for stage I; stage II rejects ``ssl.*``).
+    stage1_overrides: list[str] = dataclasses.field(default_factory=list)
+    stage2_overrides: list[str] = dataclasses.field(default_factory=list)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -78,7 +82,8 @@ def _stage_overrides(stage: str, cfg: ComparisonConfig, seed: int, workdir: str)
         out.append(f"optim.steps={steps}")
         if stage == "stage2":
             out.append(f"align.phase_steps={steps - steps // 4},{steps // 4}")
-    return out + list(cfg.overrides)
+    own = cfg.stage1_overrides if stage == "stage1" else cfg.stage2_overrides
+    return out + list(cfg.overrides) + list(own)
 
 
 def _retrieval_baseline(train: list, holdout: list, cohort: Any, mol: Any) -> dict[str, Any]:
