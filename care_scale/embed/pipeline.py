@@ -153,12 +153,15 @@ def check_pairing(config: EmbedConfig, care: Any, sources: list[SlideSource]) ->
 def check_artifacts(config: EmbedConfig) -> None:
     """A given ``artifacts`` directory must exist and hold this job's patch encoder; checked in
     the driver before any slide (else every encoder actor fails to start and every slide
-    becomes a failures row)."""
+    becomes a failures row), and once before Ray starts, where the patch encoder may not be
+    resolved yet (then only the manifest's presence)."""
     if not config.artifacts or config.features:
         return
     from care_scale.artifacts import read_manifest
 
     manifest = read_manifest(config.artifacts, storage_options=config.storage_options or None)
+    if not config.patch_encoder.name:
+        return  # not resolved yet (the early check): only that the manifest is there
     if manifest.kind != "patch_encoder" or manifest.model != config.patch_encoder.name:
         raise ConfigError(f"{redact(config.artifacts)}: holds the {manifest.kind} "
                           f"{manifest.model!r}, but the job's patch encoder is "
@@ -761,6 +764,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     listing = scan_source(config.source, features=config.features,
                           storage_options=config.storage_options or None)
     mark("listed")
+    check_artifacts(config)  # before Ray starts: a wrong folder is an error in a second
     p, started_ray = _prepare_while_ray_starts(config, listing)
     mark("prepared")
     config, todo, wh, summary, ctx = p.config, p.todo, p.wh, p.summary, p.ctx
