@@ -1,22 +1,24 @@
 """The README's worked example end to end, through the real job (Ray, marked slow): embed a
-small generated cohort with patches kept -> export-features -> probe -> similar."""
+small generated cohort with patches kept (``care-scale embed`` in its own process) ->
+export-features -> probe -> similar."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from care_scale.cli import main
-from care_scale.config import load_config
-from care_scale.embed import EmbedConfig, run_embedding
 from care_scale.models import read_patch_features
 from care_scale.query import sql
 
 
 @pytest.mark.slow
-def test_embed_then_export_probe_similar(ray_local, tmp_path, capsys):
+def test_embed_then_export_probe_similar(tmp_path, capsys):
     from care_scale.synthetic import write_synthetic_slide
 
     src = tmp_path / "slides"
@@ -27,12 +29,17 @@ def test_embed_then_export_probe_similar(ray_local, tmp_path, capsys):
         write_synthetic_slide(src / f"slide_{i:03d}.tif", width=1536, height=1024, mpp=0.5,
                               seed=i, n_types=3, type_bias=bias)
     wh = str(tmp_path / "wh")
-    config = load_config(EmbedConfig, None, {
-        "source": str(src), "warehouse": wh, "progress": "none", "keep_patches": True,
-        "slide_encoder": {"name": "care_tiny"}, "decode_batch_size": 16,
-        "encode_batch_size": 16,
-        "concurrency": {"decode_tasks": 1, "encoder_actors": 1, "torch_threads": 1}})
-    run_embedding(config)
+    # The job as a user runs it: its own process and local Ray cluster (bounded), not an
+    # in-process run on the suite's shared cluster.
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    sets = ["progress=none", "keep_patches=true", "slide_encoder.name=care_tiny",
+            "decode_batch_size=16", "encode_batch_size=16", "concurrency.decode_tasks=1",
+            "concurrency.encoder_actors=1", "concurrency.torch_threads=1"]
+    proc = subprocess.run([sys.executable, "-m", "care_scale", "embed", str(src), "--warehouse",
+                           wh, *[x for kv in sets for x in ("--set", kv)]],
+                          capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
     out = tmp_path / "features"
     assert main(["tables", "export-features", "--warehouse", wh, "--out", str(out)]) == 0
