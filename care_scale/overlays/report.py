@@ -9,8 +9,8 @@ browser, with nothing to fail in its console. Sections:
   from ``--overlays`` or ``care-scale show --out WH/overlays``), scaled down; a click opens the
   full picture, the heatmap and the slide's regions table;
 - failures: every ``failures`` row with its stage and reason;
-- tiles/s over each run: from the tiles the driver counted over time (``runs.counts_json`` ->
-  ``tiles_over_time``), in up to ``PLOT_BINS`` equal bins from the run's start; runs written
+- tiles/s over each run: from the tiles the encoder actors encoded over time, summed
+  (``runs.counts_json`` -> ``tiles_over_time``, see ``care_scale.timeline.TileCounter``), in up to ``PLOT_BINS`` equal bins from the run's start; runs written
   before that record existed fall back to the tiles of the slides finished in each bin
   (``slides.embedded_at``).
 """
