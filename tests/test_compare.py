@@ -165,7 +165,7 @@ def test_the_comparison_runs_end_to_end_at_toy_size(tmp_path, ray_local):
 
     table = run_comparison(ComparisonConfig(seeds=2, slides=40, stage1_steps=6,
                                             stage2_steps=8, overrides=["run.log_every=2",
-                                                                    "optim.warmup_steps=2"]),
+                                                                    "optim.warmup_steps=2", "run.num_workers=1"]),
                            workdir=str(tmp_path))
     rows = table["classification"]
     assert set(rows) == {"untrained", "stage1", "stage2", "mean_pooling", "abmil_supervised"}

@@ -718,20 +718,27 @@ def test_thread_pools_are_sized_from_the_cpus_given_unless_set():
 
     assert intra_op_threads(None, 2.0) == 2 and intra_op_threads(None, 0.5) == 1
     assert intra_op_threads(None, None) == 1 and intra_op_threads(3, 1.0) == 3
-    assert intra_op_threads(None, 4096.0) == len(os.sched_getaffinity(0))  # cores present
+    cores = len(os.sched_getaffinity(0))
+    assert intra_op_threads(None, 4096.0) == cores  # cores present
+    # One node, placement known: the encoder actors share its cores (at least their CPUs).
+    assert intra_op_threads(None, 1.0, actors_on_node=1) == cores
+    assert intra_op_threads(None, 1.0, actors_on_node=2 * cores) == 1
+    assert intra_op_threads(None, 2.0, actors_on_node=4 * cores) == min(2, cores)
+    assert intra_op_threads(1, 1.0, actors_on_node=1) == 1  # the setting still wins
     assert decode_threads(None, 0.5) == MIN_DECODE_THREADS and decode_threads(None, 6.0) == 6
     assert decode_threads(1, 6.0) == 1
 
 
 def test_encoder_threads_follow_the_cpus_ray_gives_the_actor(ray_local, cohort, tmp_path):
-    # The encoder actor gets the test cluster's 2 CPUs (the other stages reserve none here).
-    conc = {"decode_tasks": 1, "encoder_actors": 1, "num_cpus_per_actor": 2,
+    # The one encoder actor of a one-node run reserves 1 CPU and runs one intra-op thread per
+    # core of the node (the other stages reserve none here).
+    conc = {"decode_tasks": 1, "encoder_actors": 1, "num_cpus_per_actor": 1,
             "num_cpus_per_slide_actor": 0, "decode_num_cpus": 0}
     run_embedding(_config(cohort, tmp_path / "auto", concurrency=conc))
     (run,) = _table(tmp_path / "auto", "runs").to_pylist()
     counts = json.loads(run["counts_json"])
     assert counts["threads"] == {"decode": 2, "encoders": [
-        {"backend": "onnxruntime", "cpus": 2.0, "threads": 2}]}
+        {"backend": "onnxruntime", "cpus": 1.0, "threads": len(os.sched_getaffinity(0))}]}
     # The run's timeline (benchmarks/bench_fixed_cost.py): driver phases and the workers'.
     t = counts["timeline"]
     assert t["run"] <= t["listed"] <= t["warehouse"] <= t["planned"] <= t["finished"]
@@ -747,5 +754,5 @@ def test_encoder_threads_follow_the_cpus_ray_gives_the_actor(ray_local, cohort, 
     run_embedding(_config(cohort, tmp_path / "set", backend="torch", concurrency=conc))
     (run,) = _table(tmp_path / "set", "runs").to_pylist()
     threads = json.loads(run["counts_json"])["threads"]
-    assert threads == {"encoders": [{"backend": "torch", "cpus": 2.0, "threads": 1}],
+    assert threads == {"encoders": [{"backend": "torch", "cpus": 1.0, "threads": 1}],
                        "decode": 3}

@@ -63,7 +63,8 @@ class Concurrency:
     on GPUs). ``decode_num_workers`` threads
     decode tiles inside one task. Thread pools left unset (None) follow the CPUs Ray gives
     the worker (``care_scale.embed.node_threads``): an encoder actor runs one intra-op thread
-    per CPU of ``num_cpus_per_actor``, a decode task one reader per CPU of
+    per CPU of ``num_cpus_per_actor`` (on a one-node run: its share of the node's cores), a
+    decode task one reader per CPU of
     ``decode_num_cpus`` (at least 2). ``*_resources``: custom Ray resources a stage's workers
     need (``{decode: 1}``), to pin stages to node groups.
     """
@@ -85,7 +86,8 @@ class Concurrency:
     # enough to keep them busy, few enough to bound the pixels in the object store.
     encode_in_flight: int = 2
     # Intra-op threads of one encoder actor (torch or ONNX Runtime); None: one per CPU Ray
-    # gives the actor (num_cpus_per_actor), capped by the cores present.
+    # gives the actor (num_cpus_per_actor), capped by the cores present; on a one-node run
+    # the node's cores shared among the encoder actors (at least that).
     torch_threads: int | None = None
     slide_encoder_actors: int = 1
     num_cpus_per_slide_actor: float = 0.5

@@ -80,10 +80,13 @@ class PatchEncoder:
     ``local_export``: the driver's ONNX export of exactly these weights
     (``pipeline.export_for_local_actors``); used when this actor's node has it, which spares
     the actor importing torch to build the model. A node that joined later does not have it
-    and resolves the backend from the config as usual.
+    and resolves the backend from the config as usual. ``actors_on_node``: how many encoder
+    actors share this actor's node, where the driver knows (one node); the intra-op threads
+    are then a share of its cores (``node_threads.intra_op_threads``).
     """
 
-    def __init__(self, config: EmbedConfig, local_export: str | None = None):
+    def __init__(self, config: EmbedConfig, local_export: str | None = None,
+                 actors_on_node: int | None = None):
         if local_export and os.path.isfile(os.path.join(local_export, MANIFEST)):
             config = dataclasses.replace(
                 config, artifacts=local_export,
@@ -98,7 +101,8 @@ class PatchEncoder:
         # An actor without a reserved GPU cannot use one (Ray hides the devices from it).
         device = "cuda" if config.concurrency.num_gpus_per_actor > 0 else "cpu"
         self.cpus = assigned_cpus()
-        threads = intra_op_threads(config.concurrency.torch_threads, self.cpus)
+        threads = intra_op_threads(config.concurrency.torch_threads, self.cpus,
+                                   actors_on_node=actors_on_node)
         self.backend = create_patch_backend(config, device=device, threads=threads)
         self.embed_dim = int(self.backend.embed_dim)
         self.kind = str(self.backend.kind)
@@ -138,7 +142,8 @@ class EncoderPool:
     """Driver side: the encoder actors, created once per job (they load their backend while
     the first slides are opened and tiled) and killed at its end."""
 
-    def __init__(self, config: EmbedConfig, *, local_export: str | None = None):
+    def __init__(self, config: EmbedConfig, *, local_export: str | None = None,
+                 one_node: bool = False):
         import ray
 
         from care_scale.embed.actor_options import actor_options
@@ -148,7 +153,9 @@ class EncoderPool:
         opts = actor_options(num_cpus=c.num_cpus_per_actor, num_gpus=c.num_gpus_per_actor,
                              resources=c.encoder_resources, max_restarts=3, max_task_retries=3)
         cls = ray.remote(PatchEncoder).options(**opts)
-        self.actors = [cls.remote(config, local_export) for _ in range(c.encoder_actors)]
+        on_node = c.encoder_actors if one_node else None
+        self.actors = [cls.remote(config, local_export, on_node)
+                       for _ in range(c.encoder_actors)]
 
     def info(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
         """Each live actor's :meth:`PatchEncoder.info` ([] for actors that do not answer)."""

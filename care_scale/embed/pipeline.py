@@ -206,9 +206,9 @@ def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | N
     its node and otherwise falls back). ``encoder``: the patch encoder the driver already built.
     """
     if (config.features or config.artifacts or config.concurrency.num_gpus_per_actor > 0
-            or config.precision != "fp32"):
+            or config.precision not in ("fp32", "int8")):
         # Nothing to export, given artifacts, GPU choices made on the GPU nodes, or a
-        # precision whose graph the actors make themselves.
+        # precision torch runs (bf16 / fp16 autocast: the actors need the model itself).
         return None
     from care_scale.inference import KINDS, choose_patch_kind
 
@@ -218,8 +218,10 @@ def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | N
         return None
     from care_scale.export import cached_export
 
+    # int8: the quantised variant (`precision: auto` has usually made it already, measuring).
     return str(cached_export(encoder if encoder is not None else _patch_encoder(config),
-                             tile_size=config.patch_size))
+                             tile_size=config.patch_size,
+                             variant="int8" if config.precision == "int8" else None))
 
 
 def _actors_run_on_this_node(config: EmbedConfig) -> bool:
@@ -570,11 +572,12 @@ def _source_blocks(todo: list[SlideSource], decode_tasks: int) -> list[Any]:
 
 
 def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
-                  local_export: str | None = None) -> tuple[Any, Any]:
+                  local_export: str | None = None, one_node: bool = False
+                  ) -> tuple[Any, Any]:
     """The Ray Data pipeline (lazy) and the encoder pool it calls: decode tasks that route
     their tiles through the encoder actors and stage the features under ``staging``; one
-    output row per slide (:data:`ROW_COLUMNS`). ``local_export``: see
-    ``patch_stage.PatchEncoder``. The caller shuts the pool down."""
+    output row per slide (:data:`ROW_COLUMNS`). ``local_export``, ``one_node`` (the actors
+    run on the driver's node): see ``patch_stage``. The caller shuts the pool down."""
     import ray
     import ray.data
 
@@ -605,7 +608,7 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
                  + c.encoder_actors * c.num_gpus_per_actor))
     # The actors first: their worker processes start while Ray Data plans and starts the
     # decode tasks (each is seconds of process start-up on a small node).
-    pool = EncoderPool(config, local_export=local_export)
+    pool = EncoderPool(config, local_export=local_export, one_node=one_node)
     blocks = _source_blocks(todo, c.decode_tasks)
     # from_blocks: the blocks' metadata is computed here. (from_arrow computes it in a
     # one-CPU Ray task: one more worker process to start, and on a small node a task that
@@ -790,11 +793,12 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                     collector.submit_feature_file(src)
                     collector.collect()
             else:
+                one_node = _actors_run_on_this_node(config)
                 local_export = (export_for_local_actors(config, p.patch_encoder)
-                                if _actors_run_on_this_node(config) else None)
+                                if one_node else None)
                 mark("exported")
                 ds, encoders = build_dataset(config, todo, staging=staging,
-                                             local_export=local_export)
+                                             local_export=local_export, one_node=one_node)
                 mark("planned")
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                              prefetch_batches=0):
