@@ -125,3 +125,34 @@ def demo_in_new_process(stage: str, workdir) -> dict:
                           capture_output=True, text=True, timeout=900, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+# The TCP listeners of every process below this one: source text for a child script (it
+# runs in the child, so Ray's processes are its descendants). LOOPBACK: what they may be.
+LISTENERS = r"""
+import json, os, re, subprocess
+
+def children(pid):
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            if ppid == pid:
+                out += [int(p)] + children(int(p))
+    return out
+
+def listeners():
+    tree = {os.getpid(), *children(os.getpid())}
+    out = []
+    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True,
+                               timeout=10).stdout.splitlines():
+        pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if pids & tree:
+            out.append(line.split()[3])
+    return out
+"""
+
+LOOPBACK = r"(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]):\d+$"

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -255,76 +254,9 @@ def test_kill_and_resume_equals_clean_run(ray_local, cohort, tmp_path):
         _assert_rows_equal(_rows(killed, name, keys), _rows(clean, name, keys))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_ray_job_submit_on_a_real_head(cohort, tmp_path):
-    """`ray start --head` on loopback, `ray job submit` of jobs/embed_cohort.py, tables after."""
-    port, dash = _free_port(), _free_port()
-    temp = Path("/tmp") / f"rayjob_{os.getpid()}"
-    # Token auth (Ray >= 2.5x default) is for shared clusters; this one lives on loopback only.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    # --block keeps `ray start` as the parent of this cluster's processes, so stopping it (and
-    # its process group) stops only this cluster, never one someone else runs on the machine.
-    # Every port free-searched: other Ray clusters on this machine hold the default ones
-    # (a dashboard agent that cannot bind its port leaves the head unable to take jobs).
-    ports = []
-    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                 "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
-                 "--object-manager-port", "--ray-client-server-port"):
-        ports += [flag, str(_free_port())]
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(port), "--num-cpus", "2", "--include-dashboard", "true",
-         "--object-store-memory", str(400 * 2**20),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--temp-dir", str(temp), "--disable-usage-stats", *ports],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    wh = tmp_path / "wh"
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            probe = subprocess.run(["ray", "job", "list", "--address", address], env=env,
-                                   capture_output=True, text=True, check=False)
-            if probe.returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail("ray head / dashboard did not come up")
-        for _ in range(10):  # the job agent registers a few seconds after the dashboard
-            submit = subprocess.run(
-                ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT),
-                 "--runtime-env-json", '{"env_vars": {"OMP_NUM_THREADS": "1"}}', "--",
-                 "python", "jobs/embed_cohort.py", str(cohort), "--warehouse", str(wh),
-                 "--set", "progress=log", "--set", "encode_batch_size=16"],
-                env=env, capture_output=True, text=True, timeout=600, cwd=ROOT, check=False,
-            )
-            if "No available agent" not in submit.stdout + submit.stderr:
-                break
-            time.sleep(3)
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in (submit.stdout + submit.stderr).lower()
-        slides = _table(wh, "slides").to_pylist()
-        assert sorted(s["slide_id"] for s in slides) == [f"slide_{i}" for i in range(N_SLIDES)]
-        assert _table(wh, "regions").num_rows == sum(s["num_regions"] for s in slides)
-    finally:
-        head.terminate()
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp, ignore_errors=True)
+# `ray job submit` of jobs/embed_cohort.py to a real `ray start --head` on loopback, tables
+# after: tests/test_infra.py's local-cluster test (infra/local/cluster.sh starts that head,
+# the job reads the slides from and writes the warehouse to the loopback S3 server).
 
 
 def test_torch_and_onnxruntime_backends_agree(ray_local, cohort, tmp_path):

@@ -772,6 +772,8 @@ def test_local_cluster_runs_the_embedding_job_from_s3_and_stops_cleanly(tmp_path
         assert sorted(s["slide_id"] for s in slides) == ["slide_0", "slide_1"]
         assert all(s["source_uri"].startswith("s3://cohort/slides/") for s in slides)
         assert all(s["num_regions"] >= 1 for s in slides)
+        regions = DeltaTable("s3://cohort/warehouse/regions", storage_options=options)
+        assert regions.to_pyarrow_table().num_rows == sum(s["num_regions"] for s in slides)
         ours |= {p for name in ("moto", "ray") if (state / f"{name}.pid").exists()
                  for p in _tree(int((state / f"{name}.pid").read_text()))}
     finally:

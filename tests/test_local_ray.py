@@ -1,4 +1,7 @@
-"""Ray clusters that care-scale starts itself listen on loopback only (care_scale.local_ray)."""
+"""Ray clusters that care-scale starts itself listen on loopback only (care_scale.local_ray).
+
+Ray Train's process group (torch.distributed's store) is checked in test_train_resume.py,
+whose resumed run samples its listeners (one training run fewer in the suite)."""
 
 from __future__ import annotations
 
@@ -11,37 +14,11 @@ import subprocess
 import sys
 
 import pytest
-
-# The TCP listeners of every process below this one (a child script's helper).
-_LISTENERS = r"""
-import json, os, re, subprocess
-
-def children(pid):
-    out = []
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                ppid = int(open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            if ppid == pid:
-                out += [int(p)] + children(int(p))
-    return out
-
-def listeners():
-    tree = {os.getpid(), *children(os.getpid())}
-    out = []
-    for line in subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True,
-                               timeout=10).stdout.splitlines():
-        pids = {int(p) for p in re.findall(r"pid=(\d+)", line)}
-        if pids & tree:
-            out.append(line.split()[3])
-    return out
-"""
+from factories import LISTENERS, LOOPBACK
 
 # In a fresh process (the switch works only before the first `import ray`): start the local
 # cluster the job would, run a task, then list the TCP listeners of every process below it.
-_CHILD = _LISTENERS + r"""
+_CHILD = LISTENERS + r"""
 from care_scale.local_ray import init_local
 init_local(num_cpus=1, include_dashboard=False, log_to_driver=False)
 import ray
@@ -55,36 +32,6 @@ found = listeners()
 ray.shutdown()
 print("RESULT " + json.dumps(found))
 """
-
-# A two-worker Ray Train run (torch.distributed over gloo), its listeners sampled throughout.
-_TRAIN_CHILD = _LISTENERS + r"""
-import sys, threading, time
-from care_scale.config import load_config
-from care_scale.training.config import Stage1Config
-from care_scale.training.loop import fit
-
-seen, done = set(), threading.Event()
-
-def sample():
-    deadline = time.monotonic() + 300
-    while not done.is_set() and time.monotonic() < deadline:
-        seen.update(listeners())
-        time.sleep(0.3)
-
-t = threading.Thread(target=sample, daemon=True)
-t.start()
-cfg = load_config(Stage1Config, None, [
-    "data.synthetic=true", "data.synthetic_slides=8", "model.name=care_tiny",
-    "run.num_workers=2", f"run.storage_path={sys.argv[1]}", "run.checkpoint_every=4",
-    "optim.batch_size=2", "optim.warmup_steps=1", "optim.steps=4",
-    "ssl.out_dim=16", "ssl.patch_out_dim=16"])
-fit("stage1", cfg)
-done.set()
-t.join(15)
-print("RESULT " + json.dumps(sorted(seen)))
-"""
-
-_LOOPBACK = r"(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]):\d+$"
 
 
 def _run_child(script: str, *args: str, timeout: int) -> list[str]:
@@ -102,16 +49,7 @@ def _run_child(script: str, *args: str, timeout: int) -> list[str]:
 def test_local_cluster_listens_on_loopback_only():
     listeners = _run_child(_CHILD, timeout=180)
     assert len(listeners) >= 3  # GCS, raylet, object manager at least: the check saw them
-    assert all(re.match(_LOOPBACK, a) for a in listeners), listeners
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` (iproute2) to list sockets")
-def test_training_workers_process_group_listens_on_loopback_only(tmp_path):
-    """Ray Train's own setup serves the torch.distributed store on `*:port`; ours binds it."""
-    listeners = _run_child(_TRAIN_CHILD, str(tmp_path), timeout=400)
-    assert len(listeners) >= 4, listeners  # Ray's own, and the store: the sampling saw them
-    assert all(re.match(_LOOPBACK, a) for a in listeners), listeners
+    assert all(re.match(LOOPBACK, a) for a in listeners), listeners
 
 
 def _processes_of(tmpdir: str) -> dict[int, str]:

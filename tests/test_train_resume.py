@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from factories import LISTENERS, LOOPBACK
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -52,12 +55,28 @@ def test_killed_run_resumes_and_continues(tmp_path):
 
     storage = tmp_path / "runs"
     run_dir = storage / "resume-run"
-    script = textwrap.dedent(f"""
-        import sys
+    # Each run also samples its TCP listeners throughout (Ray's, and the torch.distributed
+    # store Ray Train serves on `*:port` unless care_scale binds it): the resumed run, which
+    # gets to the end, prints them.
+    script = LISTENERS + textwrap.dedent(f"""
+        import shutil, threading, time
         from care_scale.training.demo import load_stage_config
         from care_scale.training.loop import fit
+        seen, done = set(), threading.Event()
+
+        def sample():
+            deadline = time.monotonic() + 500
+            while shutil.which("ss") and not done.is_set() and time.monotonic() < deadline:
+                seen.update(listeners())
+                time.sleep(0.3)
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
         cfg = load_stage_config("stage1", None, {_overrides(storage)!r})
         fit("stage1", cfg)
+        done.set()
+        t.join(15)
+        print("RESULT " + json.dumps(sorted(seen)))
     """)
     env = dict(os.environ, OMP_NUM_THREADS="1", RAY_ADDRESS="")
     env.pop("RAY_ADDRESS")
@@ -104,9 +123,13 @@ def test_killed_run_resumes_and_continues(tmp_path):
     # The resumed run is a new process too (what a user does after a crash): same name and
     # storage path, so it resumes; bounded in time.
     again = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600,
-                           check=False)
+                           capture_output=True, timeout=600, check=False)
     assert again.returncode == 0, again.stderr.decode()[-2000:]
+    if shutil.which("ss"):  # iproute2; every Linux CI image here has it
+        (line,) = [ln for ln in again.stdout.decode().splitlines() if ln.startswith("RESULT ")]
+        listeners = json.loads(line[len("RESULT "):])
+        assert len(listeners) >= 4, listeners  # Ray's own, and the store: the sampling saw them
+        assert all(re.match(LOOPBACK, a) for a in listeners), listeners
     cfg = load_stage_config("stage1", None, _overrides(storage))
     hist = read_metrics(str(run_dir))
     output = run_dir / "final"

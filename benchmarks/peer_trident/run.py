@@ -17,7 +17,7 @@ keep rule) so the tile sets are meant to match:
   as a timm model through ``CustomInferenceEncoder``, fp32, batch 32.
 
 Prints each run, the medians, per-pair ratios (TRIDENT seconds / care-scale seconds: > 1 means
-care-scale is faster), the load average around each run and the CPU's flags; then compares the
+care-scale is faster; care-scale / TRIDENT peak PSS of the whole process tree), the load average around each run and the CPU's flags; then compares the
 tile sets of the last pair slide by slide (level-0 x, y). Asserts nothing.
 """
 
@@ -37,7 +37,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_fixed_cost import cpu_line, load_line
+from bench_fixed_cost import TreeSampler, cpu_line, load_line
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float,
+                                                            float]:
+    """Run ``cmd`` to its end: the result, its seconds from spawn to exit, and the peak PSS
+    (MiB) of its whole process tree (the driver, Ray's processes and workers; sampled every
+    0.25 s through /proc, as ``bench_fixed_cost.py --processes`` does)."""
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    sampler = TreeSampler(proc.pid)
+    sampler.start()
+    try:
+        out, err = proc.communicate(timeout=3600)
+    finally:
+        sampler.done.set()
+        sampler.join()
+        if proc.poll() is None:
+            proc.kill()
+    seconds = time.time() - t0
+    return (subprocess.CompletedProcess(cmd, proc.returncode, out, err), seconds,
+            sampler.result()["peak_pss_mib"])
 
 
 def make_inputs(tmp: Path, n: int, side: int, model: str) -> tuple[Path, Path, dict]:
@@ -56,8 +78,13 @@ def make_inputs(tmp: Path, n: int, side: int, model: str) -> tuple[Path, Path, d
     weights = tmp / "weights.pt"
     torch.save(enc.state_dict(), weights)
     spec = enc.spec
+    # The same architecture in timm, for the names timm does not have (vit_micro, vit_demo):
+    # its ViT with our spec's sizes (the state dicts share timm's layout).
+    timm_kwargs = {"img_size": spec.input_size, "patch_size": spec.patch_size,
+                   "embed_dim": spec.width, "depth": spec.depth, "num_heads": spec.num_heads}
     return slides, weights, {"input_size": spec.input_size, "mean": list(spec.mean),
-                             "std": list(spec.std), "width": spec.embed_dim}
+                             "std": list(spec.std), "width": spec.embed_dim,
+                             "timm_kwargs": timm_kwargs}
 
 
 def run_ours(slides: Path, work: Path, model: str, width: int, precision: str) -> dict:
@@ -69,10 +96,7 @@ def run_ours(slides: Path, work: Path, model: str, width: int, precision: str) -
            "--set", "patch_size=512", "--set", "target_mpp=0.5",
            "--set", f"slide_encoder.overrides.in_dim={width}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-    t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600,
-                          check=False)
-    seconds = time.time() - t0
+    proc, seconds, peak = timed(cmd, env)
     if proc.returncode != 0:
         raise SystemExit(f"care-scale failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     from deltalake import DeltaTable
@@ -81,7 +105,8 @@ def run_ours(slides: Path, work: Path, model: str, width: int, precision: str) -
     tiles = {}
     for sid, x, y in zip(*(patches.column(c).to_pylist() for c in ("slide_id", "x", "y"))):
         tiles.setdefault(sid, set()).add((x, y))
-    return {"seconds": seconds, "tiles": sum(len(t) for t in tiles.values()), "sets": tiles}
+    return {"seconds": seconds, "tiles": sum(len(t) for t in tiles.values()), "sets": tiles,
+            "peak_mib": peak}
 
 
 def run_trident(venv: Path, slides: Path, work: Path, model: str, weights: Path,
@@ -91,10 +116,9 @@ def run_trident(venv: Path, slides: Path, work: Path, model: str, weights: Path,
     cmd = [str(venv / "bin" / "python"), str(Path(__file__).with_name("trident_side.py")),
            "--slides", str(slides), "--job", str(job), "--model", model,
            "--weights", str(weights), "--input-size", str(prep["input_size"]),
-           "--mean", *map(str, prep["mean"]), "--std", *map(str, prep["std"])]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
-    seconds = time.time() - t0
+           "--mean", *map(str, prep["mean"]), "--std", *map(str, prep["std"]),
+           "--timm-kwargs", json.dumps(prep["timm_kwargs"])]
+    proc, seconds, peak = timed(cmd)
     if proc.returncode != 0:
         raise SystemExit(f"TRIDENT failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,7 +128,7 @@ def run_trident(venv: Path, slides: Path, work: Path, model: str, weights: Path,
     for sid, path in out["coords"].items():
         with h5py.File(path, "r") as fh:
             sets[sid] = {(int(x), int(y)) for x, y in fh["coords"][:]}
-    return {"seconds": seconds, "tiles": out["tiles"], "sets": sets}
+    return {"seconds": seconds, "tiles": out["tiles"], "sets": sets, "peak_mib": peak}
 
 
 def compare_tiles(ours: dict, theirs: dict) -> None:
@@ -143,16 +167,22 @@ def main() -> None:
                 r = sides[name]()
                 runs[name].append(r)
                 print(f"  pair {i + 1} {name:<10} {r['seconds']:7.2f} s  {r['tiles']} tiles  "
-                      f"[{load_line()}]", flush=True)
+                      f"peak PSS {r['peak_mib']:6.0f} MiB  [{load_line()}]", flush=True)
         print(f"\nmedians over {args.repeats} runs ({args.slides} slides of {args.side}^2, "
               f"{args.model}, care-scale precision {args.precision}, TRIDENT fp32):")
         for name, rs in runs.items():
             secs = statistics.median(r["seconds"] for r in rs)
-            print(f"  {name:<10} {secs:7.2f} s  {rs[0]['tiles'] / secs:7.2f} tiles/s")
+            peak = statistics.median(r["peak_mib"] for r in rs)
+            print(f"  {name:<10} {secs:7.2f} s  {rs[0]['tiles'] / secs:7.2f} tiles/s  "
+                  f"peak PSS {peak:6.0f} MiB (process tree)")
         ratios = [t["seconds"] / o["seconds"] for o, t in zip(runs["care-scale"],
                                                                 runs["TRIDENT"])]
         print(f"per-pair TRIDENT/care-scale seconds: {' '.join(f'{r:.2f}' for r in ratios)} "
               f"(median {statistics.median(ratios):.2f}x)")
+        mem = [o["peak_mib"] / t["peak_mib"] for o, t in zip(runs["care-scale"],
+                                                              runs["TRIDENT"])]
+        print(f"per-pair care-scale/TRIDENT peak PSS: {' '.join(f'{r:.2f}' for r in mem)} "
+              f"(median {statistics.median(mem):.2f}x; < 1 means care-scale uses less)")
         compare_tiles(runs["care-scale"][-1]["sets"], runs["TRIDENT"][-1]["sets"])
     print(f"\nend: {load_line()}; CPU: {cpu_line()}")
 

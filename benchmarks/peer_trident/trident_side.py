@@ -21,13 +21,17 @@ import time
 from pathlib import Path
 
 
-def encoder(model: str, weights: str, input_size: int, mean: list[float], std: list[float]):
+def encoder(model: str, weights: str, input_size: int, mean: list[float], std: list[float],
+            timm_kwargs: dict):
     import timm
     import torch
     from torchvision import transforms
     from trident.patch_encoder_models.load import CustomInferenceEncoder
 
-    net = timm.create_model(model, pretrained=False, num_classes=0)
+    # timm's ViT with the sizes given (names timm lacks, e.g. vit_micro, build as its ViT-Ti
+    # with our spec's sizes; for timm's own names the sizes are its defaults).
+    base = model if model in timm.list_models() else "vit_tiny_patch16_224"
+    net = timm.create_model(base, pretrained=False, num_classes=0, **timm_kwargs)
     net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     tf = transforms.Compose([
         transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
@@ -50,6 +54,7 @@ def main() -> None:
     ap.add_argument("--mag", type=int, default=20)
     ap.add_argument("--patch-size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--timm-kwargs", default="{}", help="JSON: timm.create_model's sizes")
     args = ap.parse_args()
 
     import h5py
@@ -59,7 +64,8 @@ def main() -> None:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     t0 = time.time()
-    enc = encoder(args.model, args.weights, args.input_size, args.mean, args.std)
+    enc = encoder(args.model, args.weights, args.input_size, args.mean, args.std,
+                  json.loads(args.timm_kwargs))
     seg = segmentation_model_factory(model_name="otsu")
     tiles, coords_files = 0, {}
     for path in sorted(Path(args.slides).glob("*.tif*")):
