@@ -7,6 +7,7 @@ few seconds once Ray is up.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -298,12 +299,17 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
         "'onnx' in sys.modules)\n"
     )
 
-    def actor(local_export):
+    def actor(local_export, config=cfg):
         return subprocess.run([sys.executable, "-c", code],
-                              input=pickle.dumps((cfg, local_export)), capture_output=True,
+                              input=pickle.dumps((config, local_export)), capture_output=True,
                               check=True, cwd=ROOT).stdout.decode().split()
 
     assert actor(local) == ["onnxruntime", version, "False", "False"]
+    # int8 too: the driver's export is the quantised variant, loaded without torch.
+    int8 = dataclasses.replace(cfg, precision="int8")
+    local8 = export_for_local_actors(int8)
+    assert local8 and local8 != local and local8.endswith("-int8")
+    assert actor(local8, int8) == ["onnxruntime", version + "+int8", "False", "False"]
     # Another node: the directory is not there, so the actor builds the model (torch) to
     # find or make its own export.
     missing = str(tmp_path / "elsewhere" / Path(local).name)
@@ -312,6 +318,8 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     for other in (_config(cohort, tmp_path / "wh", backend="torch"),
                   _config(cohort, tmp_path / "wh", concurrency={"num_gpus_per_actor": 1})):
         assert export_for_local_actors(resolve_models(other)) is None
+    # bf16 runs as torch autocast: the actors need the model itself.
+    assert export_for_local_actors(dataclasses.replace(cfg, precision="bf16")) is None
 
 
 def test_driver_export_only_where_actors_share_its_node(ray_local, cohort, tmp_path):

@@ -43,8 +43,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
 
 
 def test_auto_measures_every_candidate_the_cpu_has_and_picks_the_fastest_within_bound(make):
-    choice = P.choose_precision(make, TILES, flags=frozenset({"avx512_bf16", "avx512_vnni"}),
-                                repeats=1)
+    choice = P.choose_precision(make, TILES, flags=frozenset({"avx512_bf16", "avx512_vnni"}))
     trials = {t.precision: t for t in choice.trials}
     assert set(trials) == {"fp32", "bf16", "int8"}
     assert all(t.skipped is None and t.tiles_per_s > 0 for t in trials.values())
@@ -56,15 +55,15 @@ def test_auto_measures_every_candidate_the_cpu_has_and_picks_the_fastest_within_
 
 
 def test_a_precision_outside_the_bound_never_wins(make, monkeypatch):
-    first = P.choose_precision(make, TILES, flags=frozenset({"avx512_vnni"}), repeats=1)
+    first = P.choose_precision(make, TILES, flags=frozenset({"avx512_vnni"}))
     int8 = next(t for t in first.trials if t.precision == "int8")
     monkeypatch.setattr(P, "MIN_COSINE", (int8.min_cosine + 1.0) / 2)  # stricter than int8
-    choice = P.choose_precision(make, TILES, flags=frozenset({"avx512_vnni"}), repeats=1)
+    choice = P.choose_precision(make, TILES, flags=frozenset({"avx512_vnni"}))
     assert choice.precision == "fp32" and "int8 min cosine" in choice.reason
 
 
 def test_without_the_instructions_reduced_precisions_are_skipped_with_the_reason(make):
-    choice = P.choose_precision(make, TILES, flags=frozenset({"avx2"}), repeats=1)
+    choice = P.choose_precision(make, TILES, flags=frozenset({"avx2"}))
     assert choice.precision == "fp32"
     skipped = {t.precision: t.skipped for t in choice.trials if t.skipped}
     assert "AVX-512 BF16" in skipped["bf16"] and "VNNI" in skipped["int8"]
