@@ -131,8 +131,15 @@ class EmbedConfig:
     precision: Literal["auto", Precision] = "fp32"
     # Where exported ONNX files / TensorRT engines live (create_patch_backend's artifacts).
     artifacts: str | None = None
-    decode_batch_size: int = 64
-    encode_batch_size: int = 64
+    # Tiles per decoded batch, and per call to an encoder actor (decode batches are joined up
+    # to it; the actor runs its backend on chunks of it). CPU-sized: a 512 px tile is 768 KiB
+    # of uint8 and 3 MiB as the float input the graph resizes, so a 64-tile call held 1,070
+    # MiB in the encoder actor and 520 in the decode task on one 16,384^2 slide (ViT-Ti int8),
+    # 16 held 391 and 291, and ran as fast or faster (16.7 vs 21.3 s; 8 micro-encoder slides
+    # 12.4-13.8 vs 15.6-16.8 s; 2-core AVX-512 EPYC, issue 20). GPU actors want 256 per call:
+    # the shipped GPU configs set it.
+    decode_batch_size: int = 16
+    encode_batch_size: int = 16
     concurrency: Concurrency = field(default_factory=Concurrency)
     keep_patches: bool = False
     # Pictures and QuPath GeoJSON of every embedded slide in <warehouse>/overlays/<slide_id>/
