@@ -17,8 +17,9 @@ keep rule) so the tile sets are meant to match:
   as a timm model through ``CustomInferenceEncoder``, fp32, batch 32.
 
 Prints each run, the medians, per-pair ratios (TRIDENT seconds / care-scale seconds: > 1 means
-care-scale is faster; care-scale / TRIDENT peak PSS of the whole process tree), the load average around each run and the CPU's flags; then compares the
-tile sets of the last pair slide by slide (level-0 x, y). Asserts nothing.
+care-scale is faster; care-scale / TRIDENT peak PSS of the whole process tree), the load
+average around each run and the CPU's flags; then compares the tile sets of the last pair
+slide by slide (level-0 x, y). Asserts nothing.
 """
 
 from __future__ import annotations
