@@ -112,19 +112,16 @@ def choose_precision(make_backend: Callable[[str], Callable[[np.ndarray], np.nda
     # full warm-up: on ViT-B at 8 tiles/s, three precisions took 36 s of a 308-tile run's
     # 84 s that way). fp32 goes last: load early in a run (its Ray cluster starting beside
     # the calibration) slows whatever is measured first, so it can only make a reduced
-    # precision look slower, never faster, than it is. One backend alive at a time.
-    measured: dict[str, tuple[np.ndarray, float]] = {}
-    skipped = {}
-    for precision in (*CPU_NEEDS, "fp32"):
-        needs, why = CPU_NEEDS.get(precision, ((), ""))
-        if needs and not flags & set(needs):
-            skipped[precision] = why
-            continue
+    # precision look slower, never faster, than it is. One backend alive at a time (each
+    # lives only inside measure()).
+    def measure(precision: str) -> tuple[np.ndarray, float]:
         backend = make_backend(precision)
         backend(tiles[:WARMUP_TILES])
-        measured[precision] = _timed(backend, tiles)
-        del backend
-    ref, ref_rate = measured["fp32"]
+        return _timed(backend, tiles)
+
+    skipped = {p: why for p, (needs, why) in CPU_NEEDS.items() if not flags & set(needs)}
+    measured = {p: measure(p) for p in CPU_NEEDS if p not in skipped}
+    ref, ref_rate = measure("fp32")
     trials = [Trial("fp32", tiles_per_s=ref_rate, min_cosine=1.0)]
     for precision in CPU_NEEDS:
         if precision in skipped:
