@@ -126,6 +126,109 @@ def _skip_head_service(self: Any, *args: Any, **kwargs: Any) -> None:
     return None
 
 
+#: Ray Data's two per-cluster actors, (module, its get-or-create function, the actor class):
+#: :func:`ray_data_actors_in_driver` runs them in the driver.
+_RAY_DATA_ACTORS = (
+    ("ray.data._internal.stats", "get_or_create_stats_actor", "_StatsActor"),
+    ("ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator",
+     "get_or_create_autoscaling_coordinator", "_AutoscalingCoordinatorActor"),
+)
+
+
+@contextlib.contextmanager
+def ray_data_actors_in_driver() -> Iterator[bool]:
+    """While a Ray Data execution runs on a one-node cluster of our own: its stats actor and
+    its autoscaling coordinator are instances of Ray Data's own classes in this process, not
+    actors of their own (yields whether they are; ``CARE_SCALE_RAY_HEAD_SERVICES=1`` keeps
+    the actors).
+
+    Each is otherwise a detached worker process that imports Ray Data (120 MiB PSS and 1.5
+    CPU s each on a 2-core node), and the coordinator is on the critical path: an execution
+    budgets zero CPUs until the coordinator first answers (Ray 2.60's rate-based cluster
+    autoscaler asks it for the resources reserved to it), so no decode task starts before
+    that process is up, 3.5 s into a job whose actors start at the same time
+    (``benchmarks/bench_fixed_cost.py --processes``). A one-node cluster has no dashboard to
+    read the stats and nothing to scale; the instances answer the same calls the same way
+    (``handle.method.remote(...)`` -> a ref to the result), one call at a time as an actor
+    does. Ray Data's functions that create the actors (Ray's private API) are replaced only
+    inside this block; where a Ray release moved one, both stay actors.
+    """
+    import importlib
+
+    if os.environ.get(HEAD_SERVICES_ENV) == "1":
+        yield False
+        return
+    try:
+        targets = [(importlib.import_module(mod), fn, cls) for mod, fn, cls in _RAY_DATA_ACTORS]
+    except ImportError as exc:
+        log.debug("Ray Data's actors stay actors: %s", exc)
+        yield False
+        return
+    if not all(callable(getattr(m, fn, None)) and hasattr(m, cls) for m, fn, cls in targets):
+        log.debug("this Ray Data lacks one of %s: its actors stay actors", _RAY_DATA_ACTORS)
+        yield False
+        return
+    originals = {(m, fn): getattr(m, fn) for m, fn, _ in targets}
+    handles: list[_InDriverActor] = []
+    try:
+        for module, fn, cls in targets:
+            actor_cls = getattr(module, cls)
+            # A @ray.remote class (the stats actor) or a plain one (the coordinator).
+            plain = getattr(actor_cls, "__ray_actor_class__", actor_cls)
+            handle = _InDriverActor(plain)
+            handles.append(handle)
+            setattr(module, fn, handle.get_or_create)
+        yield True
+    finally:
+        for (module, fn), original in originals.items():
+            setattr(module, fn, original)
+        for handle in handles:
+            handle.close()
+
+
+class _InDriverActor:
+    """One instance of an actor class in this process, behind an actor handle's calling
+    convention: ``handle.method.remote(*args)`` runs the method now, under a lock (an actor
+    runs one call at a time), and returns ``ray.put`` of its result."""
+
+    def __init__(self, cls: type):
+        self._cls, self._instance, self._closed = cls, None, False
+        self._lock = threading.RLock()
+
+    def get_or_create(self, *args: Any, **kwargs: Any) -> _InDriverActor:
+        with self._lock:
+            if self._instance is None:
+                owner = self
+                # The coordinator re-plans every 20 s on a thread of its own, which would
+                # outlive the job's cluster: it ticks only while the block is open.
+                tick = getattr(self._cls, "_tick", None)
+                cls = self._cls if tick is None else type(self._cls.__name__, (self._cls,), {
+                    "_tick": lambda inst: None if owner._closed else tick(inst)})
+                self._instance = cls()
+        return self
+
+    def __getattr__(self, name: str) -> _InDriverMethod:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self.get_or_create()
+        return _InDriverMethod(self, getattr(self._instance, name))
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class _InDriverMethod:
+    def __init__(self, actor: _InDriverActor, method: Any):
+        self._actor, self._method = actor, method
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        import ray
+
+        with self._actor._lock:
+            result = self._method(*args, **kwargs)
+        return ray.put(result)
+
+
 def _session_dir(ray: Any) -> str | None:
     """The session directory (/tmp/ray/session_...) of this driver's cluster, its own."""
     node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
@@ -230,8 +333,8 @@ def quiet_console() -> None:
     logging.getLogger(_AUTH_NOTICE).setLevel(logging.ERROR)
 
 
-__all__ = ["HEAD_SERVICES_ENV", "LOOPBACK_ENV", "init_local", "loopback_only", "quiet_console", "reap",
-           "session_pids", "watch"]
+__all__ = ["HEAD_SERVICES_ENV", "LOOPBACK_ENV", "init_local", "loopback_only", "quiet_console",
+           "ray_data_actors_in_driver", "reap", "session_pids", "watch"]
 
 
 if __name__ == "__main__":  # the watchdog process (_watchdog)

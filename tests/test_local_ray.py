@@ -95,7 +95,9 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    for i in range(12):  # one-slide commits: the job is still running when it is killed
+    # One-slide commits, and enough slides that the job still runs when it is killed.
+    n_slides = 40
+    for i in range(n_slides):
         write_synthetic_slide(src / f"s{i}.tiff", width=1536, height=1024, mpp=0.5, seed=i % 3)
     warehouse = tmp_path / "wh"
     # Short: Ray's unix sockets live under it (108-byte limit).
@@ -115,12 +117,15 @@ def test_a_killed_driver_leaves_no_ray_process_behind(tmp_path):
             except Exception:  # noqa: BLE001 - the table may not exist yet
                 committed = 0
             time.sleep(0.2)
-        assert proc.poll() is None and 0 < committed < 12, "not killed mid-run"
+        assert proc.poll() is None and 0 < committed < n_slides, "not killed mid-run"
         before = _processes_of(ray_tmp)
         assert len(before) >= 4, before  # GCS, raylet, workers: the check sees them
         # The job's own cluster runs without the services it does not use (init_local).
         assert not [c for c in before.values()
                     if re.search(r"dashboard/dashboard\.py|monitor\.py", c)], before
+        # Ray Data's stats actor and autoscaling coordinator run in the driver, mid-execution.
+        assert not [c for c in before.values()
+                    if re.search(r"_StatsActor|_AutoscalingCoordinatorActor", c)], before
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
         proc.wait(timeout=30)
         killed_at = time.monotonic()
@@ -220,3 +225,34 @@ def test_services_left_out_of_a_local_cluster_are_back_after_its_start():
     assert {name: getattr(Node, name) for name in _HEAD_SERVICES} == before
     with _without((*_HEAD_SERVICES, "start_no_such_service")):
         assert {name: getattr(Node, name) for name in _HEAD_SERVICES} == before
+
+
+def test_ray_data_actors_run_in_the_driver_only_inside_the_block(ray_local, monkeypatch):
+    """Inside ``ray_data_actors_in_driver`` a Ray Data execution gets its stats actor and its
+    autoscaling coordinator as instances of Ray Data's own classes in this process (the
+    execution budgets its CPUs from the coordinator's answer, so a wrong one would run
+    nothing); outside it, and with CARE_SCALE_RAY_HEAD_SERVICES=1, Ray Data's functions are
+    its own."""
+    import importlib
+
+    import ray.data
+
+    from care_scale.local_ray import _RAY_DATA_ACTORS, HEAD_SERVICES_ENV, ray_data_actors_in_driver
+
+    modules = [(importlib.import_module(m), fn) for m, fn, _ in _RAY_DATA_ACTORS]
+    before = [getattr(m, fn) for m, fn in modules]
+    with ray_data_actors_in_driver() as in_driver:
+        assert in_driver
+        out = ray.data.range(40, override_num_blocks=4).map_batches(
+            lambda b: {"id": b["id"] * 2}).take_all()
+        handles = [getattr(m, fn)() for m, fn in modules]
+        # Both were created by the execution, here: instances, not actor handles.
+        assert all(type(h).__name__ == "_InDriverActor" and h._instance is not None
+                   for h in handles)
+        reserved = ray.get(handles[1].get_reserved_resources.remote("no-such-requester"))
+        assert reserved == {}
+    assert sorted(r["id"] for r in out) == list(range(0, 80, 2))
+    assert [getattr(m, fn) for m, fn in modules] == before
+    monkeypatch.setenv(HEAD_SERVICES_ENV, "1")
+    with ray_data_actors_in_driver() as in_driver:
+        assert not in_driver and [getattr(m, fn) for m, fn in modules] == before

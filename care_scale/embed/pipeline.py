@@ -49,6 +49,7 @@ Design (why it looks like this)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -784,6 +785,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
         stage = encoders = None
         try:
             from care_scale.embed.slide_stage import SlideStage
+            from care_scale.local_ray import ray_data_actors_in_driver
 
             stage = SlideStage(config, ctx)
             collector = _Collector(config, ctx, by_id, wh, stage, progress, summary,
@@ -797,14 +799,16 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                 local_export = (export_for_local_actors(config, p.patch_encoder)
                                 if one_node else None)
                 mark("exported")
-                ds, encoders = build_dataset(config, todo, staging=staging,
-                                             local_export=local_export, one_node=one_node)
-                mark("planned")
-                for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
-                                             prefetch_batches=0):
-                    mark("first_row")
-                    collector.consume(batch)
-                    collector.collect()
+                with (ray_data_actors_in_driver() if started_ray
+                      else contextlib.nullcontext()):  # (a cluster of our own)
+                    ds, encoders = build_dataset(config, todo, staging=staging,
+                                                 local_export=local_export, one_node=one_node)
+                    mark("planned")
+                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
+                                                 prefetch_batches=0):
+                        mark("first_row")
+                        collector.consume(batch)
+                        collector.collect()
                 mark("stream_done")
                 collector.actor_info(encoders.info())
             collector.close(todo)
