@@ -224,8 +224,15 @@ class _InDriverMethod:
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         import ray
 
+        # An actor's failing call fails only its own ref, which Ray Data's callers of these
+        # (metrics updates, resource requests) mostly never read: logged, not raised here.
+        result = None
         with self._actor._lock:
-            result = self._method(*args, **kwargs)
+            try:
+                result = self._method(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - see above
+                log.warning("Ray Data's %s.%s failed in the driver: %s",
+                            self._actor._cls.__name__, self._method.__name__, exc)
         return ray.put(result)
 
 
