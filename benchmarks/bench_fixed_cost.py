@@ -44,9 +44,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = [
     ("interpreter + care_scale.cli imports", "cli", ("spawn",)),
     ("config, care_scale.embed imports", "run", ("cli",)),
-    ("model registry resolved (imports torch)", "resolved", ("listed", "run")),
+    ("model facts (cached: no torch import)", "resolved", ("listed", "run")),
     ("listing the source", "listed", ("run", "resolved")),
-    ("models built (versions, torch)", "models", ("resolved", "listed")),
+    ("versions, checks, precision", "models", ("resolved", "listed")),
     ("warehouse tables, runs row", "warehouse", ("models",)),
     ("Ray start (overlaps the above where early)", "ray", ("ray_start", "warehouse")),
     ("driver ONNX export (cached)", "exported", ("prepared", "ray")),

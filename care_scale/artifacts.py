@@ -200,6 +200,30 @@ def write_manifest(local_dir: str | os.PathLike, manifest: Manifest) -> Path:
     return path
 
 
+#: Revision of the patch-encoder graph layout (``care_scale.export.onnx_export``; 2: banded
+#: NHWC resize, 3: the entry's resize filter and centre crop), part of
+#: the export cache's key: a cache written by an older exporter holds a graph that is
+#: correct but slower, and is simply not picked up.
+PATCH_GRAPH_REVISION = 3
+
+
+def export_cache_key(version: str, *, tile_size: int | None = None,
+                     variant: str | None = None) -> str:
+    """The export cache's name for a model version: CARE's is its version; a patch
+    encoder's adds tile size, graph revision and variant (``int8``)."""
+    if tile_size is None:
+        return version
+    return (f"{version}-t{int(tile_size)}-g{PATCH_GRAPH_REVISION}"
+            + ("" if variant is None else f"-{variant}"))
+
+
+def cached_export_dir(key: str, cache_dir: str | os.PathLike | None = None) -> Path | None:
+    """The complete artifact directory the export cache holds under ``key``, else None
+    (``care_scale.export.cached_export`` makes them; this only looks, without torch)."""
+    target = Path(cache_dir or default_cache_dir()) / "onnx" / key
+    return target if (target / MANIFEST).exists() else None
+
+
 def default_cache_dir() -> Path:
     """Where remote artifacts are staged and on-the-fly exports are kept."""
     root = os.environ.get("CARE_SCALE_CACHE") or os.path.join(

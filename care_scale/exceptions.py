@@ -41,6 +41,10 @@ class CareScaleWarning(UserWarning):
     (``UntrainedWeightsWarning: ...``); library users get ordinary Python warnings."""
 
 
+class UntrainedWeightsWarning(CareScaleWarning):
+    """A model runs on seeded random weights: its embeddings carry no biological meaning."""
+
+
 class ConfigError(CareScaleError, ValueError):
     """A configuration value is missing, unknown or invalid."""
 

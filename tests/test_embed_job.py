@@ -322,6 +322,61 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     assert export_for_local_actors(dataclasses.replace(cfg, precision="bf16")) is None
 
 
+def test_slide_encoder_actor_runs_the_driver_care_export_without_torch(cohort, tmp_path,
+                                                                         monkeypatch):
+    """On the driver's node the slide-encoder actor runs CARE from the driver's ONNX export:
+    no torch import, the same model version, the same regions and ROI as torch CARE and
+    embeddings within the export's parity bound. Without the directory (another node), a
+    torch backend or GPU actors, it builds the torch model."""
+    import pickle
+
+    import torch
+
+    from care_scale.embed.job_models import job_models
+    from care_scale.embed.pipeline import export_care_for_local_actors, resolve_models
+    from care_scale.models import model_version
+
+    monkeypatch.setenv("CARE_SCALE_CACHE", str(tmp_path / "cache"))
+    cfg = resolve_models(_config(cohort, tmp_path / "wh"))
+    models = job_models(cfg)
+    care = models.care_model()
+    local = export_care_for_local_actors(cfg, models)
+    assert local and Path(local, "manifest.json").exists() and str(tmp_path) in local
+    rng = np.random.default_rng(0)
+    coords = np.stack(np.meshgrid(np.arange(12), np.arange(9)), -1).reshape(-1, 2) * 448
+    feats = rng.standard_normal((len(coords), care.config.in_dim)).astype(np.float32)
+    code = (
+        "import pickle, sys\n"
+        "from care_scale.embed.results import RowContext, encode_slide\n"
+        "from care_scale.embed.slide_stage import SlideEncoderActor\n"
+        "cfg, local, coords, feats = pickle.loads(sys.stdin.buffer.read())\n"
+        "a = SlideEncoderActor(cfg, RowContext('r', 'v', 'c', 'p', False), local)\n"
+        "e = encode_slide(a.care, coords, feats, 448)\n"
+        "sys.stdout.buffer.write(pickle.dumps((a.info()['backend'], 'torch' in sys.modules, "
+        "e.model_version, e)))\n"
+    )
+
+    def actor(local_export, config=cfg):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
+                             input=pickle.dumps((config, local_export, coords, feats)),
+                             cwd=ROOT).stdout
+        return pickle.loads(out)
+
+    kind, torch_loaded, version, got = actor(local)
+    assert (kind, torch_loaded, version) == ("onnxruntime", False, model_version(care))
+    with torch.inference_mode():
+        ref = care.encode(feats, coords, patch_step=448)
+    assert got.num_regions == ref.num_regions and got.roi_index == ref.roi_index
+    np.testing.assert_array_equal(got.region_of_patch, ref.region_of_patch)
+    np.testing.assert_allclose(got.slide_embedding, ref.slide_embedding, rtol=1e-3, atol=1e-4)
+    # Another node: no such directory there, so torch CARE.
+    assert actor(str(tmp_path / "elsewhere"))[:2] == ("torch", True)
+    for other in (_config(cohort, tmp_path / "wh", backend="torch"),
+                  _config(cohort, tmp_path / "wh",
+                          concurrency={"num_gpus_per_slide_actor": 1})):
+        assert export_care_for_local_actors(resolve_models(other), models) is None
+
+
 def test_driver_export_only_where_actors_share_its_node(ray_local, cohort, tmp_path):
     """The local cluster is one node that can host the actor; a node too small for it (a
     CPU-less head whose workers are still to come) is not used for the driver's export."""
@@ -678,7 +733,8 @@ def test_encoder_threads_follow_the_cpus_ray_gives_the_actor(ray_local, cohort, 
     (run,) = _table(tmp_path / "auto", "runs").to_pylist()
     counts = json.loads(run["counts_json"])
     assert counts["threads"] == {"decode": 2, "encoders": [
-        {"backend": "onnxruntime", "cpus": 1.0, "threads": len(os.sched_getaffinity(0))}]}
+        {"backend": "onnxruntime", "cpus": 1.0, "threads": len(os.sched_getaffinity(0))}],
+        "slide_encoders": [{"backend": "onnxruntime", "threads": 1}]}
     # The run's timeline (benchmarks/bench_fixed_cost.py): driver phases and the workers'.
     t = counts["timeline"]
     assert t["run"] <= t["listed"] <= t["warehouse"] <= t["planned"] <= t["finished"]
@@ -695,4 +751,4 @@ def test_encoder_threads_follow_the_cpus_ray_gives_the_actor(ray_local, cohort, 
     (run,) = _table(tmp_path / "set", "runs").to_pylist()
     threads = json.loads(run["counts_json"])["threads"]
     assert threads == {"encoders": [{"backend": "torch", "cpus": 1.0, "threads": 1}],
-                       "decode": 3}
+                       "decode": 3, "slide_encoders": [{"backend": "torch", "threads": 1}]}

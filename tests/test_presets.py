@@ -9,7 +9,7 @@ import pytest
 from care_scale.cli import main
 from care_scale.config import load_config
 from care_scale.embed import EmbedConfig
-from care_scale.embed.pipeline import TilingPresetWarning, resolve_models
+from care_scale.embed.job_models import TilingPresetWarning, resolve_models
 from care_scale.exceptions import ConfigError
 
 

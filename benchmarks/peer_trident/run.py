@@ -3,6 +3,7 @@
     bash benchmarks/peer_trident/install.sh          # once: TRIDENT in $PEER_VENV
     python benchmarks/peer_trident/run.py [--slides 2] [--side 4096] [--repeats 3]
         [--model vit_tiny_patch16_224] [--precision fp32] [--venv /tmp/peer-trident-venv]
+        [--warmup 1]
 
 Both sides run as commands, timed from spawn to exit (end to end, imports and start-up
 included), on the same generated 20x slides (0.5 um/px, pyramidal JPEG TIFF), 512 px tiles
@@ -106,8 +107,12 @@ def run_ours(slides: Path, work: Path, model: str, width: int, precision: str) -
     tiles = {}
     for sid, x, y in zip(*(patches.column(c).to_pylist() for c in ("slide_id", "x", "y"))):
         tiles.setdefault(sid, set()).add((x, y))
+    # The precision the run used (what `auto` picked): the patch encoder version's suffix.
+    versions = set(DeltaTable(str(wh / "slides")).to_pyarrow_table(
+        columns=["patch_encoder_version"]).column(0).to_pylist())
+    used = sorted({v.rsplit("+", 1)[1] if "+" in v else "fp32" for v in versions})
     return {"seconds": seconds, "tiles": sum(len(t) for t in tiles.values()), "sets": tiles,
-            "peak_mib": peak}
+            "peak_mib": peak, "precision": ",".join(used)}
 
 
 def run_trident(venv: Path, slides: Path, work: Path, model: str, weights: Path,
@@ -148,6 +153,9 @@ def main() -> None:
     ap.add_argument("--model", default="vit_tiny_patch16_224")
     ap.add_argument("--precision", default="fp32", help="care-scale's (TRIDENT runs fp32)")
     ap.add_argument("--venv", default=os.environ.get("PEER_VENV", "/tmp/peer-trident-venv"))
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="uncounted runs per side first (care-scale's export and model-facts "
+                         "caches, both sides' page cache)")
     args = ap.parse_args()
     venv = Path(args.venv)
     if not (venv / "bin" / "python").exists():
@@ -161,6 +169,10 @@ def main() -> None:
                                            args.precision),
             "TRIDENT": lambda: run_trident(venv, slides, tmp, args.model, weights, prep),
         }
+        for _ in range(args.warmup):
+            for name, run in sides.items():
+                r = run()
+                print(f"  warm-up {name:<10} {r['seconds']:7.2f} s (not counted)", flush=True)
         runs: dict[str, list[dict]] = {name: [] for name in sides}
         for i in range(args.repeats):
             order = list(sides) if i % 2 == 0 else list(sides)[::-1]
@@ -168,7 +180,8 @@ def main() -> None:
                 r = sides[name]()
                 runs[name].append(r)
                 print(f"  pair {i + 1} {name:<10} {r['seconds']:7.2f} s  {r['tiles']} tiles  "
-                      f"peak PSS {r['peak_mib']:6.0f} MiB  [{load_line()}]", flush=True)
+                      f"{r.get('precision', 'fp32'):>5}  peak PSS {r['peak_mib']:6.0f} MiB  "
+                      f"[{load_line()}]", flush=True)
         print(f"\nmedians over {args.repeats} runs ({args.slides} slides of {args.side}^2, "
               f"{args.model}, care-scale precision {args.precision}, TRIDENT fp32):")
         for name, rs in runs.items():

@@ -50,7 +50,6 @@ Design (why it looks like this)
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -67,11 +66,11 @@ import numpy as np
 
 from care_scale.config import to_dict
 from care_scale.embed.config import EmbedConfig
+from care_scale.embed.job_models import JobModels, job_models, resolve_models
 from care_scale.embed.progress import Progress, RunSummary
 from care_scale.embed.results import STAGE_DECODE, STAGE_ENCODE, STAGE_OPEN, STAGE_TILE, RowContext
-from care_scale.embed.slide_stage import create_slide_encoder
 from care_scale.embed.sources import SlideSource, scan_source
-from care_scale.exceptions import CareScaleError, CareScaleWarning, ConfigError
+from care_scale.exceptions import CareScaleError, ConfigError
 from care_scale.storage import redact, redact_options
 from care_scale.timeline import mark, merge_counts
 
@@ -83,52 +82,12 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 
-class TilingPresetWarning(CareScaleWarning):
-    """The job tiles slides differently from what the slide encoder was trained on."""
-
-
-def resolve_models(config: EmbedConfig) -> EmbedConfig:
-    """Fill what the registry decides: the slide encoder an ``hf:`` checkpoint is published
-    as, an empty patch encoder name (the one the slide encoder's entry pairs with) and unset
-    tiling (the slide encoder's preset). A tiling the user set that differs from the preset
-    is kept, with a warning naming both."""
-    from care_scale.models import get_slide_encoder_spec
-    from care_scale.models.registry import slide_encoder_for_checkpoint
-
-    ref = config.slide_encoder
-    owner = slide_encoder_for_checkpoint(ref.name, ref.checkpoint)
-    if owner != ref.name:
-        log.info("slide encoder %s: %s is its published repository", owner, ref.checkpoint)
-        config = dataclasses.replace(config, slide_encoder=dataclasses.replace(ref, name=owner))
-    spec = get_slide_encoder_spec(config.slide_encoder.name)
-    if not config.patch_encoder.name:
-        config = dataclasses.replace(config, patch_encoder=dataclasses.replace(
-            config.patch_encoder, name=spec.patch_encoder))
-    preset = {"patch_size": spec.tile_size, "target_mpp": spec.mpp, "tiling": spec.tiling}
-    fill = {}
-    for key, value in preset.items():
-        given = getattr(config, key)
-        if given is None:
-            fill[key] = value
-        elif given != value and not config.features:
-            msg = (f"{key}={given} differs from {spec.name}'s preset {key}={value} (the tiling "
-                   "it was trained on); embeddings from other tilings are not the published "
-                   "model's")
-            warnings.warn(msg, TilingPresetWarning, stacklevel=2)
-    if config.min_tissue_fraction is None:
-        from care_scale.tiling import tiling_mode
-
-        fill["min_tissue_fraction"] = tiling_mode(
-            fill.get("tiling", config.tiling)).min_tissue_fraction
-    return dataclasses.replace(config, **fill) if fill else config
-
-
-def check_pairing(config: EmbedConfig, care: Any, sources: list[SlideSource]) -> None:
+def check_pairing(config: EmbedConfig, models: JobModels, sources: list[SlideSource]) -> None:
     """The patch features' size must be the slide encoder's input size; checked before any
     slide is decoded (else every slide would fail in CARE, one by one). With ``--features``
     the first readable feature file stands for the cohort (a file that differs from it still
     fails alone, with the same advice)."""
-    in_dim = int(care.config.in_dim)
+    in_dim = models.care.dim
     if config.features:
         from care_scale.models import read_patch_features
 
@@ -143,12 +102,10 @@ def check_pairing(config: EmbedConfig, care: Any, sources: list[SlideSource]) ->
                                   + feature_size_advice(config, in_dim, dim))
             return
         return
-    from care_scale.models import get_patch_encoder_spec
-
-    patch = get_patch_encoder_spec(config.patch_encoder.name)
-    if patch.embed_dim != in_dim:
-        raise ConfigError(f"patch encoder {patch.name} gives {patch.embed_dim}-d features, but "
-                          + feature_size_advice(config, in_dim, patch.embed_dim))
+    patch = models.patch
+    if patch is not None and patch.dim != in_dim:
+        raise ConfigError(f"patch encoder {patch.name} gives {patch.dim}-d features, but "
+                          + feature_size_advice(config, in_dim, patch.dim))
 
 
 def check_artifacts(config: EmbedConfig) -> None:
@@ -185,26 +142,18 @@ def feature_size_advice(config: EmbedConfig, in_dim: int, dim: int) -> str:
             "such features")
 
 
-def _patch_encoder(config: EmbedConfig) -> Any:
-    from care_scale.models import create_patch_encoder
-
-    return create_patch_encoder(
-        config.patch_encoder.name,
-        config.patch_encoder.checkpoint,
-        storage_options=config.storage_options or None,
-    )
-
-
-def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | None:
+def export_for_local_actors(config: EmbedConfig, models: JobModels | None = None
+                            ) -> str | None:
     """Make the ONNX export once, in the driver, for encoder actors on this machine; returns
     its directory, or None where the actors should resolve their backend themselves.
 
     Without it every ONNX Runtime actor builds the torch model to find (or make) the cached
     export: importing torch and onnx costs each actor ~3 s of start-up on 2 cores, before its
-    first batch. The driver already has the model, and the cached directory is a complete
+    first batch. The driver knows the model's version, and the cached directory is a complete
     artifact directory (manifest, parity-checked, keyed by the weights' version), so an actor
     that can see it loads it with onnxruntime alone (``patch_stage.PatchEncoder`` checks it exists on
-    its node and otherwise falls back). ``encoder``: the patch encoder the driver already built.
+    its node and otherwise falls back). ``models``: the job's (``job_models``), whose
+    cached facts find a cached export without building the model.
     """
     if (config.features or config.artifacts or config.concurrency.num_gpus_per_actor > 0
             or config.precision not in ("fp32", "int8")):
@@ -217,12 +166,32 @@ def export_for_local_actors(config: EmbedConfig, encoder: Any = None) -> str | N
     kind, _ = choose_patch_kind(config.backend, device="cpu")
     if not KINDS[kind].export_on_the_fly:
         return None
-    from care_scale.export import cached_export
-
+    models = job_models(config) if models is None else models
     # int8: the quantised variant (`precision: auto` has usually made it already, measuring).
-    return str(cached_export(encoder if encoder is not None else _patch_encoder(config),
-                             tile_size=config.patch_size,
-                             variant="int8" if config.precision == "int8" else None))
+    return str(models.patch_export(tile_size=config.patch_size,
+                                   variant="int8" if config.precision == "int8" else None))
+
+
+def export_care_for_local_actors(config: EmbedConfig, models: JobModels) -> str | None:
+    """CARE's ONNX export (cached, keyed by its version) for slide-encoder actors on this
+    machine, which then run it on ONNX Runtime without importing torch
+    (``slide_stage.SlideEncoderActor``). ``backend`` picks CARE's kind as it does the patch
+    encoder's (``choose_slide_kind``; TensorRT has no CARE backend, so it means auto there).
+    None where the actors build the torch model: torch chosen, GPU actors, a remote-code
+    model (its graph is not ours to export), or an export that fails (logged; the run goes
+    on with torch)."""
+    from care_scale.inference import choose_slide_kind
+
+    kind, _ = choose_slide_kind("auto" if config.backend == "tensorrt" else config.backend)
+    if (kind != "onnxruntime" or config.concurrency.num_gpus_per_slide_actor > 0
+            or config.slide_encoder.trust_remote_code):
+        return None
+    try:
+        return str(models.care_export())
+    except (CareScaleError, RuntimeError, OSError) as exc:
+        log.warning("CARE runs on torch in the slide-encoder actors: its ONNX export failed: "
+                    "%s", redact(exc))
+        return None
 
 
 def _actors_run_on_this_node(config: EmbedConfig) -> bool:
@@ -637,8 +606,7 @@ class _Prepared:
     sources: list[SlideSource]
     todo: list[SlideSource]
     wh: Any
-    care: Any
-    patch_encoder: Any
+    models: JobModels
     ctx: RowContext
     summary: RunSummary
     backend_kind: str
@@ -648,26 +616,24 @@ def _prepare(config: EmbedConfig, listing: Any) -> _Prepared:
     """Models, versions, warehouse tables and the runs row: everything before the first slide
     that needs no Ray (so it runs while Ray starts, see ``run_embedding``)."""
     from care_scale.embed.calibrate import resolve_precision
-    from care_scale.models import model_version
     from care_scale.warehouse import Warehouse
 
-    config = resolve_models(config)
-    mark("resolved")  # (the registry: care_scale.models, so torch, imported)
+    # The models' facts: cached on this machine after a first run (no torch import here),
+    # else by building them (care_scale.embed.job_models).
+    models = job_models(config)
+    config = resolve_models(config, preset=models.preset)
+    mark("resolved")
     run_id = config.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4(
     ).hex[:6]
     sources = listing.sources
-    # Built here only for their versions (and, on a local cluster, the patch encoder's
-    # export); the actors load their own copies.
-    care = create_slide_encoder(config)
-    check_pairing(config, care, sources)
+    check_pairing(config, models, sources)
     check_artifacts(config)
     wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
     config, precision_choice = resolve_precision(
         config, sources, cache=_slide_cache(config),
         runs=wh.run_configs() if config.precision == "auto" else ())
-    care_version = model_version(care)
-    patch_encoder = None if config.features else _patch_encoder(config)
-    patch_version = "precomputed" if config.features else model_version(patch_encoder)
+    care_version = models.care.version
+    patch_version = "precomputed" if config.features else models.patch.version
     if not config.features and config.precision != "fp32":
         patch_version += f"+{config.precision}"  # other embeddings: another model version
     version = job_model_version(config, care_version, patch_version)
@@ -681,7 +647,7 @@ def _prepare(config: EmbedConfig, listing: Any) -> _Prepared:
     summary = RunSummary(run_id=run_id, warehouse=redact(config.warehouse),
                          model_version=version, backend=backend_kind, total=len(sources),
                          skipped=len(sources) - len(todo),
-                         untrained=[m.name for m in (care, patch_encoder)
+                         untrained=[m.name for m in (models.care, models.patch)
                                     if m is not None and not m.trained],
                          ignored=[(redact(u), why) for u, why in listing.ignored],
                          precision_note=precision_choice.reason if precision_choice else "")
@@ -697,7 +663,7 @@ def _prepare(config: EmbedConfig, listing: Any) -> _Prepared:
     ctx = RowContext(run_id=run_id, version=version, care_version=care_version,
                      patch_version=patch_version, keep_patches=config.keep_patches)
     return _Prepared(config=config, run_id=run_id, sources=sources, todo=todo, wh=wh,
-                     care=care, patch_encoder=patch_encoder, ctx=ctx, summary=summary,
+                     models=models, ctx=ctx, summary=summary,
                      backend_kind=backend_kind)
 
 
@@ -787,7 +753,9 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
             from care_scale.embed.slide_stage import SlideStage
             from care_scale.local_ray import ray_data_actors_in_driver
 
-            stage = SlideStage(config, ctx)
+            one_node = _actors_run_on_this_node(config)
+            stage = SlideStage(config, ctx, local_export=(
+                export_care_for_local_actors(config, p.models) if one_node else None))
             collector = _Collector(config, ctx, by_id, wh, stage, progress, summary,
                                    build_failure)
             if config.features:
@@ -795,8 +763,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                     collector.submit_feature_file(src)
                     collector.collect()
             else:
-                one_node = _actors_run_on_this_node(config)
-                local_export = (export_for_local_actors(config, p.patch_encoder)
+                local_export = (export_for_local_actors(config, p.models)
                                 if one_node else None)
                 mark("exported")
                 with (ray_data_actors_in_driver() if started_ray
@@ -812,6 +779,7 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                 mark("stream_done")
                 collector.actor_info(encoders.info())
             collector.close(todo)
+            collector.threads["slide_encoders"] = stage.info()
             mark("collected")
             if collector.backend_kind:
                 backend_kind = collector.backend_kind
@@ -832,8 +800,9 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
     summary.seconds = time.monotonic() - t0
     counts = {"total": summary.total, "skipped": summary.skipped, "done": summary.done,
               "failed": summary.failed, "tiles": summary.tiles}
-    if todo and not config.features:  # the thread pools the workers actually ran
+    if todo:  # the thread pools the workers actually ran (and what CARE ran on)
         counts["threads"] = collector.threads
+    if todo and not config.features:
         counts["tiles_over_time"] = collector.tiles_over_time  # the report's tiles/s plot
     mark("finished")
     counts["timeline"] = {**timeline.marks(), **(collector.worker_marks if todo else {})}

@@ -82,7 +82,12 @@ def region_rows(encoding: Any, coords: np.ndarray, patch_size_level0: int,
 
 
 def encode_slide(care: Any, coords: np.ndarray, features: np.ndarray, step: int) -> Any:
-    """CARE on one slide (numpy SlideEncoding)."""
+    """CARE on one slide (numpy SlideEncoding): the torch model, or an ONNX Runtime
+    :class:`care_scale.inference.SlideBackend` (no torch imported for it)."""
+    from care_scale.inference.base import SlideBackend
+
+    if isinstance(care, SlideBackend):
+        return care.encode(features, coords, patch_step=int(step))
     import torch
 
     with torch.inference_mode():

@@ -84,9 +84,9 @@ def resize_matrix(src: int, dst: int, *, resize_size: int | None = None,
     return out[0, 0].float().contiguous()  # (dst, src)
 
 
-#: Revision of the patch-encoder graph layout (2: banded NHWC resize; 3: the entry's resize
-#: filter and centre crop). Part of the local export cache's key.
-PATCH_GRAPH_REVISION = 3
+# The patch-encoder graph layout's revision (2: banded NHWC resize; 3: the entry's resize
+# filter and centre crop) lives with the export cache's key, torch-free:
+# care_scale.artifacts.PATCH_GRAPH_REVISION. Bump it there when this layout changes.
 
 
 def banded_rows(matrix: torch.Tensor, rows_per_block: int = 8

@@ -26,7 +26,9 @@ from care_scale.artifacts import (
     MANIFEST,
     ONNX_FILE,
     Manifest,
+    cached_export_dir,
     default_cache_dir,
+    export_cache_key,
     sha256_file,
     upload_dir,
     utc_now,
@@ -35,7 +37,6 @@ from care_scale.artifacts import (
 from care_scale.exceptions import ConfigError
 from care_scale.export.onnx_export import (
     DEFAULT_OPSET,
-    PATCH_GRAPH_REVISION,
     export_patch_encoder_onnx,
     export_slide_encoder_onnx,
     quantize_patch_onnx,
@@ -260,20 +261,15 @@ def cached_export(model: nn.Module, *, tile_size: int | None = None,
 
     version = _model_version(model)
     slide = hasattr(model, "config")  # CARE; patch encoders carry a spec only
-    if slide:
-        key = version
-    else:
-        if variant not in (None, "int8"):
-            raise ConfigError(f"unknown ONNX variant {variant!r}; known: int8")
-        tile = int(tile_size or model.spec.input_size)
-        # The graph layout's revision is part of the key: a cache written by an older
-        # exporter holds a graph that is correct but slower, and is simply not picked up.
-        key = (f"{version}-t{tile}-g{PATCH_GRAPH_REVISION}"
-               + ("" if variant is None else f"-{variant}"))
+    if not slide and variant not in (None, "int8"):
+        raise ConfigError(f"unknown ONNX variant {variant!r}; known: int8")
+    tile = None if slide else int(tile_size or model.spec.input_size)
+    key = export_cache_key(version, tile_size=tile, variant=None if slide else variant)
+    found = cached_export_dir(key, cache_dir)
+    if found is not None:
+        return found
     root = Path(cache_dir or default_cache_dir()) / "onnx"
     target = root / key
-    if (target / MANIFEST).exists():
-        return target
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
     try:

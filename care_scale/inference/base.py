@@ -8,6 +8,7 @@ next to every embedding.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -96,7 +97,7 @@ class SlideBackend(ABC):
     """CARE on one slide, the same call as ``CARE.encode``:
 
     ``encode(features (N, D) | PatchFeatures, coords (N, 2) level-0, *, patch_step=None)``
-    -> :class:`care_scale.models.care.SlideEncoding` (numpy).
+    -> :class:`care_scale.patch_grid.SlideEncoding` (numpy).
     """
 
     kind: ClassVar[str]
@@ -113,10 +114,12 @@ class SlideBackend(ABC):
                 "model_version": self.model_version, "embed_dim": self.embed_dim}
 
     def encode(self, features: Any, coords: Any = None, *, patch_step: int | None = None):
-        from care_scale.models.care import SlideEncoding
-        from care_scale.models.features import PatchFeatures, coords_to_grid
+        from care_scale.patch_grid import SlideEncoding, coords_to_grid
 
-        if isinstance(features, PatchFeatures):
+        # A PatchFeatures exists only once its module is imported; importing it here would
+        # import torch (care_scale.models), which an ONNX backend never needs.
+        files = sys.modules.get("care_scale.models.features")
+        if files is not None and isinstance(features, files.PatchFeatures):
             coords = features.coords if coords is None else coords
             patch_step = patch_step or features.patch_size_level0
             features = features.features

@@ -45,6 +45,7 @@ from torch import nn
 from care_scale.exceptions import ConfigError, ModelInputError
 from care_scale.models.checkpoints import convert_care_reference, model_version
 from care_scale.models.registry import SlideEncoderSpec, register_slide_encoder
+from care_scale.patch_grid import SlideEncoding
 
 # Field order of CareOutput.as_tuple(), e.g. for ONNX output names.
 CARE_OUTPUT_FIELDS = (
@@ -120,27 +121,6 @@ class CareOutput:
 
     def as_tuple(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, f) for f in CARE_OUTPUT_FIELDS)
-
-
-@dataclass
-class SlideEncoding:
-    """One slide's CARE result as numpy arrays (what tables store).
-
-    Our CARE fills every field. A remote-code model (``care_scale.models.remote``) fills what
-    its outputs expose; the others are None and the tables hold nulls there.
-    """
-
-    slide_embedding: np.ndarray  # (H,) float32
-    region_embeddings: np.ndarray  # (R, H) float32
-    num_regions: int
-    region_of_patch: np.ndarray | None  # (N,) int64, in the order of the input patches
-    coverage: np.ndarray | None  # (R,)
-    semantic_weight: np.ndarray | None  # (R,)
-    fused_weight: np.ndarray | None  # (R,)
-    roi_index: int | None
-    roi_embedding: np.ndarray | None  # (H,)
-    model_version: str
-    patch_step: int = 0  # level-0 pixels between grid positions used for this encoding
 
 
 # ------------------------------------------------------------------------------ building blocks

@@ -1,4 +1,4 @@
-"""Patch-feature files users already have, and coordinates -> grid positions.
+"""Patch-feature files users already have (grid positions: ``care_scale.patch_grid``).
 
 Readers return :class:`PatchFeatures` (features float32 (N, D), level-0 coords int64 (N, 2),
 patch size at level 0 when the file says it) for:
@@ -25,7 +25,11 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from care_scale.exceptions import FeatureFileError, ModelInputError
+from care_scale.exceptions import FeatureFileError
+
+# Grid positions live in a torch-free leaf module (the ONNX backends use them too); these
+# names stay importable from here and from care_scale.models.
+from care_scale.patch_grid import COMMON_STEPS, coords_to_grid, detect_step  # noqa: F401
 from care_scale.storage import redact, strip_file_scheme, to_fsspec
 
 log = logging.getLogger(__name__)
@@ -42,89 +46,6 @@ class PatchFeatures:
         return int(self.features.shape[0])
 
 
-# ------------------------------------------------------------------------- grid positions
-
-#: Level-0 patch spacings of CLAM / TRIDENT preprocessing. The CARE authors' code takes the
-#: most frequent of these among the distances between consecutive coordinates as the step.
-COMMON_STEPS = (128, 256, 512, 1024)
-
-
-def detect_step(coords: np.ndarray) -> int:
-    """The lattice step of tile coordinates (1 when there is a single position).
-
-    In this order:
-
-    1. The CARE authors' rule: among the moves from one coordinate to the next (file order)
-       along one axis, the most frequent distance, when it is one of ``COMMON_STEPS``, is
-       the most frequent move of any length and makes at least half of all moves. CLAM and
-       TRIDENT write coordinates in scan order, so on their files this is the patch spacing,
-       whatever the metadata says (the authors' own file says 1024 and is spaced 512).
-    2. Otherwise (shuffled order, other spacings): the most frequent gap between neighbours
-       within a row (same y) and within a column (same x). Gaps inside one row never mix
-       lattice origins, so tissue pieces on differently offset lattices do not shrink it
-       to the offset between them (taking gaps over all x values at once did: 81 on the
-       authors' file).
-    3. Coordinates that jitter around the lattice share no rows. Then the gaps between
-       sorted distinct x (and y) values are used: a jump of more than 3x separates jitter
-       from steps, and the step is refined by least squares on all positions.
-    """
-    c = np.asarray(coords, dtype=np.float64)
-    if len(np.unique(c, axis=0)) < 2:
-        return 1
-    moves = np.abs(np.diff(c, axis=0))
-    along = np.where(moves[:, 1] == 0, moves[:, 0], np.where(moves[:, 0] == 0, moves[:, 1], 0))
-    values, counts = np.unique(np.rint(along[along > 0]).astype(np.int64), return_counts=True)
-    # Scan order: most consecutive pairs are one such move (a shuffled file has few, spread
-    # over multiples of the step, and falls through to the gaps within rows).
-    if (values.size and int(values[np.argmax(counts)]) in COMMON_STEPS
-            and counts.max() >= 0.5 * len(moves)):
-        return int(values[np.argmax(counts)])
-    gaps = _line_gaps(c)
-    if gaps.size >= max(2, len(c) // 4):
-        values, counts = np.unique(np.rint(gaps).astype(np.int64), return_counts=True)
-        # Holes make multiples of the step as common as the step itself: the smallest
-        # frequent gap. Gaps spread over many values are jitter, not a lattice (3. below).
-        frequent = values[counts >= 0.5 * counts.max()]
-        if counts.max() >= 0.3 * gaps.size:
-            return max(1, int(frequent.min()))
-    return _jittered_step(c)
-
-
-def _line_gaps(c: np.ndarray) -> np.ndarray:
-    """Gaps between neighbouring positions within each row (same y) and column (same x)."""
-    out = []
-    for axis in (0, 1):
-        other = c[:, 1 - axis]
-        order = np.lexsort((c[:, axis], other))
-        same_line = other[order][1:] == other[order][:-1]
-        step = np.diff(c[order, axis])[same_line]
-        out.append(step[step > 0])
-    return np.concatenate(out)
-
-
-def _jittered_step(c: np.ndarray) -> int:
-    gaps = np.concatenate([np.diff(np.unique(c[:, axis])) for axis in (0, 1)])
-    gaps = np.sort(gaps[gaps > 0])
-    if gaps.size == 0:
-        return 1
-    ratios = gaps[1:] / gaps[:-1]
-    jumps = np.nonzero(ratios > 3.0)[0]
-    jitter = jumps.size > 0
-    if jitter:
-        gaps = gaps[jumps[0] + 1:]  # drop the jitter cluster below the first big jump
-    steps = gaps[gaps <= 1.5 * gaps[0]]
-    values, counts = np.unique(np.rint(steps).astype(np.int64), return_counts=True)
-    step = float(values[np.argmax(counts)]) if not jitter else float(np.median(steps))
-    if jitter:
-        rel = c - c.min(axis=0)
-        for _ in range(2):  # least-squares slope (with an offset per axis) on lattice indices
-            idx = np.rint(rel / step)
-            di, dr = idx - idx.mean(axis=0), rel - rel.mean(axis=0)
-            if (di * di).sum() > 0:
-                step = float((di * dr).sum() / (di * di).sum())
-    return max(1, round(step))
-
-
 def file_step(pf: PatchFeatures) -> int:
     """The step of a feature file's grid: detected from its coordinates; the file's own
     patch size only where they cannot tell (a single patch). Feature files' size attributes
@@ -136,28 +57,6 @@ def file_step(pf: PatchFeatures) -> int:
         log.info("%s: patches are %d level-0 px apart, the file says size %d: using %d",
                  pf.slide_id, step, pf.patch_size_level0, step)
     return step
-
-
-def coords_to_grid(coords: Any, step: int | None = None) -> tuple[np.ndarray, int]:
-    """Level-0 pixel coordinates (N, 2) -> integer grid positions (N, 2) and the step used.
-
-    Positions are ``round((coords - min) / step)``, so coordinates that are not multiples of
-    the step (an offset origin, float rounding) land on the nearest lattice point.
-    """
-    c = np.asarray(coords, dtype=np.float64)
-    if c.ndim != 2 or c.shape[1] != 2:
-        raise ModelInputError(f"coords must be (N, 2), got shape {c.shape}")
-    if c.shape[0] == 0:
-        raise ModelInputError("coords are empty: a slide needs at least one patch")
-    if not np.isfinite(c).all():
-        raise ModelInputError("coords contain NaN or inf")
-    if step is None:
-        step = detect_step(c)
-    step = int(step)
-    if step < 1:
-        raise ModelInputError(f"patch step must be >= 1, got {step}")
-    grid = np.rint((c - c.min(axis=0)) / step).astype(np.int64)
-    return grid, step
 
 
 # -------------------------------------------------------------------------------- readers

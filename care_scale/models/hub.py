@@ -52,17 +52,6 @@ def hub_cache_dir() -> Path:
     return Path(home).expanduser() / "hub"
 
 
-#: Where the Hugging Face cache (and transformers' copy of remote code) is. The embedding
-#: job gives its slide-encoder actors the driver's values, so ``hf:`` resolves in the same
-#: place on every node (a shared filesystem, or the same path provisioned on each).
-CACHE_ENV_VARS = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "HF_MODULES_CACHE")
-
-
-def cache_env() -> dict[str, str]:
-    """The driver's values of :data:`CACHE_ENV_VARS` that are set."""
-    return {k: os.environ[k] for k in CACHE_ENV_VARS if os.environ.get(k)}
-
-
 def fetch_hint(repo: str, files: tuple[str, ...], revision: str = "main") -> str:
     """The command that fetches ``files`` of ``repo`` on a machine with internet access."""
     rev = "" if revision == "main" else f" --revision {revision}"
@@ -111,4 +100,4 @@ def local_snapshot(repo: str, files: tuple[str, ...] = (), revision: str = "main
         return None
 
 
-__all__ = ["CACHE_ENV_VARS", "cache_env", "fetch_hint", "hub_cache_dir", "is_hf_uri", "local_snapshot", "parse_hf_uri", "resolve_hf_snapshot"]
+__all__ = ["fetch_hint", "hub_cache_dir", "is_hf_uri", "local_snapshot", "parse_hf_uri", "resolve_hf_snapshot"]

@@ -26,7 +26,9 @@ import torch
 from torch import nn
 
 from care_scale.choices import TilingMode
-from care_scale.exceptions import CareScaleWarning, CheckpointError, ConfigError
+
+# UntrainedWeightsWarning is defined with the other warnings (torch-free), named here too.
+from care_scale.exceptions import CheckpointError, ConfigError, UntrainedWeightsWarning
 from care_scale.storage import redact
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,6 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 #: Seed every model starts from when no checkpoint is given (demos and tests stay reproducible).
 UNTRAINED_SEED = 0
-
-
-class UntrainedWeightsWarning(CareScaleWarning):
-    """A model runs on seeded random weights: its embeddings carry no biological meaning."""
 
 
 @dataclass(frozen=True)
