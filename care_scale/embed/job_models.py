@@ -84,12 +84,7 @@ class JobModels:
     def patch_model(self) -> Any:
         """The patch encoder itself (torch), built on first use."""
         if "patch" not in self._built:
-            from care_scale.models import create_patch_encoder
-
-            cfg = self._resolved()
-            self._built["patch"] = create_patch_encoder(
-                cfg.patch_encoder.name, cfg.patch_encoder.checkpoint,
-                storage_options=cfg.storage_options or None)
+            self._built["patch"] = _create_patch_encoder(self._resolved())
         return self._built["patch"]
 
     def care_export(self) -> Path:
@@ -224,8 +219,9 @@ def _checkpoint_identity(ref: ModelRef) -> Any:
         files = sorted(f for f in root.rglob("*") if f.is_file())
     else:
         return None  # missing: building it gives the error that names it
-    return [str(root)] + [[str(f.relative_to(root)) if f != root else "", f.stat().st_size,
-                           f.stat().st_mtime_ns] for f in files]
+    stats = [(f, f.stat()) for f in files]
+    return [str(root)] + [[str(f.relative_to(root)) if f != root else "", st.st_size,
+                           st.st_mtime_ns] for f, st in stats]
 
 
 def _code_fingerprint() -> str:
@@ -247,7 +243,7 @@ def _code_fingerprint() -> str:
 def _build(config: EmbedConfig) -> JobModels:
     """Build both models (torch) and read their facts."""
     from care_scale.embed.slide_stage import create_slide_encoder
-    from care_scale.models import create_patch_encoder, model_version
+    from care_scale.models import model_version
 
     preset = registry_preset(config)
     with warnings.catch_warnings():
@@ -256,9 +252,7 @@ def _build(config: EmbedConfig) -> JobModels:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UntrainedWeightsWarning)
         care = create_slide_encoder(cfg)
-        patch = None if cfg.features else create_patch_encoder(
-            cfg.patch_encoder.name, cfg.patch_encoder.checkpoint,
-            storage_options=cfg.storage_options or None)
+        patch = None if cfg.features else _create_patch_encoder(cfg)
     for w in caught:  # said now, as without the recording; the untrained ones also kept
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
@@ -272,6 +266,14 @@ def _build(config: EmbedConfig) -> JobModels:
         untrained=[str(w.message) for w in caught
                    if issubclass(w.category, UntrainedWeightsWarning)],
         _built={"care": care, **({} if patch is None else {"patch": patch})})
+
+
+def _create_patch_encoder(cfg: EmbedConfig) -> Any:
+    """The resolved config's patch encoder (torch)."""
+    from care_scale.models import create_patch_encoder
+
+    return create_patch_encoder(cfg.patch_encoder.name, cfg.patch_encoder.checkpoint,
+                                storage_options=cfg.storage_options or None)
 
 
 def _read(path: Path, config: EmbedConfig) -> JobModels | None:
