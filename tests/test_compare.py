@@ -158,6 +158,37 @@ def test_stage_only_settings_reach_their_stage_alone(tmp_path):
                           workdir=str(tmp_path))
 
 
+def test_stage_one_trains_the_recipe_unless_plain(tmp_path):
+    """The comparison's stage I is STAGE1_RECIPE for STAGE1_RECIPE_STEPS (settings given on
+    top still win); ``plain_stage1`` is SSLConfig's defaults on the demo schedule."""
+    from care_scale.training.compare import (
+        STAGE1_RECIPE_STEPS,
+        ComparisonConfig,
+        _stage_overrides,
+    )
+    from care_scale.training.config import SSLConfig
+    from care_scale.training.demo import DEMO_STEPS, load_stage_config
+
+    def stage1(**kw):
+        return load_stage_config("stage1", None, _stage_overrides(
+            "stage1", ComparisonConfig(**kw), 0, str(tmp_path)), demo=True,
+            workdir=str(tmp_path))
+
+    c = stage1()
+    assert (c.ssl.shift_rank, c.ssl.global_shift, c.ssl.region_loss,
+            c.ssl.loss_weight_region) == (8, 2.0, "contrast", 3.0)
+    assert c.optim.steps == STAGE1_RECIPE_STEPS
+    assert stage1(stage1_overrides=["ssl.shift_rank=0"], stage1_steps=50).ssl.shift_rank == 0
+    assert stage1(stage1_steps=50).optim.steps == 50
+    plain, default = stage1(plain_stage1=True), SSLConfig()
+    assert (plain.ssl.shift_rank, plain.ssl.region_loss) == (default.shift_rank,
+                                                             default.region_loss)
+    assert plain.optim.steps == DEMO_STEPS["stage1"]
+    s2 = load_stage_config("stage2", None, _stage_overrides(
+        "stage2", ComparisonConfig(), 0, str(tmp_path)), demo=True, workdir=str(tmp_path))
+    assert s2.optim.steps == DEMO_STEPS["stage2"]  # stage II: the demo schedule
+
+
 @pytest.mark.slow
 def test_the_comparison_runs_end_to_end_at_toy_size(tmp_path, ray_local):
     """Mechanics only (6 steps a stage): every row, column and goal is measured and printed."""

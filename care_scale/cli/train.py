@@ -26,13 +26,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("evaluate")
     g.add_argument("--seeds", type=int, default=3, help="training / initialisation seeds")
     g.add_argument("--slides", type=int, default=240, help="slides of the generated cohort")
-    g.add_argument("--stage1-steps", type=int, help="default: the stage I demo schedule")
+    g.add_argument("--stage1-steps", type=int,
+                   help="default: 280 (the comparison's stage I recipe), with --plain-stage1 "
+                   "the stage I demo schedule")
     g.add_argument("--stage2-steps", type=int, help="default: the stage II demo schedule")
     g.add_argument("--stage1-set", dest="stage1_overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a stage I field only (--set goes to "
                    "both stages), e.g. --stage1-set ssl.region_loss=contrast (repeatable)")
     g.add_argument("--stage2-set", dest="stage2_overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a stage II field only (repeatable)")
+    g.add_argument("--plain-stage1", action="store_true",
+                   help="stage I with the library's defaults, not the comparison's recipe "
+                   "(care_scale.training.compare.STAGE1_RECIPE)")
     g.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(func=handle)
 
@@ -45,6 +50,6 @@ def handle(args: argparse.Namespace) -> int:
                              stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
                              overrides=args.overrides, stage1_overrides=args.stage1_overrides,
                              stage2_overrides=args.stage2_overrides, workdir=args.workdir,
-                             as_json=args.json)
+                             as_json=args.json, plain_stage1=args.plain_stage1)
     return main_stage(args.stage, config=args.config, overrides=args.overrides, demo=args.demo,
                       workdir=args.workdir)

@@ -16,7 +16,8 @@ def _logging() -> None:
 def main_evaluate(*, demo: bool, seeds: int, slides: int, stage1_steps: int | None,
                   stage2_steps: int | None, overrides: list[str], workdir: str | None,
                   as_json: bool, stage1_overrides: list[str] | None = None,
-                  stage2_overrides: list[str] | None = None) -> int:
+                  stage2_overrides: list[str] | None = None, plain_stage1: bool = False
+                  ) -> int:
     """``care-scale train evaluate --demo``: the pretraining comparison (training.compare)."""
     from care_scale.exceptions import ConfigError
     from care_scale.training.compare import ComparisonConfig, format_table, run_comparison
@@ -30,7 +31,8 @@ def main_evaluate(*, demo: bool, seeds: int, slides: int, stage1_steps: int | No
     table = run_comparison(ComparisonConfig(
         seeds=seeds, slides=slides, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
         overrides=list(overrides), stage1_overrides=list(stage1_overrides or []),
-        stage2_overrides=list(stage2_overrides or [])), workdir=workdir)
+        stage2_overrides=list(stage2_overrides or []), plain_stage1=plain_stage1),
+        workdir=workdir)
     print(json.dumps(table) if as_json else format_table(table), flush=True)
     return 0
 
