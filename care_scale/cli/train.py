@@ -27,8 +27,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--seeds", type=int, default=3, help="training / initialisation seeds")
     g.add_argument("--slides", type=int, default=240, help="slides of the generated cohort")
     g.add_argument("--stage1-steps", type=int,
-                   help="default: 280 (the comparison's stage I recipe), with --plain-stage1 "
-                   "the stage I demo schedule")
+                   help="default: the comparison's stage I recipe's (care_scale.training."
+                   "compare.STAGE1_RECIPE_STEPS), with --plain-stage1 the stage I demo schedule")
     g.add_argument("--stage2-steps", type=int, help="default: the stage II demo schedule")
     g.add_argument("--stage1-set", dest="stage1_overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override a stage I field only (--set goes to "
