@@ -31,7 +31,11 @@ with warnings.catch_warnings(record=True) as caught:
     m = job_models(cfg)
     cfg = resolve_models(cfg, preset=m.preset)
     exports = [str(m.care_export()), str(m.patch_export(tile_size=cfg.patch_size))]
-print(json.dumps({"cached": m.cached, "torch": "torch" in sys.modules, "care": m.care.__dict__,
+import weakref
+built = [weakref.ref(x) for x in m._built.values()]
+m.release()  # what the job does once its exports are made
+print(json.dumps({"built": len(built), "freed": all(r() is None for r in built),
+                  "cached": m.cached, "torch": "torch" in sys.modules, "care": m.care.__dict__,
                   "patch": m.patch.__dict__, "preset": m.preset, "exports": exports,
                   "warned": sorted(str(w.message) for w in caught
                                    if type(w.message).__name__ == "UntrainedWeightsWarning")}))
@@ -50,6 +54,8 @@ def test_a_second_driver_reads_the_facts_and_exports_without_torch(tmp_path):
     assert first["cached"] is False and first["torch"] is True
     second = _driver(tmp_path / "cache")
     assert second["cached"] is True and second["torch"] is False
+    # The first driver built both models and let them go once exported; the second none.
+    assert (first["built"], first["freed"], second["built"]) == (2, True, 0)
     for key in ("care", "patch", "preset", "exports", "warned"):
         assert second[key] == first[key], key
     # Untrained weights are said either way, once per model.

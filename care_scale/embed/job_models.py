@@ -87,6 +87,21 @@ class JobModels:
             self._built["patch"] = _create_patch_encoder(self._resolved())
         return self._built["patch"]
 
+    def release(self) -> None:
+        """Let go of the torch models built so far, once the driver has made the exports it
+        needs: on a cache miss the driver would otherwise hold both for the whole run beside
+        the actors' own copies (a later ``care_model()`` / ``patch_model()`` builds again).
+        The freed heap goes back to the OS (``calibrate.release_freed_memory``)."""
+        if not self._built:
+            return
+        import gc
+
+        from care_scale.embed.calibrate import release_freed_memory
+
+        self._built.clear()
+        gc.collect()  # a module's parameters may sit in reference cycles
+        release_freed_memory()
+
     def care_export(self) -> Path:
         """CARE's ONNX export in the local cache; builds and exports CARE only on a miss."""
         found = cached_export_dir(export_cache_key(self.care.version))

@@ -759,12 +759,14 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
             collector = _Collector(config, ctx, by_id, wh, stage, progress, summary,
                                    build_failure)
             if config.features:
+                p.models.release()  # CARE's export is made: the driver needs no model now
                 for src in todo:
                     collector.submit_feature_file(src)
                     collector.collect()
             else:
                 local_export = (export_for_local_actors(config, p.models)
                                 if one_node else None)
+                p.models.release()  # both exports are made: the driver needs no model now
                 mark("exported")
                 with (ray_data_actors_in_driver() if started_ray
                       else contextlib.nullcontext()):  # (a cluster of our own)
