@@ -15,7 +15,9 @@ Variants (ratios against "torch eager" = the module under ``torch.no_grad``):
   onnxruntime                     the onnxruntime backend as shipped (full optimisation,
                                   intra-op threads = cores, 1 inter-op thread, no spinning)
   onnxruntime spinning            same with spin-waiting threads (idle machines only)
-  onnxruntime int8 dynamic        MatMul weights int8 per channel (VNNI), with its error
+  onnxruntime int8 dynamic        MatMul weights int8 per channel, 7-bit (any CPU), with its
+                                  error
+    int8, 8-bit weights           full-range weights (CPUs with VNNI / AMX-INT8 only)
 """
 
 from __future__ import annotations
@@ -57,11 +59,11 @@ def rel_err(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)))
 
 
-def quantize_int8(src: Path, dst: Path) -> Path:
-    """The int8 variant exactly as ``care-scale export --int8`` makes it."""
+def quantize_int8(src: Path, dst: Path, weight_bits: int = 7) -> Path:
+    """The int8 variant exactly as ``care-scale export --int8 [--int8-weights 8]`` makes it."""
     from care_scale.export.onnx_export import quantize_patch_onnx
 
-    return quantize_patch_onnx(src, dst).path
+    return quantize_patch_onnx(src, dst, weight_bits=weight_bits).path
 
 
 def bench_patch(name: str, batch: int, rounds: int, cache: Path, threads: int) -> None:
@@ -87,6 +89,12 @@ def bench_patch(name: str, batch: int, rounds: int, cache: Path, threads: int) -
     ort_spin = OnnxPatchBackend(onnx_path, spinning=True, threads=threads)
     q_path = quantize_int8(onnx_path, onnx_path.with_name("model.int8.onnx"))
     ort_q = OnnxPatchBackend(q_path, threads=threads)
+    from care_scale.inference.precision import int8_weight_bits
+
+    # 8-bit weights: only where this CPU has VNNI / AMX-INT8 (they refuse to load elsewhere)
+    ort_q8 = (OnnxPatchBackend(quantize_int8(onnx_path, onnx_path.with_name("model.int8w8.onnx"),
+                                             8), threads=threads)
+              if int8_weight_bits() == 8 else None)
 
     variants = {
         "torch eager": eager,
@@ -96,6 +104,7 @@ def bench_patch(name: str, batch: int, rounds: int, cache: Path, threads: int) -
         "onnxruntime": lambda: ort(tiles),
         "onnxruntime spinning": lambda: ort_spin(tiles),
         "onnxruntime int8 dynamic": lambda: ort_q(tiles),
+        **({"  int8, 8-bit weights": lambda: ort_q8(tiles)} if ort_q8 else {}),
     }
     ref = eager()
     errors = {k: rel_err(np.asarray(fn(), dtype=np.float32), ref) for k, fn in variants.items()}

@@ -36,6 +36,9 @@ from care_scale.storage import is_remote, join, redact, strip_file_scheme, url_t
 MANIFEST = "manifest.json"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+#: Model-version suffix of an int8 variant by its weights' bits (export.onnx_export's
+#: ``quantize_patch_onnx``: 7 runs on any CPU, 8 needs VNNI / AMX-INT8).
+INT8_VERSION_SUFFIX = {7: "+int8", 8: "+int8w8"}
 ENGINE_DIR = "tensorrt"
 FORMAT = "care-scale-export"
 FORMAT_VERSION = 1
@@ -208,11 +211,14 @@ PATCH_GRAPH_REVISION = 3
 
 
 def export_cache_key(version: str, *, tile_size: int | None = None,
-                     variant: str | None = None) -> str:
+                     variant: str | None = None, int8_weight_bits: int = 7) -> str:
     """The export cache's name for a model version: CARE's is its version; a patch
-    encoder's adds tile size, graph revision and variant (``int8``)."""
+    encoder's adds tile size, graph revision and variant (``int8``, ``int8w8`` with 8-bit
+    weights)."""
     if tile_size is None:
         return version
+    if variant == "int8" and int8_weight_bits == 8:
+        variant = "int8w8"
     return (f"{version}-t{int(tile_size)}-g{PATCH_GRAPH_REVISION}"
             + ("" if variant is None else f"-{variant}"))
 

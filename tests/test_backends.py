@@ -128,6 +128,46 @@ def test_slide_backends_agree_with_care_encode(tmp_path):
         o.encode(np.full((5, 192), np.nan, np.float32), np.zeros((5, 2)))
 
 
+def test_int8_with_8_bit_weights_is_its_own_version_and_runs_only_where_the_cpu_has_vnni(
+        tmp_path, monkeypatch):
+    """8-bit weights (full range) are exact only with VNNI / AMX-INT8's 32-bit sums: another
+    model version, exported and loaded on such CPUs only, with a clear error elsewhere (a CPU
+    without them is simulated by its flags where this one has them)."""
+    from care_scale.inference import precision
+    from care_scale.inference.onnx_backend import _check_int8_weights
+
+    assert precision.int8_weight_bits(frozenset({"avx2", "avx512f"})) == 7
+    assert precision.int8_weight_bits(frozenset({"avx2", "avx512_vnni"})) == 8
+    assert precision.int8_weight_bits(frozenset({"avx2", "avx_vnni"})) == 8
+    meta = {"int8_weight_bits": "8"}
+    with pytest.raises(ExportError, match="graph.onnx: .*no VNNI"):
+        _check_int8_weights(meta, source="graph.onnx", flags=frozenset({"avx2"}))
+    _check_int8_weights(meta, source="graph.onnx", flags=frozenset({"amx_int8"}))
+    _check_int8_weights({"int8_weight_bits": "7"}, source="x", flags=frozenset())
+
+    out = tmp_path / "w8"
+    avx2_only = frozenset({"avx2", "avx512f"})
+    if precision.int8_weight_bits() == 8:
+        result = export_patch_encoder("vit_micro_patch16_64", out=str(out), int8=True,
+                                      int8_weight_bits=8)
+        variant = result.manifest.variants["int8"]
+        assert variant["weight_bits"] == 8 and all(r["passed"] for r in variant["parity"])
+        q = create_patch_backend("auto", artifacts=str(out), precision="int8")
+        assert q.model_version == variant["model_version"] == result.manifest.model_version + \
+            "+int8w8"
+        tiles = random_tiles(6, 64, seed=2)
+        ref = create_patch_backend("torch", "vit_micro_patch16_64")(tiles)
+        err = np.linalg.norm(q(tiles) - ref, axis=1) / np.linalg.norm(ref, axis=1)
+        assert 0 < err.max() < 0.1
+        monkeypatch.setattr(precision, "cpu_flags", lambda *a, **k: avx2_only)
+        with pytest.raises(ExportError, match="no VNNI"):  # the same graph elsewhere
+            create_patch_backend("auto", artifacts=str(out), precision="int8")
+    monkeypatch.setattr(precision, "cpu_flags", lambda *a, **k: avx2_only)
+    with pytest.raises(ExportError, match="VNNI"):
+        export_patch_encoder("vit_micro_patch16_64", out=str(tmp_path / "no"), int8=True,
+                             int8_weight_bits=8)
+
+
 def test_reduced_precision_has_its_own_model_version(tmp_path):
     out = tmp_path / "a"
     result = export_patch_encoder("vit_micro_patch16_64", out=str(out), int8=True)

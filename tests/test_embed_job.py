@@ -281,7 +281,15 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     on a node without that directory resolves the backend itself."""
     import pickle
 
-    from care_scale.embed.pipeline import export_for_local_actors, resolve_models
+    from care_scale.artifacts import INT8_VERSION_SUFFIX
+    from care_scale.embed.patch_stage import PatchEncoder
+    from care_scale.embed.pipeline import (
+        export_for_local_actors,
+        precision_suffix,
+        resolve_models,
+    )
+    from care_scale.exceptions import ConfigError
+    from care_scale.inference.precision import int8_weight_bits
     from care_scale.models import create_patch_encoder, model_version
 
     monkeypatch.setenv("CARE_SCALE_CACHE", str(tmp_path / "cache"))
@@ -308,8 +316,14 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     # int8 too: the driver's export is the quantised variant, loaded without torch.
     int8 = dataclasses.replace(cfg, precision="int8")
     local8 = export_for_local_actors(int8)
-    assert local8 and local8 != local and local8.endswith("-int8")
-    assert actor(local8, int8) == ["onnxruntime", version + "+int8", "False", "False"]
+    bits = int8_weight_bits()  # quantised for this CPU: 8-bit weights where it has VNNI
+    assert local8 and local8 != local and local8.endswith("-int8" + ("w8" if bits == 8 else ""))
+    assert actor(local8, int8) == ["onnxruntime", version + INT8_VERSION_SUFFIX[bits], "False",
+                                   "False"]
+    assert precision_suffix(int8) == INT8_VERSION_SUFFIX[bits]  # what the rows carry
+    # A node whose graph is not the run's (its CPU quantised otherwise) refuses to encode.
+    with pytest.raises(ConfigError, match="quantises differently"):
+        PatchEncoder(int8, local_export=local8, patch_version=version + "+int8-other-cpu")
     # Another node: the directory is not there, so the actor builds the model (torch) to
     # find or make its own export.
     missing = str(tmp_path / "elsewhere" / Path(local).name)

@@ -115,13 +115,17 @@ class JobModels:
         """The patch encoder's ONNX export (``variant``: int8) at ``tile_size``, likewise."""
         if self.patch is None:
             raise ValueError("a feature-file run has no patch encoder")
+        from care_scale.inference.precision import int8_weight_bits
+
+        bits = int8_weight_bits()  # the cache serves this machine: quantised for its CPU
         found = cached_export_dir(export_cache_key(self.patch.version, tile_size=tile_size,
-                                                   variant=variant))
+                                                   variant=variant, int8_weight_bits=bits))
         if found is not None:
             return found
         from care_scale.export import cached_export
 
-        return cached_export(self.patch_model(), tile_size=tile_size, variant=variant)
+        return cached_export(self.patch_model(), tile_size=tile_size, variant=variant,
+                             int8_weight_bits=bits)
 
     def _resolved(self) -> EmbedConfig:
         with warnings.catch_warnings():

@@ -47,7 +47,7 @@ import numpy as np
 
 from care_scale.artifacts import MANIFEST
 from care_scale.embed.config import EmbedConfig
-from care_scale.exceptions import CareScaleError
+from care_scale.exceptions import CareScaleError, ConfigError
 from care_scale.storage import redact
 
 
@@ -82,11 +82,13 @@ class PatchEncoder:
     the actor importing torch to build the model. A node that joined later does not have it
     and resolves the backend from the config as usual. ``actors_on_node``: how many encoder
     actors share this actor's node, where the driver knows (one node); the intra-op threads
-    are then a share of its cores (``node_threads.intra_op_threads``).
+    are then a share of its cores (``node_threads.intra_op_threads``). ``patch_version``:
+    the version the run's rows carry; an int8 graph must have it (a node whose CPU made
+    another int8 graph, 7- instead of 8-bit weights, would write other embeddings under it).
     """
 
     def __init__(self, config: EmbedConfig, local_export: str | None = None,
-                 actors_on_node: int | None = None):
+                 actors_on_node: int | None = None, patch_version: str | None = None):
         if local_export and os.path.isfile(os.path.join(local_export, MANIFEST)):
             config = dataclasses.replace(
                 config, artifacts=local_export,
@@ -104,6 +106,13 @@ class PatchEncoder:
         threads = intra_op_threads(config.concurrency.torch_threads, self.cpus,
                                    actors_on_node=actors_on_node)
         self.backend = create_patch_backend(config, device=device, threads=threads)
+        if (config.precision == "int8" and patch_version
+                and self.backend.model_version != patch_version):
+            raise ConfigError(f"this node's int8 patch encoder is "
+                              f"{self.backend.model_version}, the run's is {patch_version} "
+                              "(this node's CPU quantises differently, VNNI or not): give "
+                              "every node one graph with care-scale export patch-encoder "
+                              "--int8 and --set artifacts=...")
         self.embed_dim = int(self.backend.embed_dim)
         self.kind = str(self.backend.kind)
         self.batch_size = config.encode_batch_size
@@ -143,7 +152,7 @@ class EncoderPool:
     the first slides are opened and tiled) and killed at its end."""
 
     def __init__(self, config: EmbedConfig, *, local_export: str | None = None,
-                 one_node: bool = False):
+                 one_node: bool = False, patch_version: str | None = None):
         import ray
 
         from care_scale.embed.actor_options import actor_options
@@ -154,7 +163,7 @@ class EncoderPool:
                              resources=c.encoder_resources, max_restarts=3, max_task_retries=3)
         cls = ray.remote(PatchEncoder).options(**opts)
         on_node = c.encoder_actors if one_node else None
-        self.actors = [cls.remote(config, local_export, on_node)
+        self.actors = [cls.remote(config, local_export, on_node, patch_version)
                        for _ in range(c.encoder_actors)]
 
     def info(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:

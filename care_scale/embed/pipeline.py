@@ -207,6 +207,27 @@ def _actors_run_on_this_node(config: EmbedConfig) -> bool:
             >= config.concurrency.num_cpus_per_actor)
 
 
+def precision_suffix(config: EmbedConfig) -> str:
+    """The patch encoder version's suffix for a reduced ``config.precision`` (``+bf16``); for
+    int8 the one of the graph the actors run: a given artifact directory's int8 variant, or
+    the on-the-fly export quantised for this machine's CPU (``+int8w8`` with 8-bit weights
+    where it has VNNI, ``export.onnx_export.quantize_patch_onnx``). Encoder actors check that
+    their graph carries it (``patch_stage.PatchEncoder``)."""
+    if config.precision != "int8":
+        return f"+{config.precision}"
+    from care_scale.artifacts import INT8_VERSION_SUFFIX
+
+    if config.artifacts:
+        from care_scale.artifacts import read_manifest
+
+        variant = read_manifest(config.artifacts, storage_options=config.storage_options
+                                or None).variants.get("int8", {})
+        return INT8_VERSION_SUFFIX[int(variant.get("weight_bits", 7))]
+    from care_scale.inference.precision import int8_weight_bits
+
+    return INT8_VERSION_SUFFIX[int8_weight_bits()]
+
+
 def job_model_version(config: EmbedConfig, care_version: str, patch_version: str) -> str:
     """The key of "this slide is done": both encoders plus the tiling that feeds them.
 
@@ -542,12 +563,13 @@ def _source_blocks(todo: list[SlideSource], decode_tasks: int) -> list[Any]:
 
 
 def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
-                  local_export: str | None = None, one_node: bool = False
-                  ) -> tuple[Any, Any]:
+                  local_export: str | None = None, one_node: bool = False,
+                  patch_version: str | None = None) -> tuple[Any, Any]:
     """The Ray Data pipeline (lazy) and the encoder pool it calls: decode tasks that route
     their tiles through the encoder actors and stage the features under ``staging``; one
     output row per slide (:data:`ROW_COLUMNS`). ``local_export``, ``one_node`` (the actors
-    run on the driver's node): see ``patch_stage``. The caller shuts the pool down."""
+    run on the driver's node), ``patch_version`` (the rows' patch encoder version): see
+    ``patch_stage``. The caller shuts the pool down."""
     import ray
     import ray.data
 
@@ -578,7 +600,8 @@ def build_dataset(config: EmbedConfig, todo: list[SlideSource], *, staging: str,
                  + c.encoder_actors * c.num_gpus_per_actor))
     # The actors first: their worker processes start while Ray Data plans and starts the
     # decode tasks (each is seconds of process start-up on a small node).
-    pool = EncoderPool(config, local_export=local_export, one_node=one_node)
+    pool = EncoderPool(config, local_export=local_export, one_node=one_node,
+                       patch_version=patch_version)
     blocks = _source_blocks(todo, c.decode_tasks)
     # from_blocks: the blocks' metadata is computed here. (from_arrow computes it in a
     # one-CPU Ray task: one more worker process to start, and on a small node a task that
@@ -635,7 +658,7 @@ def _prepare(config: EmbedConfig, listing: Any) -> _Prepared:
     care_version = models.care.version
     patch_version = "precomputed" if config.features else models.patch.version
     if not config.features and config.precision != "fp32":
-        patch_version += f"+{config.precision}"  # other embeddings: another model version
+        patch_version += precision_suffix(config)  # other embeddings: another model version
     version = job_model_version(config, care_version, patch_version)
     # The encoder actors report the backend they actually chose ("auto" resolves there).
     backend_kind = "features" if config.features else config.backend
@@ -771,7 +794,8 @@ def run_embedding(config: EmbedConfig) -> RunSummary:
                 with (ray_data_actors_in_driver() if started_ray
                       else contextlib.nullcontext()):  # (a cluster of our own)
                     ds, encoders = build_dataset(config, todo, staging=staging,
-                                                 local_export=local_export, one_node=one_node)
+                                                 local_export=local_export, one_node=one_node,
+                                                 patch_version=p.ctx.patch_version)
                     mark("planned")
                     for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                                  prefetch_batches=0):

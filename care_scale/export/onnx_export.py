@@ -32,12 +32,12 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from care_scale.artifacts import META_PREFIX, SLIDE_INPUTS, SLIDE_OUTPUTS
+from care_scale.artifacts import INT8_VERSION_SUFFIX, META_PREFIX, SLIDE_INPUTS, SLIDE_OUTPUTS
 from care_scale.exceptions import ExportError
 from care_scale.inference.torch_backend import SlideEncoderGraph
 
@@ -375,31 +375,36 @@ def export_slide_encoder_onnx(
     return OnnxExportInfo(path, opset, inputs, outputs, metadata)
 
 
-def quantize_patch_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> OnnxExportInfo:
+def quantize_patch_onnx(src: str | os.PathLike, dst: str | os.PathLike, *,
+                        weight_bits: Literal[7, 8] = 7) -> OnnxExportInfo:
     """Int8 variant of an exported patch encoder: dynamic quantisation, per-channel int8
     MatMul weights (VNNI kernels on AVX-512 CPUs), activations quantised at run time.
 
-    Measured here ~1.5-2x the fp32 graph on the CPU at ~3e-2 relative L2 error (cosine
-    > 0.999) on ViT features, so it is opt-in and gets its own model version (``+int8``).
-
-    ``reduce_range`` (7-bit weights): CPUs with AVX2 or AVX-512 but no VNNI run int8 MatMul as
-    u8 x s8 with 16-bit intermediate sums, which saturate with full-range weights (ONNX
-    Runtime's quantisation docs). Measured on an AVX2-only machine, the micro ViT's error was
-    1.2e-1 with full-range weights and 2.3e-2 with reduce_range; the file must be portable to
-    whatever CPU the job's workers have, so the reduced range is always used.
+    ``weight_bits``: 7 (``reduce_range``) runs correctly on any CPU: CPUs with AVX2 or
+    AVX-512 but no VNNI run int8 MatMul as u8 x s8 with 16-bit intermediate sums, which
+    saturate with full-range weights (ONNX Runtime's quantisation docs; measured on an
+    AVX2-only machine, the micro ViT's error was 1.2e-1 with 8-bit weights and 2.3e-2 with 7).
+    8 (full range) halves the rounding error where the CPU has VNNI / AMX-INT8 (32-bit sums):
+    ViT-B's min cosine to fp32 0.9994 instead of 0.9984, inside ``precision: auto``'s bound
+    of 0.999 where 7 bits are not; such a graph refuses to load on a CPU without them
+    (``care_scale.inference.onnx_backend``). The two are different embeddings, so each has
+    its own model version: ``+int8`` (7-bit) and ``+int8w8``.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if weight_bits not in (7, 8):
+        raise ExportError(f"{src}: int8 weight_bits must be 7 or 8, got {weight_bits!r}")
     meta = read_metadata(src)
     try:
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
                          op_types_to_quantize=["MatMul", "Gemm"], per_channel=True,
-                         reduce_range=True)
+                         reduce_range=weight_bits == 7)
     except (RuntimeError, ValueError) as exc:
         raise ExportError(f"{src}: int8 quantisation failed: {exc}") from exc
-    meta.update(model_version=f"{meta['model_version']}+int8",
+    meta.update(model_version=meta["model_version"] + INT8_VERSION_SUFFIX[weight_bits],
                 base_model_version=meta["model_version"],
-                quantization="int8 dynamic, per-channel 7-bit weights (MatMul/Gemm)")
+                int8_weight_bits=str(weight_bits),
+                quantization=f"int8 dynamic, per-channel {weight_bits}-bit weights (MatMul/Gemm)")
     set_metadata(dst, meta, doc=f"care-scale patch encoder {meta['model']} int8 variant")
     inputs, outputs = io_signature(dst)
     return OnnxExportInfo(Path(dst), int(meta["opset"]), inputs, outputs, meta)

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch import nn
 
@@ -34,7 +34,7 @@ from care_scale.artifacts import (
     utc_now,
     write_manifest,
 )
-from care_scale.exceptions import ConfigError
+from care_scale.exceptions import ConfigError, ExportError
 from care_scale.export.onnx_export import (
     DEFAULT_OPSET,
     export_patch_encoder_onnx,
@@ -110,12 +110,15 @@ def export_patch_encoder(
     parity_tiles: int = 8,
     tol: float = DEFAULT_TOL,
     int8: bool = False,
+    int8_weight_bits: Literal[7, 8] = 7,
     keep_local: bool = False,
 ) -> ExportResult:
     """Export a patch encoder to the artifact directory ``out`` (local path or fsspec URI).
 
     ``int8=True`` also writes ``model.int8.onnx`` (dynamic int8, per-channel weights) with its
-    own parity figures against torch fp32 (bound ``INT8_TOL``) and model version ``...+int8``.
+    own parity figures against torch fp32 (bound ``INT8_TOL``) and model version ``...+int8``;
+    ``int8_weight_bits=8``: full-range weights, closer to fp32, for workers whose CPUs have
+    VNNI / AMX-INT8 only (``...+int8w8``; ``quantize_patch_onnx`` says why).
 
     Parity runs on ``parity_tiles`` random tiles and, with ``parity_slide``, on as many real
     tiles from that slide; both must pass. ``tensorrt=True`` also builds an engine for the GPU
@@ -127,6 +130,13 @@ def export_patch_encoder(
         from care_scale.inference.tensorrt_backend import require_tensorrt
 
         require_tensorrt()  # fail before minutes of export work, with the reason
+    if int8 and int8_weight_bits == 8:
+        from care_scale.inference.precision import int8_weight_bits as cpu_int8_weight_bits
+
+        if cpu_int8_weight_bits() != 8:  # its parity check would measure saturated sums
+            raise ExportError("int8 with 8-bit weights runs (and is parity-checked) only on "
+                              "CPUs with VNNI / AMX-INT8, and this one has neither: export "
+                              "it on such a machine, or use 7-bit weights")
     encoder = build_patch_encoder(model, checkpoint, storage_options).eval()
     version = _model_version(encoder)
     tile = int(tile_size or encoder.spec.input_size)
@@ -152,7 +162,7 @@ def export_patch_encoder(
             created_utc=utc_now(),
         )
         if int8:
-            q = quantize_patch_onnx(info.path, stage / INT8_FILE)
+            q = quantize_patch_onnx(info.path, stage / INT8_FILE, weight_bits=int8_weight_bits)
             q_reports = [check_patch_parity(q.path, encoder, random_tiles(parity_tiles, tile),
                                             source="random", tol=INT8_TOL)]
             if parity_slide is not None:
@@ -165,6 +175,7 @@ def export_patch_encoder(
             manifest.variants["int8"] = {
                 "file": INT8_FILE, "sha256": sha256_file(q.path),
                 "model_version": q.metadata["model_version"],
+                "weight_bits": int8_weight_bits,
                 "parity": [r.as_dict() for r in q_reports],
             }
         if tensorrt:
@@ -244,7 +255,7 @@ def export_slide_encoder(
 
 
 def cached_export(model: nn.Module, *, tile_size: int | None = None,
-                  variant: str | None = None,
+                  variant: str | None = None, int8_weight_bits: Literal[7, 8] | None = None,
                   cache_dir: str | os.PathLike | None = None) -> Path:
     """The artifact directory of ``model`` (a patch encoder or CARE) in the local export cache,
     exporting it on first use: the one place that exports on the fly.
@@ -255,16 +266,20 @@ def cached_export(model: nn.Module, *, tile_size: int | None = None,
     and ``variant``), so a changed checkpoint never reuses a stale graph. The directory is a
     complete artifact directory (manifest, parity-checked). Concurrent workers may export the
     same key; each writes its own temp dir and the first rename wins (the others' identical
-    results are dropped).
+    results are dropped). The cache serves this machine, so an int8 variant is quantised for
+    its CPU (``int8_weight_bits`` None: ``inference.precision.int8_weight_bits``).
     """
+    from care_scale.inference.precision import int8_weight_bits as cpu_int8_weight_bits
     from care_scale.models import model_version as _model_version
 
+    bits = cpu_int8_weight_bits() if int8_weight_bits is None else int8_weight_bits
     version = _model_version(model)
     slide = hasattr(model, "config")  # CARE; patch encoders carry a spec only
     if not slide and variant not in (None, "int8"):
         raise ConfigError(f"unknown ONNX variant {variant!r}; known: int8")
     tile = None if slide else int(tile_size or model.spec.input_size)
-    key = export_cache_key(version, tile_size=tile, variant=None if slide else variant)
+    key = export_cache_key(version, tile_size=tile, variant=None if slide else variant,
+                           int8_weight_bits=bits)
     found = cached_export_dir(key, cache_dir)
     if found is not None:
         return found
@@ -277,7 +292,7 @@ def cached_export(model: nn.Module, *, tile_size: int | None = None,
             export_slide_encoder(model, out=str(tmp), parity_sizes=(97, 400))
         else:
             export_patch_encoder(model, out=str(tmp), tile_size=tile, parity_tiles=4,
-                                 int8=variant == "int8")
+                                 int8=variant == "int8", int8_weight_bits=bits)
         try:
             os.rename(tmp, target)
         except OSError:  # another worker got there first; its export is the same

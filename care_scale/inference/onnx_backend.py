@@ -114,6 +114,18 @@ def info_from_metadata(meta: dict[str, str], *, source: str) -> PatchModelInfo:
         raise ExportError(f"{source}: incomplete care-scale metadata ({exc})") from exc
 
 
+def _check_int8_weights(meta: dict[str, str], *, source: str,
+                        flags: frozenset[str] | None = None) -> None:
+    """Refuse an int8 graph with 8-bit weights on a CPU without VNNI / AMX-INT8, whose
+    16-bit intermediate sums would saturate: wrong features, not a slower run."""
+    from care_scale.inference.precision import int8_weight_bits
+
+    if meta.get("int8_weight_bits") == "8" and int8_weight_bits(flags) != 8:
+        raise ExportError(f"{source}: int8 graph with 8-bit weights, but this CPU has no "
+                          "VNNI / AMX-INT8 (its int8 sums would saturate); export with "
+                          "--int8-weights 7 or run --precision fp32")
+
+
 class OnnxPatchBackend(PatchBackend):
     """Runs an exported patch encoder. The graph takes one tile size; ``exporter`` (when given)
     makes a graph for another tile size on first use, else such tiles are an input error."""
@@ -126,7 +138,9 @@ class OnnxPatchBackend(PatchBackend):
         self.path = Path(path)
         self._session_kwargs = {"device": device, "threads": threads, "spinning": spinning}
         session = create_session(self.path, **self._session_kwargs)
-        info = info_from_metadata(session_metadata(session), source=str(self.path))
+        meta = session_metadata(session)
+        info = info_from_metadata(meta, source=str(self.path))
+        _check_int8_weights(meta, source=str(self.path))
         super().__init__(info)
         self._exporter = exporter
         self._sessions: dict[int, Any] = {info.tile_size: session}
