@@ -282,13 +282,11 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     import pickle
 
     from care_scale.artifacts import INT8_VERSION_SUFFIX
-    from care_scale.embed.patch_stage import PatchEncoder
     from care_scale.embed.pipeline import (
         export_for_local_actors,
         precision_suffix,
         resolve_models,
     )
-    from care_scale.exceptions import ConfigError
     from care_scale.inference.precision import int8_weight_bits
     from care_scale.models import create_patch_encoder, model_version
 
@@ -321,9 +319,34 @@ def test_local_actors_load_the_driver_export_without_torch(cohort, tmp_path, mon
     assert actor(local8, int8) == ["onnxruntime", version + INT8_VERSION_SUFFIX[bits], "False",
                                    "False"]
     assert precision_suffix(int8) == INT8_VERSION_SUFFIX[bits]  # what the rows carry
+    # `precision: auto` measures fp32 and int8 on those same exports, without torch.
+    calibrate = (
+        "import pickle, sys\n"
+        "from care_scale.embed.calibrate import calibration_backend\n"
+        "from care_scale.embed.job_models import job_models\n"
+        "cfg = pickle.loads(sys.stdin.buffer.read())\n"
+        "models = job_models(cfg)\n"
+        "print(*(calibration_backend(cfg, p, models).model_version for p in ('fp32', 'int8')),"
+        " 'torch' in sys.modules)\n"
+    )
+    measured = subprocess.run([sys.executable, "-c", calibrate], input=pickle.dumps(cfg),
+                              capture_output=True, check=True, cwd=ROOT).stdout.decode().split()
+    assert measured == [version, version + INT8_VERSION_SUFFIX[bits], "False"]
     # A node whose graph is not the run's (its CPU quantised otherwise) refuses to encode.
-    with pytest.raises(ConfigError, match="quantises differently"):
-        PatchEncoder(int8, local_export=local8, patch_version=version + "+int8-other-cpu")
+    refuse = (
+        "import pickle, sys\n"
+        "from care_scale.embed.patch_stage import PatchEncoder\n"
+        "from care_scale.exceptions import ConfigError\n"
+        "cfg, local, version = pickle.loads(sys.stdin.buffer.read())\n"
+        "try:\n"
+        "    PatchEncoder(cfg, local_export=local, patch_version=version)\n"
+        "except ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    said = subprocess.run([sys.executable, "-c", refuse], capture_output=True, check=True,
+                          input=pickle.dumps((int8, local8, version + "+int8-other-cpu")),
+                          cwd=ROOT).stdout.decode()
+    assert "quantises differently" in said and "+int8-other-cpu" in said
     # Another node: the directory is not there, so the actor builds the model (torch) to
     # find or make its own export.
     missing = str(tmp_path / "elsewhere" / Path(local).name)

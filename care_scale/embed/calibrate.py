@@ -61,11 +61,30 @@ def earlier_choice(config: EmbedConfig, runs: list[dict[str, Any]]) -> dict[str,
     return None
 
 
+def calibration_backend(config: EmbedConfig, precision: str, models: Any = None) -> Any:
+    """The patch backend ``auto`` measures ``precision`` on: where the job's actors run the
+    driver's ONNX export (fp32 / int8 on ONNX Runtime), that export, loaded without torch
+    (``models``: the job's ``JobModels``, which finds a cached export without building the
+    model; on a first run it builds and exports it, as the job then would anyway); else the
+    backend the config resolves to (torch autocast for bf16)."""
+    from care_scale.embed.patch_stage import create_patch_backend
+    from care_scale.embed.pipeline import export_for_local_actors
+
+    config = dataclasses.replace(config, precision=precision)
+    local = export_for_local_actors(config, models) if models is not None else None
+    if local is not None:
+        config = dataclasses.replace(
+            config, artifacts=local,
+            patch_encoder=dataclasses.replace(config.patch_encoder, checkpoint=None))
+    return create_patch_backend(config, device="cpu")
+
+
 def resolve_precision(config: EmbedConfig, sources: list[SlideSource], *,
-                      cache: Any = None, runs: list[dict[str, Any]] = ()
-                      ) -> tuple[EmbedConfig, Any]:
+                      cache: Any = None, runs: list[dict[str, Any]] = (),
+                      models: Any = None) -> tuple[EmbedConfig, Any]:
     """``config`` with a concrete precision, and the PrecisionChoice (None unless auto).
-    ``runs``: the warehouse's earlier run configs (:func:`earlier_choice`)."""
+    ``runs``: the warehouse's earlier run configs (:func:`earlier_choice`); ``models``: the
+    job's ``JobModels`` (:func:`calibration_backend`)."""
     from care_scale.inference.precision import PrecisionChoice, Trial, choose_precision
 
     if config.precision != "auto":
@@ -91,11 +110,7 @@ def resolve_precision(config: EmbedConfig, sources: list[SlideSource], *,
     if tiles is None:
         return fixed(f"fp32: none of the first {CALIBRATION_SLIDES} slides could be read to "
                      "calibrate on")
-    from care_scale.embed.patch_stage import create_patch_backend
-
-    choice = choose_precision(
-        lambda p: create_patch_backend(dataclasses.replace(config, precision=p), device="cpu"),
-        tiles)
+    choice = choose_precision(lambda p: calibration_backend(config, p, models), tiles)
     release_freed_memory()
     return dataclasses.replace(config, precision=choice.precision), choice
 

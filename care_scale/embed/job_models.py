@@ -15,8 +15,10 @@ has: a checkpoint rewritten in place with the same size and modification time.
 
 A re-run (a new slide in a cohort, the next batch of a study) then never imports torch in
 the driver where the exports are cached too (``care_scale.artifacts.cached_export_dir``).
-``precision: auto`` still builds the patch encoder when it calibrates (torch is its fp32
-reference); feature-file runs read the files with ``care_scale.models`` (torch).
+``precision: auto`` calibrates on those exports too where the actors run them (fp32 and int8
+on ONNX Runtime, ``calibrate.calibration_backend``), and builds the patch encoder only for
+what runs on torch (bf16 autocast); feature-file runs read the files with
+``care_scale.models`` (torch).
 """
 
 from __future__ import annotations

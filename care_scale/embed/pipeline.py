@@ -654,7 +654,7 @@ def _prepare(config: EmbedConfig, listing: Any) -> _Prepared:
     wh = Warehouse(config.warehouse, storage_options=config.storage_options or None)
     config, precision_choice = resolve_precision(
         config, sources, cache=_slide_cache(config),
-        runs=wh.run_configs() if config.precision == "auto" else ())
+        runs=wh.run_configs() if config.precision == "auto" else (), models=models)
     care_version = models.care.version
     patch_version = "precomputed" if config.features else models.patch.version
     if not config.features and config.precision != "fp32":
