@@ -217,8 +217,8 @@ def export_cache_key(version: str, *, tile_size: int | None = None,
     weights)."""
     if tile_size is None:
         return version
-    if variant == "int8" and int8_weight_bits == 8:
-        variant = "int8w8"
+    if variant == "int8":  # named as its model-version suffix: int8 / int8w8
+        variant = INT8_VERSION_SUFFIX[int8_weight_bits].lstrip("+")
     return (f"{version}-t{int(tile_size)}-g{PATCH_GRAPH_REVISION}"
             + ("" if variant is None else f"-{variant}"))
 
